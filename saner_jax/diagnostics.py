@@ -1,0 +1,89 @@
+"""Cheap per-step diagnostics of sharpness-aware training.
+
+Every function here is a handful of fused element-wise ops and reductions,
+meant to run inside the jitted train step on every step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from saner_jax.saner import GROUPS, group_mask
+
+
+def _leaves_sum(fn, *trees) -> jax.Array:
+  return sum(jnp.sum(fn(*leaves)) for leaves in zip(*map(jax.tree.leaves, trees)))
+
+
+def group_fractions(perturbed_grads, clean_grads) -> dict[str, jax.Array]:
+  """Fraction of all coordinates in each of SANER's groups A, B and C.
+
+  The three need not sum to one: coordinates with a zero gradient, equal
+  gradients or a non-finite value belong to no group.
+  """
+  total = sum(x.size for x in jax.tree.leaves(clean_grads))
+  return {
+      group: _leaves_sum(lambda p, c: group_mask(p, c, group), perturbed_grads, clean_grads)
+      / total
+      for group in GROUPS
+  }
+
+
+def gradient_cosine(a, b) -> jax.Array:
+  """Cosine similarity of two gradient pytrees, in float32; 0 if either is 0."""
+  a32 = jax.tree.map(lambda x: x.astype(jnp.float32), a)
+  b32 = jax.tree.map(lambda x: x.astype(jnp.float32), b)
+  denominator = optax.tree.norm(a32) * optax.tree.norm(b32)
+  return jnp.where(denominator > 0, optax.tree.vdot(a32, b32) / denominator, 0.0)
+
+
+def gradient_diagnostics(perturbed_grads, clean_grads) -> dict[str, jax.Array]:
+  """Group fractions, cosine(g, g_sam), both norms and a non-finite count.
+
+  ``nonfinite`` counts the coordinates where either gradient is NaN or inf;
+  a training loop should stop, or skip the step, when it is not zero.
+  """
+  fractions = group_fractions(perturbed_grads, clean_grads)
+  return {
+      **{f"group_{g}": fraction for g, fraction in fractions.items()},
+      "cosine": gradient_cosine(clean_grads, perturbed_grads),
+      "clean_grad_norm": optax.tree.norm(clean_grads),
+      "perturbed_grad_norm": optax.tree.norm(perturbed_grads),
+      "nonfinite": _leaves_sum(
+          lambda p, c: ~(jnp.isfinite(p) & jnp.isfinite(c)), perturbed_grads, clean_grads
+      ),
+  }
+
+
+def fit_counts(
+    predictions, labels, true_labels, noise_mask, valid=None
+) -> dict[str, jax.Array]:
+  """Counts, over one batch, of how the model fits clean and noisy samples.
+
+  Args:
+    predictions: predicted classes, shape ``[batch]``.
+    labels: the training labels, noisy where ``noise_mask``.
+    true_labels: the labels before noise was injected.
+    noise_mask: True where the training label was corrupted.
+    valid: optional mask, False on padding rows, which are then not counted.
+
+  Returns:
+    ``clean``, ``clean_correct`` (predicted the label), ``noisy``,
+    ``noisy_memorised`` (predicted the wrong, given label) and
+    ``noisy_true`` (predicted the true label): integer counts to sum over an
+    epoch and divide.
+  """
+  valid = jnp.ones(jnp.shape(labels), bool) if valid is None else valid.astype(bool)
+  noisy = noise_mask.astype(bool) & valid
+  clean = ~noise_mask.astype(bool) & valid
+  hit_label = predictions == labels
+  hit_true = predictions == true_labels
+  return {
+      "clean": jnp.sum(clean),
+      "clean_correct": jnp.sum(clean & hit_label),
+      "noisy": jnp.sum(noisy),
+      "noisy_memorised": jnp.sum(noisy & hit_label),
+      "noisy_true": jnp.sum(noisy & hit_true),
+  }

@@ -1,0 +1,224 @@
+r"""SANER's reweighting and GSAM's decomposition, as extra-args transforms.
+
+Both take the perturbed-point gradients :math:`g^{SAM} = \nabla L_B(w +
+\epsilon)` as ``updates`` and the clean-point gradients :math:`g = \nabla
+L_B(w)` as the keyword argument ``clean_grads``, so they chain in front of
+any optax optimizer::
+
+  tx = optax.chain(
+      saner_jax.saner(alpha=0.5),
+      optax.add_decayed_weights(5e-4),
+      optax.sgd(0.1, momentum=0.9),
+  )
+  updates, opt_state = tx.update(g_sam, opt_state, params, clean_grads=g)
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from saner_jax import _validation
+
+Group = Literal["A", "B", "C"]
+GROUPS: tuple[str, ...] = ("A", "B", "C")
+
+
+def group_mask(perturbed: jax.Array, clean: jax.Array, group: Group) -> jax.Array:
+  r"""Boolean mask of the coordinates of one group, decided sign-safely.
+
+  With :math:`r = g^{SAM} / g` element-wise:
+
+  ====== ===================== ======================================
+  group  ratio                 test used here (no division)
+  ====== ===================== ======================================
+  A      :math:`r > 1`         :math:`g^{SAM} g > 0,\ |g^{SAM}| > |g|`
+  B      :math:`0 < r < 1`     :math:`g^{SAM} g > 0,\ |g^{SAM}| < |g|`
+  C      :math:`r < 0`         :math:`g^{SAM} g < 0`
+  ====== ===================== ======================================
+
+  A coordinate where either gradient is zero, or where both are equal, is in
+  no group. NaN compares false, so a NaN coordinate is in no group either.
+  The authors' code divides by ``g + 1e-8``, which puts a tiny negative ``g``
+  on the wrong side; the product test cannot.
+  """
+  same_sign = perturbed * clean > 0
+  if group == "A":
+    return same_sign & (jnp.abs(perturbed) > jnp.abs(clean))
+  if group == "B":
+    return same_sign & (jnp.abs(perturbed) < jnp.abs(clean))
+  if group == "C":
+    return perturbed * clean < 0
+  raise ValueError(f"unknown group {group!r}; expected one of {GROUPS}")
+
+
+def _check_group(group: str) -> None:
+  if group not in GROUPS:
+    raise ValueError(f"unknown group {group!r}; expected one of {GROUPS}")
+
+
+def _require_clean_grads(name: str, updates, clean_grads) -> None:
+  if clean_grads is None:
+    raise ValueError(
+        f"{name} needs the clean-point gradients: call "
+        "tx.update(perturbed_grads, state, params, clean_grads=clean_grads)"
+    )
+  _validation.check_same_structure("clean_grads", clean_grads, updates)
+
+
+class SanerState(NamedTuple):
+  """State of :func:`saner`: the step count that ``alpha`` is evaluated on."""
+
+  count: chex.Array
+
+
+def saner(
+    alpha: optax.ScalarOrSchedule = 0.5, group: Group = "B"
+) -> optax.GradientTransformationExtraArgs:
+  r"""SANER: down-weight the coordinates that SAM shrinks without flipping.
+
+  .. math::
+     d_i = \begin{cases}
+       \alpha\, g^{SAM}_i & \text{if } 0 < g^{SAM}_i / g_i < 1
+         \text{ (group B)} \\
+       g^{SAM}_i & \text{otherwise}
+     \end{cases}
+
+  Group-B coordinates are those where the perturbation shrank the gradient,
+  which the paper ties to the fitting of noisy labels; scaling them by
+  ``alpha < 1`` slows memorisation. ``alpha = 1`` is exactly SAM. Luong,
+  Nguyen, Tran and Tran, "Understanding SAM's Robustness to Noisy Labels
+  through Gradient Down-weighting", AISTATS 2026, arXiv 2411.17132.
+
+  The authors apply weight decay after the reweighting; chain
+  ``optax.add_decayed_weights`` after this transform to do the same. They warm
+  alpha up from 1 over the first epochs: pass :func:`alpha_warmup`.
+
+  Args:
+    alpha: factor for the chosen group, a float or a schedule evaluated on
+      this transform's step count. For group B it must lie in [0, 1]; for the
+      ablation groups A and C any alpha >= 0 is allowed (alpha > 1 amplifies).
+    group: "B" (SANER), or "A" / "C" for the paper's ablations.
+
+  Returns:
+    A transform whose ``update(updates, state, params=None, *, clean_grads)``
+    reweights ``updates`` (the perturbed-point gradients). NaN or inf in
+    either gradient is passed through unchanged, in no group; use
+    :func:`saner_jax.diagnostics.gradient_diagnostics` to detect it, or wrap
+    the chain in ``optax.apply_if_finite`` to skip such steps.
+  """
+  _check_group(group)
+  _validation.check_scalar_range("alpha", alpha, 0.0, 1.0 if group == "B" else float("inf"))
+
+  def init_fn(params):
+    del params
+    return SanerState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None, *, clean_grads=None, **extra_args):
+    del params, extra_args
+    _require_clean_grads("saner", updates, clean_grads)
+    factor = _validation.resolve(alpha, state.count)
+    reweighted = jax.tree.map(
+        lambda u, g: jnp.where(group_mask(u, g, group), factor * u, u).astype(u.dtype),
+        updates,
+        clean_grads,
+    )
+    return reweighted, SanerState(optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def alpha_warmup(
+    alpha: float, warmup_steps: int, steps_per_epoch: int | None = None
+) -> optax.Schedule:
+  r"""The authors' warm-up: alpha falls linearly from 1 to its target.
+
+  .. math::
+     \alpha_t = 1 - (1 - \alpha)\, \min(t / k, 1)
+
+  With ``steps_per_epoch`` given, ``t`` is rounded down to a whole epoch, as
+  in the authors' ``get_alpha``, which changes alpha once per epoch; then
+  ``warmup_steps`` should be a multiple of it. ``warmup_steps = 0`` is the
+  constant ``alpha``.
+
+  Args:
+    alpha: target factor in [0, 1].
+    warmup_steps: ``k``, the steps until the target is reached, >= 0.
+    steps_per_epoch: optional epoch length for the staircase version.
+
+  Returns:
+    An optax schedule.
+  """
+  _validation.check_scalar_range("alpha", alpha, 0.0, 1.0)
+  if warmup_steps < 0:
+    raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+  if steps_per_epoch is not None and steps_per_epoch <= 0:
+    raise ValueError(f"steps_per_epoch must be > 0, got {steps_per_epoch}")
+  if warmup_steps == 0:
+    return optax.constant_schedule(alpha)
+
+  def schedule(count):
+    step = jnp.asarray(count, jnp.float32)
+    if steps_per_epoch is not None:
+      step = jnp.floor(step / steps_per_epoch) * steps_per_epoch
+    progress = jnp.minimum(step / warmup_steps, 1.0)
+    return 1.0 - (1.0 - alpha) * progress
+
+  return schedule
+
+
+class GsamState(NamedTuple):
+  """State of :func:`gsam`: the step count that ``alpha`` is evaluated on."""
+
+  count: chex.Array
+
+
+def gsam(alpha: optax.ScalarOrSchedule = 0.01) -> optax.GradientTransformationExtraArgs:
+  r"""GSAM's surrogate-gap step: remove part of g orthogonal to g_sam.
+
+  .. math::
+     g_\perp = g - \frac{\langle g, g^{SAM} \rangle}
+       {\lVert g \rVert \lVert g^{SAM} \rVert}
+       \frac{\lVert g \rVert\, g^{SAM}}{\lVert g^{SAM} \rVert}, \qquad
+     d = g^{SAM} - \alpha\, g_\perp
+
+  Zhuang et al., "Surrogate Gap Guided Sharpness-Aware Minimization", ICLR
+  2022, arXiv 2203.08065; the ``1e-12`` guards follow the SANER authors'
+  optimizer/gsam.py. Chain it before :func:`saner` for their GSANER: the
+  SANER mask is then taken between ``d`` and ``g``.
+
+  Args:
+    alpha: weight of the orthogonal part, a float >= 0 or a schedule.
+
+  Returns:
+    A transform whose ``update(updates, state, params=None, *, clean_grads)``
+    takes the perturbed-point gradients as ``updates``.
+  """
+  _validation.check_scalar_range("alpha", alpha, 0.0)
+
+  def init_fn(params):
+    del params
+    return GsamState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None, *, clean_grads=None, **extra_args):
+    del params, extra_args
+    _require_clean_grads("gsam", updates, clean_grads)
+    f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
+    clean_norm = optax.tree.norm(f32(clean_grads))
+    perturbed_norm = optax.tree.norm(f32(updates))
+    inner = optax.tree.vdot(f32(clean_grads), f32(updates))
+    cosine = inner / (clean_norm * perturbed_norm + 1e-12)
+    parallel = cosine * clean_norm / (perturbed_norm + 1e-12)
+    weight = _validation.resolve(alpha, state.count)
+    decomposed = jax.tree.map(
+        lambda u, g: (u - weight * (g - parallel * u)).astype(u.dtype),
+        updates,
+        clean_grads,
+    )
+    return decomposed, GsamState(optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Creates .venv and installs saner_jax with the training and test extras.
+# Sourced by the main-job and test scripts, so a fresh machine needs nothing else.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q -e ".[train,test]"
