@@ -1,0 +1,111 @@
+"""Command line: ``python -m saner_jax.train`` (train) and ``... compare``.
+
+Train one run::
+
+  python -m saner_jax.train --config fashion_mnist_quick --optimizer saner --out_dir runs/saner
+  python -m saner_jax.train --config runs/saner/config.yaml --resume
+
+Run (or collect) several optimizers and seeds, then draw them on one figure
+with a markdown table::
+
+  python -m saner_jax.train compare --config fashion_mnist_quick \\
+      --runs sgd sam saner --seeds 0 1 2 --out_dir runs/compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shlex
+import sys
+
+from saner_jax.train import config as config_lib
+from saner_jax.train.config import ConfigError
+
+
+def _train_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="python -m saner_jax.train",
+      description="Train a Flax ResNet with SGD, SAM-family optimizers and SANER on noisy labels.",
+  )
+  config_lib.add_flags(parser)
+  parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its last checkpoint")
+  return parser
+
+
+def _compare_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="python -m saner_jax.train compare",
+      description="Run or collect several optimizers (x seeds) and compare them on one figure and table.",
+  )
+  parser.add_argument("--runs", nargs="+", default=["sgd", "sam", "saner"],
+                      help="optimizers, e.g. sgd sam saner asam asam+saner (default: sgd sam saner)")
+  parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+  parser.add_argument("--collect_only", action="store_true", help="only collect finished runs under --out_dir")
+  config_lib.add_flags(parser)
+  return parser
+
+
+def run_config(name: str, seed: int, base: config_lib.TrainConfig, out_dir: pathlib.Path) -> config_lib.TrainConfig:
+  """The config of one comparison entry; ``name`` is an optimizer, or ``X+saner``."""
+  optimizer, _, suffix = name.partition("+")
+  if suffix not in ("", "saner"):
+    raise ConfigError(f"--runs: {name!r} is not an optimizer or OPTIMIZER+saner")
+  return config_lib.from_mapping(
+      {
+          "optimizer": optimizer,
+          "saner": suffix == "saner",
+          "seed": seed,
+          "out_dir": str(out_dir / f"{name}_seed{seed}"),
+      },
+      base,
+  ).validate()
+
+
+def compare(args: argparse.Namespace) -> dict:
+  from saner_jax.train import loop, report
+
+  base = config_lib.from_args(args)
+  out_dir = pathlib.Path(base.out_dir)
+  configs = {name: [run_config(name, seed, base, out_dir) for seed in args.seeds] for name in args.runs}
+  summaries, histories = {}, {}
+  for name, seed_configs in configs.items():
+    summaries[name], histories[name] = [], []
+    for cfg in seed_configs:
+      run_dir = pathlib.Path(cfg.out_dir)
+      if not (run_dir / "summary.json").exists():
+        if args.collect_only:
+          raise ConfigError(f"--collect_only: {run_dir} has no finished run")
+        loop.train(cfg, resume=(run_dir / "config.yaml").exists())
+      summaries[name].append(json.loads((run_dir / "summary.json").read_text()))
+      histories[name].append([json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()])
+  title = f"{base.dataset}, {base.noise_mode} noise {base.noise_rate:.0%}, {base.model}"
+  report.plot_compare(histories, out_dir / "compare.png", title=title)
+  table = report.markdown_table(summaries)
+  command = "python -m saner_jax.train compare " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+  (out_dir / "compare.md").write_text(
+      f"# {title}\n\n{table}\nCommand: `{command}`\n\ngit revision: {report.git_revision()}\n\n![curves](compare.png)\n"
+  )
+  print("\n" + table + f"\nfigure: {out_dir / 'compare.png'}\ntable: {out_dir / 'compare.md'}", flush=True)
+  return summaries
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    if argv[:1] == ["compare"]:
+      compare(_compare_parser().parse_args(argv[1:]))
+    else:
+      from saner_jax.train import loop
+
+      args = _train_parser().parse_args(argv[1:] if argv[:1] == ["train"] else argv)
+      loop.train(config_lib.from_args(args), resume=args.resume)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

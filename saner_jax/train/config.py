@@ -1,0 +1,230 @@
+"""Run configuration: one flat dataclass, YAML presets and flag overrides.
+
+A run is reproduced by its ``config.yaml`` alone: the trainer writes the
+resolved config next to its logs, and ``--config that.yaml`` runs it again.
+Defaults are the authors' (DESIGN.md §1): lr 0.1, momentum 0.9, weight decay
+5e-4, batch 128, 200 epochs, multistep decay at 50% and 75%, rho 0.1,
+alpha 0.5 warmed up over 50 epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import typing
+from typing import Any
+
+import yaml
+
+PERTURBATIONS = ("sgd", "sam", "asam", "friendly_sam", "vasso", "gsam")
+# "saner" alone is shorthand for SAM with SANER on, the paper's default.
+OPTIMIZERS = PERTURBATIONS + ("saner",)
+LR_SCHEDULES = ("multistep", "cosine", "constant")
+DTYPES = ("float32", "bfloat16")
+PRESET_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+  """A bad config value; the message names the field (and flag)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Every knob of a training run. Field names are also the CLI flags."""
+
+  # Data.
+  dataset: str = "fashion_mnist"
+  data_dir: str | None = None
+  train_examples: int | None = None  # a seeded subset of the training set
+  test_examples: int | None = None
+  noise_mode: str = "symmetric"
+  noise_rate: float = 0.4
+  noise_label_key: str = "worse_label"  # CIFAR-N's set, for noise_mode "real"
+  augment: bool = True
+  # Model.
+  model: str = "resnet18"
+  dtype: str = "float32"
+  # Optimizer.
+  optimizer: str = "saner"
+  saner: bool = False  # SANER on top of the chosen perturbation
+  alpha: float = 0.5
+  alpha_warmup_epochs: int = 50
+  saner_group: str = "B"
+  rho: float = 0.1
+  asam_eta: float = 0.0
+  fsam_sigma: float = 1.0
+  fsam_lmbda: float = 0.9
+  vasso_theta: float = 0.2
+  gsam_alpha: float = 0.01
+  m_sharpness: int = 1
+  lr: float = 0.1
+  lr_schedule: str = "multistep"
+  lr_milestones: tuple[float, ...] = (0.5, 0.75)
+  lr_decay: float = 0.1
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+  batch_size: int = 128
+  eval_batch_size: int = 1000
+  epochs: int = 200
+  seed: int = 0
+  # Output.
+  out_dir: str = "runs/default"
+  checkpoint: bool = True
+  progress: str = "auto"  # "auto": a bar on a terminal, plain lines otherwise
+
+  @property
+  def perturbation(self) -> str:
+    """The ascent family, with the "saner" shorthand resolved to SAM."""
+    return "sam" if self.optimizer == "saner" else self.optimizer
+
+  @property
+  def uses_saner(self) -> bool:
+    return self.saner or self.optimizer == "saner"
+
+  @property
+  def run_name(self) -> str:
+    if self.optimizer == "saner":
+      return "saner"
+    return f"{self.optimizer}+saner" if self.saner else self.optimizer
+
+  def validate(self) -> "TrainConfig":
+    """Checks each field; raises ConfigError naming the flag."""
+    from saner_jax import data, models, noise  # the training layer's own deps
+
+    def fail(field, message):
+      raise ConfigError(f"--{field}: {message}")
+
+    def one_of(field, choices):
+      if getattr(self, field) not in choices:
+        fail(field, f"unknown value {getattr(self, field)!r}; choose one of {sorted(choices)}")
+
+    one_of("dataset", data.DATASETS)
+    one_of("model", models.MODELS)
+    one_of("optimizer", OPTIMIZERS)
+    one_of("lr_schedule", LR_SCHEDULES)
+    one_of("dtype", DTYPES)
+    one_of("saner_group", ("A", "B", "C"))
+    one_of("noise_mode", noise.MODES)
+    one_of("progress", ("auto", "bar", "lines", "none"))
+    if not 0.0 <= self.noise_rate <= 1.0:
+      fail("noise_rate", f"must be in [0, 1], got {self.noise_rate}")
+    if self.saner_group == "B" and not 0.0 <= self.alpha <= 1.0:
+      fail("alpha", f"must be in [0, 1] for group B, got {self.alpha}")
+    if self.alpha < 0:
+      fail("alpha", f"must be >= 0, got {self.alpha}")
+    if self.saner and self.optimizer == "sgd":
+      fail("saner", "SANER reweights SAM's second gradient; it needs a SAM-family optimizer, not sgd")
+    for field in ("rho", "asam_eta", "fsam_sigma", "gsam_alpha", "lr", "weight_decay", "lr_decay"):
+      if getattr(self, field) < 0:
+        fail(field, f"must be >= 0, got {getattr(self, field)}")
+    for field in ("momentum", "fsam_lmbda", "vasso_theta"):
+      if not 0.0 <= getattr(self, field) <= 1.0:
+        fail(field, f"must be in [0, 1], got {getattr(self, field)}")
+    for field in ("batch_size", "eval_batch_size", "epochs", "m_sharpness"):
+      if getattr(self, field) < 1:
+        fail(field, f"must be >= 1, got {getattr(self, field)}")
+    if self.alpha_warmup_epochs < 0:
+      fail("alpha_warmup_epochs", f"must be >= 0, got {self.alpha_warmup_epochs}")
+    if self.batch_size % self.m_sharpness:
+      fail("m_sharpness", f"must divide batch_size {self.batch_size}, got {self.m_sharpness}")
+    if any(not 0.0 < m < 1.0 for m in self.lr_milestones):
+      fail("lr_milestones", f"must be fractions of training in (0, 1), got {self.lr_milestones}")
+    for field in ("train_examples", "test_examples"):
+      value = getattr(self, field)
+      if value is not None and value < 1:
+        fail(field, f"must be >= 1, got {value}")
+    info = data.DATASETS[self.dataset]
+    try:
+      models.check_input(self.model, info.image_shape)
+    except ValueError as e:
+      fail("model", str(e))
+    return self
+
+  def to_dict(self) -> dict[str, Any]:
+    out = dataclasses.asdict(self)
+    out["lr_milestones"] = list(self.lr_milestones)
+    return out
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _coerce(name: str, value: Any) -> Any:
+  """Converts a YAML or flag value to the field's type, naming the field."""
+  hint = _TYPES[name]
+  args = typing.get_args(hint)
+  optional = type(None) in args
+  base = next((a for a in args if a is not type(None)), hint) if args else hint
+  if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+    if optional:
+      return None
+    raise ConfigError(f"--{name}: may not be empty")
+  try:
+    if typing.get_origin(hint) is tuple or typing.get_origin(base) is tuple:
+      items = value.split(",") if isinstance(value, str) else value
+      return tuple(float(v) for v in items)
+    if base is bool:
+      if isinstance(value, bool):
+        return value
+      if str(value).lower() in ("1", "true", "yes", "on"):
+        return True
+      if str(value).lower() in ("0", "false", "no", "off"):
+        return False
+      raise ValueError(value)
+    if base is int:
+      if isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+      return int(value)
+    return base(value)
+  except (TypeError, ValueError):
+    raise ConfigError(f"--{name}: expected {getattr(base, '__name__', base)}, got {value!r}") from None
+
+
+def from_mapping(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+  """A config from ``base`` with ``values`` overriding; unknown keys raise."""
+  unknown = sorted(set(values) - set(_FIELDS))
+  if unknown:
+    raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(_FIELDS)}")
+  config = dataclasses.replace(base or TrainConfig())
+  for name, value in values.items():
+    setattr(config, name, _coerce(name, value))
+  return config
+
+
+def resolve_preset(path_or_name: str) -> pathlib.Path:
+  """A config path, or the name of a preset shipped in saner_jax/configs."""
+  path = pathlib.Path(path_or_name)
+  if path.exists():
+    return path
+  preset = PRESET_DIR / f"{path_or_name.removesuffix('.yaml')}.yaml"
+  if preset.exists():
+    return preset
+  names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+  raise ConfigError(f"--config: no file {path_or_name!r} and no preset of that name; presets: {names}")
+
+
+def load_yaml(path_or_name: str) -> dict[str, Any]:
+  path = resolve_preset(path_or_name)
+  try:
+    values = yaml.safe_load(path.read_text()) or {}
+  except yaml.YAMLError as e:
+    raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+  if not isinstance(values, dict):
+    raise ConfigError(f"--config: {path} must hold a mapping of config keys")
+  return values
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+  """One ``--field`` flag per config field, all defaulting to "not given"."""
+  parser.add_argument("--config", help="a YAML config file or a preset name")
+  for name in _FIELDS:
+    parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE")
+
+
+def from_args(args: argparse.Namespace) -> TrainConfig:
+  """Preset/config file first, then flags on top."""
+  values = load_yaml(args.config) if getattr(args, "config", None) else {}
+  flags = {name: getattr(args, name) for name in _FIELDS if hasattr(args, name)}
+  return from_mapping({**values, **flags})

@@ -1,0 +1,199 @@
+"""The optimizer a config describes, and the jitted train and eval steps.
+
+One train step is: gather and augment the batch on device -> clean pass ->
+perturbation -> perturbed pass -> [GSAM] -> [SANER] -> weight decay -> SGD
+momentum, with the metrics of the step summed into a running total on
+device, so the host never waits on a step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+import saner_jax
+from saner_jax import diagnostics
+from saner_jax.train import pipeline
+from saner_jax.train.config import TrainConfig
+
+
+class TrainState(NamedTuple):
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: optax.OptState
+  perturbation_state: optax.OptState
+
+
+class Optimizer(NamedTuple):
+  """The pieces of a run's optimizer; ``perturbation`` is None for SGD."""
+
+  tx: optax.GradientTransformationExtraArgs
+  perturbation: optax.GradientTransformation | None
+  lr: optax.Schedule
+  alpha: optax.Schedule | None
+
+
+def lr_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+  """Per-step learning rate; multistep decays at whole epochs like torch's MultiStepLR."""
+  total = config.epochs * steps_per_epoch
+  if config.lr_schedule == "cosine":
+    return optax.cosine_decay_schedule(config.lr, total)
+  if config.lr_schedule == "constant":
+    return optax.constant_schedule(config.lr)
+  boundaries: dict[int, float] = {}
+  for fraction in config.lr_milestones:
+    step = int(config.epochs * fraction) * steps_per_epoch
+    boundaries[step] = boundaries.get(step, 1.0) * config.lr_decay
+  return optax.piecewise_constant_schedule(config.lr, boundaries)
+
+
+def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
+  """The optax chain and perturbation of a config (authors' order: reweight, then L2)."""
+  perturbations = {
+      "sgd": lambda: None,
+      "sam": lambda: saner_jax.sam(config.rho),
+      "gsam": lambda: saner_jax.sam(config.rho),
+      "asam": lambda: saner_jax.asam(config.rho, config.asam_eta),
+      "friendly_sam": lambda: saner_jax.friendly_sam(config.rho, config.fsam_sigma, config.fsam_lmbda),
+      "vasso": lambda: saner_jax.vasso(config.rho, config.vasso_theta),
+  }
+  perturbation = perturbations[config.perturbation]()
+  lr = lr_schedule(config, steps_per_epoch)
+  parts = []
+  if config.perturbation == "gsam":
+    parts.append(saner_jax.gsam(config.gsam_alpha))
+  alpha = None
+  if config.uses_saner:
+    if config.saner_group == "B":
+      alpha = saner_jax.alpha_warmup(
+          config.alpha, config.alpha_warmup_epochs * steps_per_epoch, steps_per_epoch
+      )
+    else:  # the ablation groups may amplify (alpha > 1): no warm-up there
+      alpha = optax.constant_schedule(config.alpha)
+    parts.append(saner_jax.saner(alpha, group=config.saner_group))
+  parts.append(optax.add_decayed_weights(config.weight_decay))
+  parts.append(optax.sgd(lr, momentum=config.momentum or None))
+  return Optimizer(optax.chain(*parts), perturbation, lr, alpha)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
+
+def init_state(model: nn.Module, optimizer: Optimizer, key: jax.Array, image_shape) -> TrainState:
+  from saner_jax import models
+
+  params, batch_stats = models.init_model(model, key, image_shape)
+  perturbation_state = optimizer.perturbation.init(params) if optimizer.perturbation else ()
+  return TrainState(
+      step=jnp.zeros([], jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=optimizer.tx.init(params),
+      perturbation_state=perturbation_state,
+  )
+
+
+METRIC_KEYS = (
+    "loss_sum", "examples", "correct", "clean", "clean_correct", "noisy", "noisy_memorised",
+    "noisy_true", "group_A", "group_B", "group_C", "cosine", "nonfinite", "steps",
+)
+
+
+def zero_metrics() -> dict[str, jax.Array]:
+  return {k: jnp.zeros([], jnp.float32) for k in METRIC_KEYS}
+
+
+def make_train_step(
+    model: nn.Module,
+    optimizer: Optimizer,
+    config: TrainConfig,
+    *,
+    mean,
+    std,
+    flip: bool,
+    crop_padding: int,
+) -> Callable:
+  """``step(state, metrics, data, permutation, batch_index, key) -> (state, metrics)``."""
+  compute_dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+  batch_size = config.batch_size
+
+  def loss_fn(params, batch_stats, batch):
+    images, labels = batch
+    logits, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+    )
+    return cross_entropy(logits, labels), (updates["batch_stats"], logits)
+
+  two_pass = None
+  if optimizer.perturbation is not None:
+    two_pass = saner_jax.sharpness_aware_grad(
+        loss_fn, optimizer.perturbation, has_aux=True, m_sharpness=config.m_sharpness, batch_argnum=2
+    )
+
+  def step(state: TrainState, metrics, data: pipeline.DeviceData, permutation, batch_index, key):
+    indices = jax.lax.dynamic_slice(permutation, (batch_index * batch_size,), (batch_size,))
+    batch = pipeline.gather(data, indices)
+    images = batch.images
+    if config.augment:
+      images = pipeline.random_crop_flip(jax.random.fold_in(key, state.step), images, crop_padding, flip)
+    images = pipeline.normalize(images, mean, std, compute_dtype)
+
+    if two_pass is None:
+      (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params, state.batch_stats, (images, batch.labels)
+      )
+      updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
+      perturbation_state = state.perturbation_state
+      gradient_stats = {"nonfinite": sum(jnp.sum(~jnp.isfinite(g)) for g in jax.tree.leaves(grads))}
+    else:
+      result = two_pass(state.params, state.perturbation_state, state.batch_stats, (images, batch.labels))
+      loss = result.loss
+      batch_stats, logits = result.aux
+      if config.m_sharpness > 1:  # one entry per sub-batch: average the statistics, join the logits
+        batch_stats = jax.tree.map(lambda x: x.mean(0), batch_stats)
+        logits = logits.reshape(batch_size, -1)
+      updates, opt_state = optimizer.tx.update(
+          result.perturbed_grads, state.opt_state, state.params, clean_grads=result.clean_grads
+      )
+      perturbation_state = result.perturbation_state
+      gradient_stats = diagnostics.gradient_diagnostics(result.perturbed_grads, result.clean_grads)
+
+    predictions = jnp.argmax(logits, axis=-1)
+    fits = diagnostics.fit_counts(predictions, batch.labels, batch.true_labels, batch.noise_mask)
+    step_metrics = {
+        "loss_sum": loss * batch_size,
+        "examples": batch_size,
+        "correct": jnp.sum(predictions == batch.labels),
+        "steps": 1,
+        **fits,
+        **{k: v for k, v in gradient_stats.items() if k in METRIC_KEYS},
+    }
+    metrics = {k: metrics[k] + jnp.asarray(step_metrics.get(k, 0), jnp.float32) for k in metrics}
+    new_state = TrainState(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        perturbation_state=perturbation_state,
+    )
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(model: nn.Module, config: TrainConfig, *, mean, std) -> Callable:
+  """``eval(params, batch_stats, images, labels, valid) -> correct count``."""
+  compute_dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+
+  def evaluate(params, batch_stats, images, labels, valid):
+    x = pipeline.normalize(images, mean, std, compute_dtype)
+    logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+    return jnp.sum((jnp.argmax(logits, -1) == labels) & valid)
+
+  return evaluate
