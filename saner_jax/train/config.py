@@ -109,6 +109,11 @@ class TrainConfig:
     one_of("progress", ("auto", "bar", "lines", "none"))
     if not 0.0 <= self.noise_rate <= 1.0:
       fail("noise_rate", f"must be in [0, 1], got {self.noise_rate}")
+    info = data.DATASETS[self.dataset]
+    if self.noise_mode not in ("none", "real"):
+      highest = noise.max_rate(self.noise_mode, info.num_classes)
+      if self.noise_rate > highest:
+        fail("noise_rate", f"{self.noise_mode} noise on {info.num_classes} classes is defined up to {highest:.3g}, got {self.noise_rate}")
     if self.saner_group == "B" and not 0.0 <= self.alpha <= 1.0:
       fail("alpha", f"must be in [0, 1] for group B, got {self.alpha}")
     if self.alpha < 0:
@@ -134,7 +139,6 @@ class TrainConfig:
       value = getattr(self, field)
       if value is not None and value < 1:
         fail(field, f"must be >= 1, got {value}")
-    info = data.DATASETS[self.dataset]
     try:
       models.check_input(self.model, info.image_shape)
     except ValueError as e:
