@@ -5,11 +5,7 @@
 # is available), then trains and writes runs/main_job/compare.{png,md}.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-data_dir=${SANER_JAX_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
-if [ ! -e "$data_dir/train-images-idx3-ubyte.gz" ] && command -v apt-get >/dev/null; then
-  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-  $sudo apt-get update -qq && $sudo apt-get install -y -qq dataset-fashion-mnist
-fi
+bash scripts/ensure_fashion_mnist.sh
 . scripts/setup_env.sh
 python -m saner_jax.train compare --config fashion_mnist_quick --runs sgd sam saner \
   --out_dir "${1:-runs/main_job}"

@@ -45,6 +45,9 @@ class TrainConfig:
   # Model.
   model: str = "resnet18"
   dtype: str = "float32"
+  # On CPU only, convolutions whose gradients are matmuls (saner_jax.cpu_conv):
+  # XLA's CPU weight-gradient is slow. Never used on GPU or TPU.
+  cpu_conv: bool = False
   # Optimizer.
   optimizer: str = "saner"
   saner: bool = False  # SANER on top of the chosen perturbation

@@ -201,7 +201,14 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
   info = prepared.info
   steps_per_epoch = prepared.train.size // config.batch_size  # drop the ragged last batch
   compute_dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-  model = models.create_model(config.model, prepared.num_classes, dtype=compute_dtype)
+  conv = None
+  if config.cpu_conv:
+    from saner_jax import cpu_conv
+
+    conv = cpu_conv.conv_general_dilated
+  model = models.create_model(
+      config.model, prepared.num_classes, dtype=compute_dtype, conv_general_dilated=conv
+  )
   optimizer = step_lib.build_optimizer(config, steps_per_epoch)
   key = jax.random.key(config.seed)
   init_key, shuffle_key, augment_key = jax.random.split(key, 3)
