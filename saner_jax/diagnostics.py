@@ -10,7 +10,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from saner_jax import _validation
 from saner_jax.saner import GROUPS, group_mask
+
+
+def _float32(tree):
+  return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
 
 def _leaves_sum(fn, *trees) -> jax.Array:
@@ -21,9 +26,14 @@ def group_fractions(perturbed_grads, clean_grads) -> dict[str, jax.Array]:
   """Fraction of all coordinates in each of SANER's groups A, B and C.
 
   The three need not sum to one: coordinates with a zero gradient, equal
-  gradients or a non-finite value belong to no group.
+  gradients or a NaN belong to no group.
   """
+  _validation.check_same_structure(
+      "perturbed_grads", perturbed_grads, clean_grads, "clean_grads"
+  )
   total = sum(x.size for x in jax.tree.leaves(clean_grads))
+  if total == 0:
+    raise ValueError("group_fractions needs at least one gradient coordinate")
   return {
       group: _leaves_sum(lambda p, c: group_mask(p, c, group), perturbed_grads, clean_grads)
       / total
@@ -32,25 +42,30 @@ def group_fractions(perturbed_grads, clean_grads) -> dict[str, jax.Array]:
 
 
 def gradient_cosine(a, b) -> jax.Array:
-  """Cosine similarity of two gradient pytrees, in float32; 0 if either is 0."""
-  a32 = jax.tree.map(lambda x: x.astype(jnp.float32), a)
-  b32 = jax.tree.map(lambda x: x.astype(jnp.float32), b)
+  """Cosine similarity of two gradient pytrees, in float32; 0 if either is 0.
+
+  NaN when either holds a NaN or inf, so a broken step is not reported as
+  orthogonal.
+  """
+  a32, b32 = _float32(a), _float32(b)
   denominator = optax.tree.norm(a32) * optax.tree.norm(b32)
-  return jnp.where(denominator > 0, optax.tree.vdot(a32, b32) / denominator, 0.0)
+  return jnp.where(denominator == 0, 0.0, optax.tree.vdot(a32, b32) / denominator)
 
 
 def gradient_diagnostics(perturbed_grads, clean_grads) -> dict[str, jax.Array]:
   """Group fractions, cosine(g, g_sam), both norms and a non-finite count.
 
   ``nonfinite`` counts the coordinates where either gradient is NaN or inf;
-  a training loop should stop, or skip the step, when it is not zero.
+  a training loop should stop, or skip the step, when it is not zero. A NaN
+  coordinate is in no group (an inf one is grouped by its sign and size), and
+  either makes the cosine NaN and a norm NaN or inf. Norms are in float32.
   """
   fractions = group_fractions(perturbed_grads, clean_grads)
   return {
       **{f"group_{g}": fraction for g, fraction in fractions.items()},
       "cosine": gradient_cosine(clean_grads, perturbed_grads),
-      "clean_grad_norm": optax.tree.norm(clean_grads),
-      "perturbed_grad_norm": optax.tree.norm(perturbed_grads),
+      "clean_grad_norm": optax.tree.norm(_float32(clean_grads)),
+      "perturbed_grad_norm": optax.tree.norm(_float32(perturbed_grads)),
       "nonfinite": _leaves_sum(
           lambda p, c: ~(jnp.isfinite(p) & jnp.isfinite(c)), perturbed_grads, clean_grads
       ),

@@ -28,37 +28,39 @@ Group = Literal["A", "B", "C"]
 GROUPS: tuple[str, ...] = ("A", "B", "C")
 
 
+def _check_group(group: str) -> None:
+  if group not in GROUPS:
+    raise ValueError(f"unknown group {group!r}; expected one of {GROUPS}")
+
+
 def group_mask(perturbed: jax.Array, clean: jax.Array, group: Group) -> jax.Array:
   r"""Boolean mask of the coordinates of one group, decided sign-safely.
 
   With :math:`r = g^{SAM} / g` element-wise:
 
-  ====== ===================== ======================================
-  group  ratio                 test used here (no division)
-  ====== ===================== ======================================
-  A      :math:`r > 1`         :math:`g^{SAM} g > 0,\ |g^{SAM}| > |g|`
-  B      :math:`0 < r < 1`     :math:`g^{SAM} g > 0,\ |g^{SAM}| < |g|`
-  C      :math:`r < 0`         :math:`g^{SAM} g < 0`
-  ====== ===================== ======================================
+  ====== ===================== ===========================================
+  group  ratio                 test used here (no division, no product)
+  ====== ===================== ===========================================
+  A      :math:`r > 1`         same strict sign, :math:`|g^{SAM}| > |g|`
+  B      :math:`0 < r < 1`     same strict sign, :math:`|g^{SAM}| < |g|`
+  C      :math:`r < 0`         strictly opposite signs
+  ====== ===================== ===========================================
 
   A coordinate where either gradient is zero, or where both are equal, is in
   no group. NaN compares false, so a NaN coordinate is in no group either.
   The authors' code divides by ``g + 1e-8``, which puts a tiny negative ``g``
-  on the wrong side; the product test cannot.
+  on the wrong side; comparing signs cannot. Signs are compared directly
+  rather than through the product :math:`g^{SAM} g`, which underflows to zero
+  for small float16 gradients (``1e-4 * 5e-5``) or tiny float32 ones.
   """
-  same_sign = perturbed * clean > 0
+  _check_group(group)
+  both_positive = (perturbed > 0) & (clean > 0)
+  both_negative = (perturbed < 0) & (clean < 0)
   if group == "A":
-    return same_sign & (jnp.abs(perturbed) > jnp.abs(clean))
+    return (both_positive | both_negative) & (jnp.abs(perturbed) > jnp.abs(clean))
   if group == "B":
-    return same_sign & (jnp.abs(perturbed) < jnp.abs(clean))
-  if group == "C":
-    return perturbed * clean < 0
-  raise ValueError(f"unknown group {group!r}; expected one of {GROUPS}")
-
-
-def _check_group(group: str) -> None:
-  if group not in GROUPS:
-    raise ValueError(f"unknown group {group!r}; expected one of {GROUPS}")
+    return (both_positive | both_negative) & (jnp.abs(perturbed) < jnp.abs(clean))
+  return ((perturbed > 0) & (clean < 0)) | ((perturbed < 0) & (clean > 0))
 
 
 def _require_clean_grads(name: str, updates, clean_grads) -> None:
@@ -106,10 +108,14 @@ def saner(
 
   Returns:
     A transform whose ``update(updates, state, params=None, *, clean_grads)``
-    reweights ``updates`` (the perturbed-point gradients). NaN or inf in
-    either gradient is passed through unchanged, in no group; use
+    reweights ``updates`` (the perturbed-point gradients). A NaN in either
+    gradient puts its coordinate in no group, so the perturbed gradient passes
+    through unchanged there (an inf compares like a large number); use
     :func:`saner_jax.diagnostics.gradient_diagnostics` to detect it, or wrap
-    the chain in ``optax.apply_if_finite`` to skip such steps.
+    the chain in ``optax.apply_if_finite``, which forwards ``clean_grads``
+    (optax 0.2.8) and skips the step when the perturbed gradients are not
+    finite. It does not look at ``clean_grads``: a NaN there alone leaves the
+    step, and that coordinate's perturbed gradient, as they are.
   """
   _check_group(group)
   _validation.check_scalar_range("alpha", alpha, 0.0, 1.0 if group == "B" else float("inf"))
@@ -142,8 +148,13 @@ def alpha_warmup(
 
   With ``steps_per_epoch`` given, ``t`` is rounded down to a whole epoch, as
   in the authors' ``get_alpha``, which changes alpha once per epoch; then
-  ``warmup_steps`` should be a multiple of it. ``warmup_steps = 0`` is the
-  constant ``alpha``.
+  ``warmup_steps`` should be a multiple of it. Epochs count from 0 here, so
+  the first epoch uses exactly 1 (SAM) and epoch ``e`` uses
+  ``get_alpha(e, 1, alpha, k)``; the authors' loop numbers epochs from 1, so
+  their first epoch already uses ``1 - (1 - alpha) / k`` and they reach the
+  target one epoch earlier. ``warmup_steps = 0`` is the constant ``alpha``.
+  From step ``k`` on the schedule returns ``alpha`` itself, not the rounded
+  ``1 - (1 - alpha)``.
 
   Args:
     alpha: target factor in [0, 1].
@@ -162,11 +173,12 @@ def alpha_warmup(
     return optax.constant_schedule(alpha)
 
   def schedule(count):
-    step = jnp.asarray(count, jnp.float32)
-    if steps_per_epoch is not None:
-      step = jnp.floor(step / steps_per_epoch) * steps_per_epoch
+    step = jnp.asarray(count)
+    if steps_per_epoch is not None:  # in the count's own (integer) type: exact
+      step = jnp.floor_divide(step, steps_per_epoch) * steps_per_epoch
+    step = step.astype(jnp.float32)
     progress = jnp.minimum(step / warmup_steps, 1.0)
-    return 1.0 - (1.0 - alpha) * progress
+    return jnp.where(progress >= 1.0, alpha, 1.0 - (1.0 - alpha) * progress)
 
   return schedule
 
