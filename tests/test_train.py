@@ -27,7 +27,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TIME_KEYS = ("epoch_time_s", "wall_time_s")
 TINY = dict(
     model="resnet8", epochs=2, batch_size=32, train_examples=96, test_examples=64,
-    eval_batch_size=32, alpha_warmup_epochs=1, progress="none",
+    eval_batch_size=32, alpha_warmup_epochs=2, progress="none",
 )
 
 
@@ -155,8 +155,8 @@ def test_run_on_mock_cifar10_reports_every_metric(optimizer, tmp_path, mock_tfds
       assert 0.0 < r["group_B"] < 1.0
     else:
       assert r["group_B"] is None and r["alpha"] is None
-  if optimizer == "saner":  # a one-epoch warm-up: epoch 1 trains with alpha 1, epoch 2 with 0.5
-    assert [r["alpha"] for r in records] == [1.0, 0.5]
+  if optimizer == "saner":  # the authors' get_alpha(epoch, k=2) for epochs 1 and 2
+    assert [r["alpha"] for r in records] == [0.75, 0.5]
   assert abs(summary["realised_noise_rate"] - 0.4) < 0.02
   assert (tmp_path / "run" / "curves.png").stat().st_size > 0
   assert (tmp_path / "run" / "metrics.csv").read_text().count("\n") == 3

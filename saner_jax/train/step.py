@@ -70,9 +70,12 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
   alpha = None
   if config.uses_saner:
     if config.saner_group == "B":
-      alpha = saner_jax.alpha_warmup(
+      warmup = saner_jax.alpha_warmup(
           config.alpha, config.alpha_warmup_epochs * steps_per_epoch, steps_per_epoch
       )
+      # The authors number epochs from 1 (get_alpha(epoch=1) in the first
+      # epoch), so their alpha is one epoch further along than ours.
+      alpha = lambda count: warmup(count + steps_per_epoch)
     else:  # the ablation groups may amplify (alpha > 1): no warm-up there
       alpha = optax.constant_schedule(config.alpha)
     parts.append(saner_jax.saner(alpha, group=config.saner_group))
