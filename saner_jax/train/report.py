@@ -14,6 +14,7 @@ PANELS = (
     ("clean_acc", "clean train samples: fit to their label"),
     ("noisy_memorised", "noisy train samples: fit to the WRONG label"),
     ("noisy_true", "noisy train samples: fit to the true label"),
+    ("group_B", "group B: share of coordinates SAM shrank"),
 )
 
 
@@ -51,8 +52,12 @@ def _figure(n_panels: int):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, n_panels, figsize=(4.2 * n_panels, 3.6), squeeze=False)
-  return plt, fig, axes[0]
+  cols = min(n_panels, 3)
+  rows = -(-n_panels // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+  for ax in axes.flat[n_panels:]:
+    ax.axis("off")
+  return plt, fig, axes.flat[:n_panels]
 
 
 def plot_run(history: Sequence[dict[str, Any]], path: pathlib.Path, title: str = "") -> None:
