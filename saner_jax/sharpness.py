@@ -13,6 +13,10 @@ BatchNorm statistics: only the clean pass's are returned. The perturbed pass
 still normalises with its own batch statistics (train mode), but its updated
 running averages are dropped, as the authors' ``disable_running_stats`` does
 in PyTorch.
+
+Both passes can accumulate over micro-batches (``accumulation_steps``) with
+the memory of one micro-batch; :func:`accumulated_value_and_grad` is that
+accumulation for a single gradient.
 """
 
 from __future__ import annotations
@@ -30,10 +34,13 @@ class SharpnessAwareGrads(NamedTuple):
   Attributes:
     clean_grads: ``g``, the gradient at ``w``.
     perturbed_grads: ``g_sam``, the gradient at ``w + eps``.
-    loss: the loss at ``w`` (mean over sub-batches under m-sharpness).
+    loss: the loss at ``w`` (mean over sub-batches under m-sharpness, and
+      over micro-batches under accumulation).
     aux: the clean pass's auxiliary output (None without ``has_aux``). Under
       m-sharpness every leaf gains a leading axis of size ``m``, one entry per
-      sub-batch, so the caller chooses how to combine them.
+      sub-batch, so the caller chooses how to combine them. Under
+      accumulation every leaf gains an axis of size ``k`` after it, one entry
+      per micro-batch (see :func:`accumulated_value_and_grad`).
     perturbation_state: the perturbation's new state.
   """
 
@@ -44,15 +51,113 @@ class SharpnessAwareGrads(NamedTuple):
   perturbation_state: optax.OptState
 
 
+def _check_batch_argnum(batch_argnum: int) -> None:
+  if batch_argnum < 1:
+    raise ValueError(f"batch_argnum must be >= 1 (0 is params), got {batch_argnum}")
+
+
+def _batch_index(batch_argnum: int, args: tuple) -> int:
+  if batch_argnum - 1 >= len(args):
+    raise ValueError(
+        f"batch_argnum={batch_argnum} but loss_fn got only {len(args)} "
+        "arguments after params"
+    )
+  return batch_argnum - 1
+
+
+def accumulated_value_and_grad(
+    fun: Callable[..., Any],
+    accumulation_steps: int,
+    *,
+    has_aux: bool = False,
+    batch_argnum: int = 1,
+) -> Callable[..., Any]:
+  r"""``jax.value_and_grad(fun)`` summed over micro-batches with ``lax.scan``.
+
+  The batch (argument ``batch_argnum``, a pytree whose leaves share a leading
+  axis of size :math:`B`) is split into :math:`k` micro-batches
+  :math:`b_0, \dots, b_{k-1}` of :math:`B / k` examples, and
+
+  .. math::
+     L = \tfrac1k \textstyle\sum_i L_{b_i}(w), \qquad
+     \nabla L = \tfrac1k \textstyle\sum_i \nabla L_{b_i}(w),
+
+  one micro-batch at a time: memory holds one micro-batch's activations and
+  one gradient-sized running sum (in at least float32). For a loss that is a
+  mean over examples, with no layer coupling the examples (BatchNorm does),
+  this is the full-batch value and gradient up to float rounding.
+
+  Micro-batch :math:`i` holds examples :math:`i, i + k, i + 2k, \dots`
+  (strided, not contiguous): a batch sharded over devices in contiguous
+  blocks then has every micro-batch spread over all devices, and the split
+  moves no data between them.
+
+  Args:
+    fun: ``fun(params, *args, **kwargs)``, a scalar or ``(scalar, aux)``.
+    accumulation_steps: ``k``, which must divide the batch size; 1 returns
+      ``jax.value_and_grad(fun, has_aux=has_aux)`` itself.
+    has_aux: whether ``fun`` returns ``(value, aux)``.
+    batch_argnum: the position of the batch among ``fun``'s arguments.
+
+  Returns:
+    A function with ``fun``'s arguments returning ``(value, grads)``, or
+    ``((value, aux), grads)`` with ``has_aux``, where every leaf of ``aux``
+    has a leading axis of size ``k``: entry ``i`` is micro-batch ``i``'s.
+  """
+  if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+    raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
+  _check_batch_argnum(batch_argnum)
+  value_and_grad = jax.value_and_grad(fun, has_aux=has_aux)
+  k = accumulation_steps
+  if k == 1:
+    return value_and_grad
+
+  def split(x):
+    if x.shape[0] % k:
+      raise ValueError(
+          f"batch size {x.shape[0]} is not divisible by accumulation_steps={k}"
+      )
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+  def accumulated(params, *args, **kwargs):
+    index = _batch_index(batch_argnum, args)
+    micro_batches = jax.tree.map(split, args[index])
+
+    def on(micro_batch):
+      return value_and_grad(params, *args[:index], micro_batch, *args[index + 1 :], **kwargs)
+
+    def wide(x):  # a sum of k float16/bfloat16 terms would lose digits
+      return jnp.promote_types(x.dtype, jnp.float32)
+
+    shapes = jax.eval_shape(on, jax.tree.map(lambda x: x[0], micro_batches))
+    value_shape, grad_shapes = (shapes[0][0] if has_aux else shapes[0]), shapes[1]
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, wide(s)), (value_shape, grad_shapes))
+
+    def body(total, micro_batch):
+      out, grads = on(micro_batch)
+      value, aux = out if has_aux else (out, None)
+      total = jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, (value, grads))
+      return total, aux
+
+    (value, grads), aux = jax.lax.scan(body, zeros, micro_batches)
+    value, grads = jax.tree.map(
+        lambda t, s: (t / k).astype(s.dtype), (value, grads), (value_shape, grad_shapes)
+    )
+    return ((value, aux), grads) if has_aux else (value, grads)
+
+  return accumulated
+
+
 def sharpness_aware_grad(
     loss_fn: Callable[..., Any],
     perturbation: optax.GradientTransformation,
     *,
     has_aux: bool = False,
     m_sharpness: int = 1,
+    accumulation_steps: int = 1,
     batch_argnum: int = 1,
 ) -> Callable[..., SharpnessAwareGrads]:
-  """Builds the two-pass gradient function of a sharpness-aware method.
+  r"""Builds the two-pass gradient function of a sharpness-aware method.
 
   Args:
     loss_fn: ``loss_fn(params, *args, **kwargs)`` returning a scalar loss, or
@@ -67,9 +172,25 @@ def sharpness_aware_grad(
       sub-batches, and the perturbation state is updated as if by their mean
       clean gradient (exact for SAM, ASAM and the linear averages of
       Friendly-SAM and VaSSO). 1 is plain SAM.
+    accumulation_steps: ``k``, accumulate each pass over ``k`` micro-batches
+      of every (sub-)batch with :func:`accumulated_value_and_grad` (memory of
+      one micro-batch). The clean gradient is accumulated over all ``k``
+      micro-batches first, ONE perturbation is formed from it, and the
+      perturbed gradient is accumulated at ``w + eps`` over the same
+      micro-batches:
+
+      .. math::
+         g = \tfrac1k \textstyle\sum_i \nabla L_{b_i}(w), \quad
+         \epsilon = \mathrm{perturbation}(g), \quad
+         g^{SAM} = \tfrac1k \textstyle\sum_i \nabla L_{b_i}(w + \epsilon).
+
+      With a mean loss and no BatchNorm this is the un-accumulated step up
+      to float rounding. With BatchNorm each micro-batch is normalised with
+      its own statistics in both passes, and ``aux`` holds the clean pass's
+      running averages of every micro-batch, for the caller to average.
     batch_argnum: the position in ``loss_fn``'s arguments of the batch, a
       pytree whose leaves share a leading batch axis; only it is split under
-      m-sharpness. Params are position 0.
+      m-sharpness and accumulation. Params are position 0.
 
   Returns:
     ``grad_fn(params, perturbation_state, *args, **kwargs)`` returning a
@@ -82,31 +203,26 @@ def sharpness_aware_grad(
     )
   if not isinstance(m_sharpness, int) or m_sharpness < 1:
     raise ValueError(f"m_sharpness must be an integer >= 1, got {m_sharpness!r}")
-  if batch_argnum < 1:
-    raise ValueError(f"batch_argnum must be >= 1 (0 is params), got {batch_argnum}")
+  _check_batch_argnum(batch_argnum)
 
   def with_aux(params, *args, **kwargs):
     out = loss_fn(params, *args, **kwargs)
     return out if has_aux else (out, None)
 
-  clean_value_and_grad = jax.value_and_grad(with_aux, has_aux=True)
-  perturbed_grad = jax.grad(with_aux, has_aux=True)
+  value_and_grad = accumulated_value_and_grad(
+      with_aux, accumulation_steps, has_aux=True, batch_argnum=batch_argnum
+  )
 
   def two_passes(params, perturbation_state, args, kwargs):
-    (loss, aux), clean = clean_value_and_grad(params, *args, **kwargs)
+    (loss, aux), clean = value_and_grad(params, *args, **kwargs)
     eps, new_state = perturbation.update(clean, perturbation_state, params)
-    perturbed, _ = perturbed_grad(optax.apply_updates(params, eps), *args, **kwargs)
+    _, perturbed = value_and_grad(optax.apply_updates(params, eps), *args, **kwargs)
     return SharpnessAwareGrads(clean, perturbed, loss, aux, new_state)
 
   def grad_fn(params, perturbation_state, *args, **kwargs) -> SharpnessAwareGrads:
     if m_sharpness == 1:
       return two_passes(params, perturbation_state, args, kwargs)
-    index = batch_argnum - 1
-    if index >= len(args):
-      raise ValueError(
-          f"batch_argnum={batch_argnum} but loss_fn got only {len(args)} "
-          "arguments after params"
-      )
+    index = _batch_index(batch_argnum, args)
     batch = args[index]
 
     def split(x):

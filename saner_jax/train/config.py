@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from saner_jax.parallel import PERTURBATION_MODES
+
 PERTURBATIONS = ("sgd", "sam", "asam", "friendly_sam", "vasso", "gsam")
 # "saner" alone is shorthand for SAM with SANER on, the paper's default.
 OPTIMIZERS = PERTURBATIONS + ("saner",)
@@ -61,6 +63,14 @@ class TrainConfig:
   vasso_theta: float = 0.2
   gsam_alpha: float = 0.01
   m_sharpness: int = 1
+  # Data parallelism (saner_jax.parallel): "synced" forms one perturbation
+  # from the global-batch gradient, the single-device algorithm on any number
+  # of devices; "per_device" perturbs each device's shard with its own
+  # gradient (m-sharpness with m = devices x m_sharpness). SGD ignores it.
+  perturbation_mode: str = "synced"
+  # Micro-batches per step: one perturbation from the clean gradient summed
+  # over all of them, the memory of one micro-batch.
+  grad_accum_steps: int = 1
   lr: float = 0.1
   lr_schedule: str = "multistep"
   lr_milestones: tuple[float, ...] = (0.5, 0.75)
@@ -71,6 +81,9 @@ class TrainConfig:
   eval_batch_size: int = 1000
   epochs: int = 200
   seed: int = 0
+  # jax.distributed.initialize() before anything else, for multi-host runs
+  # (saner_jax.train.loop.initialize_distributed).
+  distributed: bool = False
   # Output.
   out_dir: str = "runs/default"
   checkpoint: bool = True
@@ -110,6 +123,7 @@ class TrainConfig:
     one_of("saner_group", ("A", "B", "C"))
     one_of("noise_mode", noise.MODES)
     one_of("progress", ("auto", "bar", "lines", "none"))
+    one_of("perturbation_mode", PERTURBATION_MODES)
     if not 0.0 <= self.noise_rate <= 1.0:
       fail("noise_rate", f"must be in [0, 1], got {self.noise_rate}")
     info = data.DATASETS[self.dataset]
@@ -129,13 +143,19 @@ class TrainConfig:
     for field in ("momentum", "fsam_lmbda", "vasso_theta"):
       if not 0.0 <= getattr(self, field) <= 1.0:
         fail(field, f"must be in [0, 1], got {getattr(self, field)}")
-    for field in ("batch_size", "eval_batch_size", "epochs", "m_sharpness"):
+    for field in ("batch_size", "eval_batch_size", "epochs", "m_sharpness", "grad_accum_steps"):
       if getattr(self, field) < 1:
         fail(field, f"must be >= 1, got {getattr(self, field)}")
     if self.alpha_warmup_epochs < 0:
       fail("alpha_warmup_epochs", f"must be >= 0, got {self.alpha_warmup_epochs}")
     if self.batch_size % self.m_sharpness:
       fail("m_sharpness", f"must divide batch_size {self.batch_size}, got {self.m_sharpness}")
+    if self.batch_size % (self.m_sharpness * self.grad_accum_steps):
+      fail(
+          "grad_accum_steps",
+          f"m_sharpness x grad_accum_steps = {self.m_sharpness} x {self.grad_accum_steps} "
+          f"must divide batch_size {self.batch_size}",
+      )
     if any(not 0.0 < m < 1.0 for m in self.lr_milestones):
       fail("lr_milestones", f"must be fractions of training in (0, 1), got {self.lr_milestones}")
     for field in ("train_examples", "test_examples"):
@@ -201,14 +221,18 @@ def from_mapping(values: dict[str, Any], base: TrainConfig | None = None) -> Tra
 
 
 def resolve_preset(path_or_name: str) -> pathlib.Path:
-  """A config path, or the name of a preset shipped in saner_jax/configs."""
+  """A config path, or the name of a preset shipped in saner_jax/configs.
+
+  Presets in subfolders are named by their relative path without ".yaml",
+  e.g. "paper/cifar10_sym25_resnet18".
+  """
   path = pathlib.Path(path_or_name)
   if path.exists():
     return path
   preset = PRESET_DIR / f"{path_or_name.removesuffix('.yaml')}.yaml"
-  if preset.exists():
+  if preset.is_file():
     return preset
-  names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+  names = sorted(p.relative_to(PRESET_DIR).with_suffix("").as_posix() for p in PRESET_DIR.rglob("*.yaml"))
   raise ConfigError(f"--config: no file {path_or_name!r} and no preset of that name; presets: {names}")
 
 

@@ -34,8 +34,26 @@ class DeviceData(NamedTuple):
     return self.images.shape[0]
 
 
+def place(tree, sharding=None):
+  """Puts a pytree of host (or single-device) arrays on devices.
+
+  With a ``sharding`` every process uploads only the pieces its own devices
+  hold, from its own copy of the values: the same on every process, since
+  data, noise and initialisation derive from the seed. That works on one
+  host and on several, and sends nothing between hosts.
+  """
+  if sharding is None:
+    return jax.device_put(tree)
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(put, jax.device_get(tree))
+
+
 def to_device(images, labels, true_labels=None, noise_mask=None, sharding=None) -> DeviceData:
-  """Uploads numpy arrays once; ``sharding`` replicates or places them."""
+  """Uploads numpy arrays once; ``sharding`` replicates or places them (:func:`place`)."""
   true_labels = labels if true_labels is None else true_labels
   noise_mask = np.zeros(len(labels), bool) if noise_mask is None else noise_mask
   arrays = (
@@ -44,7 +62,7 @@ def to_device(images, labels, true_labels=None, noise_mask=None, sharding=None) 
       np.asarray(true_labels, np.int32),
       np.asarray(noise_mask, bool),
   )
-  return DeviceData(*(jax.device_put(a, sharding) for a in arrays))
+  return DeviceData(*place(arrays, sharding))
 
 
 def epoch_permutation(key: jax.Array, epoch: int | jax.Array, size: int) -> jax.Array:

@@ -4,6 +4,12 @@ One train step is: gather and augment the batch on device -> clean pass ->
 perturbation -> perturbed pass -> [GSAM] -> [SANER] -> weight decay -> SGD
 momentum, with the metrics of the step summed into a running total on
 device, so the host never waits on a step.
+
+Data parallelism: the step runs on a one-axis device mesh. The gathered
+batch is split over its ``"data"`` axis (``with_sharding_constraint``) while
+params, optimizer state and the dataset stay replicated, and
+:func:`saner_jax.sharded_sharpness_aware_grad` forms the perturbation in the
+config's ``perturbation_mode``. On one device the constraints are no-ops.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import saner_jax
-from saner_jax import diagnostics
+from saner_jax import diagnostics, parallel
 from saner_jax.train import pipeline
 from saner_jax.train.config import TrainConfig
 
@@ -112,6 +119,24 @@ def zero_metrics() -> dict[str, jax.Array]:
   return {k: jnp.zeros([], jnp.float32) for k in METRIC_KEYS}
 
 
+def _merge_sub_batches(batch_stats, logits, stacked_axes: int, strided: bool):
+  """Averages stacked BatchNorm statistics; puts the logits back in batch order.
+
+  The gradient helpers stack their clean pass's aux: first an axis over the
+  sub-batches of m-sharpness and of the per-device mode (contiguous slices),
+  then one over accumulation's micro-batches (strided: micro-batch ``i`` of
+  every sub-batch holds its examples ``i, i + k, ...``). Running averages
+  are affine in the batch statistics, so their mean is the running average
+  of the mean statistics.
+  """
+  if not stacked_axes:
+    return batch_stats, logits
+  batch_stats = jax.tree.map(lambda x: x.mean(tuple(range(stacked_axes))), batch_stats)
+  if strided:
+    logits = jnp.swapaxes(logits, stacked_axes - 1, stacked_axes)
+  return batch_stats, logits.reshape(-1, logits.shape[-1])
+
+
 def make_train_step(
     model: nn.Module,
     optimizer: Optimizer,
@@ -121,10 +146,17 @@ def make_train_step(
     std,
     flip: bool,
     crop_padding: int,
+    mesh: Mesh | None = None,
 ) -> Callable:
-  """``step(state, metrics, data, permutation, batch_index, key) -> (state, metrics)``."""
+  """``step(state, metrics, data, permutation, batch_index, key) -> (state, metrics)``.
+
+  ``mesh`` (default: every device, :func:`saner_jax.data_mesh`) has the axis
+  ``"data"`` the batch is split over; SGD ignores ``perturbation_mode``.
+  """
   compute_dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
   batch_size = config.batch_size
+  mesh = parallel.data_mesh() if mesh is None else mesh
+  batch_sharding = NamedSharding(mesh, P("data"))
 
   def loss_fn(params, batch_stats, batch):
     images, labels = batch
@@ -133,22 +165,32 @@ def make_train_step(
     )
     return cross_entropy(logits, labels), (updates["batch_stats"], logits)
 
-  two_pass = None
-  if optimizer.perturbation is not None:
-    two_pass = saner_jax.sharpness_aware_grad(
-        loss_fn, optimizer.perturbation, has_aux=True, m_sharpness=config.m_sharpness, batch_argnum=2
+  accumulating = config.grad_accum_steps > 1
+  if optimizer.perturbation is None:
+    two_pass = None
+    value_and_grad = saner_jax.accumulated_value_and_grad(
+        loss_fn, config.grad_accum_steps, has_aux=True, batch_argnum=2
     )
+    stacked_axes = int(accumulating)
+  else:
+    two_pass = parallel.sharded_sharpness_aware_grad(
+        loss_fn, optimizer.perturbation, mesh, mode=config.perturbation_mode, has_aux=True,
+        m_sharpness=config.m_sharpness, accumulation_steps=config.grad_accum_steps, batch_argnum=2,
+    )
+    sub_batched = config.m_sharpness > 1 or config.perturbation_mode == "per_device"
+    stacked_axes = int(sub_batched) + int(accumulating)
 
   def step(state: TrainState, metrics, data: pipeline.DeviceData, permutation, batch_index, key):
     indices = jax.lax.dynamic_slice(permutation, (batch_index * batch_size,), (batch_size,))
-    batch = pipeline.gather(data, indices)
+    # Each device gathers, augments and trains on its slice of the batch.
+    batch = jax.lax.with_sharding_constraint(pipeline.gather(data, indices), batch_sharding)
     images = batch.images
     if config.augment:
       images = pipeline.random_crop_flip(jax.random.fold_in(key, state.step), images, crop_padding, flip)
     images = pipeline.normalize(images, mean, std, compute_dtype)
 
     if two_pass is None:
-      (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      (loss, (batch_stats, logits)), grads = value_and_grad(
           state.params, state.batch_stats, (images, batch.labels)
       )
       updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
@@ -158,15 +200,13 @@ def make_train_step(
       result = two_pass(state.params, state.perturbation_state, state.batch_stats, (images, batch.labels))
       loss = result.loss
       batch_stats, logits = result.aux
-      if config.m_sharpness > 1:  # one entry per sub-batch: average the statistics, join the logits
-        batch_stats = jax.tree.map(lambda x: x.mean(0), batch_stats)
-        logits = logits.reshape(batch_size, -1)
       updates, opt_state = optimizer.tx.update(
           result.perturbed_grads, state.opt_state, state.params, clean_grads=result.clean_grads
       )
       perturbation_state = result.perturbation_state
       gradient_stats = diagnostics.gradient_diagnostics(result.perturbed_grads, result.clean_grads)
 
+    batch_stats, logits = _merge_sub_batches(batch_stats, logits, stacked_axes, accumulating)
     predictions = jnp.argmax(logits, axis=-1)
     fits = diagnostics.fit_counts(predictions, batch.labels, batch.true_labels, batch.noise_mask)
     step_metrics = {
@@ -190,11 +230,18 @@ def make_train_step(
   return step
 
 
-def make_eval_step(model: nn.Module, config: TrainConfig, *, mean, std) -> Callable:
-  """``eval(params, batch_stats, images, labels, valid) -> correct count``."""
+def make_eval_step(model: nn.Module, config: TrainConfig, *, mean, std, mesh: Mesh | None = None) -> Callable:
+  """``eval(params, batch_stats, images, labels, valid) -> correct count``.
+
+  The images are split over the mesh's ``"data"`` axis when their number
+  divides by its size, and evaluated whole on every device otherwise.
+  """
   compute_dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+  mesh = parallel.data_mesh() if mesh is None else mesh
 
   def evaluate(params, batch_stats, images, labels, valid):
+    if images.shape[0] % mesh.shape["data"] == 0:
+      images = jax.lax.with_sharding_constraint(images, NamedSharding(mesh, P("data")))
     x = pipeline.normalize(images, mean, std, compute_dtype)
     logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
     return jnp.sum((jnp.argmax(logits, -1) == labels) & valid)
