@@ -6,4 +6,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/ensure_fashion_mnist.sh
 . scripts/setup_env.sh
 export JAX_PLATFORMS=cpu
+# Paper-scale ResNet-34 / WRN-28-10 cases (one of each still runs) are marked
+# slow; pass -m slow to run them. Arguments given here override the default.
+if [ $# -eq 0 ]; then set -- -m "not slow"; fi
 python -m pytest -n 2 "$@"

@@ -227,7 +227,7 @@ def resolve_preset(path_or_name: str) -> pathlib.Path:
   e.g. "paper/cifar10_sym25_resnet18".
   """
   path = pathlib.Path(path_or_name)
-  if path.exists():
+  if path.is_file():
     return path
   preset = PRESET_DIR / f"{path_or_name.removesuffix('.yaml')}.yaml"
   if preset.is_file():
