@@ -1,15 +1,21 @@
 """Test-wide settings and fixtures.
 
 CPU only; hypothesis without wall-clock deadlines (the first call of a jitted
-function compiles, which a deadline would flag); and a working TFDS mock.
+function compiles, which a deadline would flag); a working TFDS mock; and a
+small learnable dataset in MNIST's IDX format for trainer runs.
 """
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import gzip  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import struct  # noqa: E402
+
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("saner_jax", deadline=None, max_examples=25, derandomize=True)
@@ -26,6 +32,7 @@ def mock_tfds(monkeypatch):
   (a magic method, which MagicMock binds) works. The loader uses the batched
   ``__getitems__``, so this patches the function the mock wraps.
   """
+  tfds = pytest.importorskip("tensorflow_datasets")
   from tensorflow_datasets.testing import mocking
 
   def getitems(record_keys, generator, serialized=False):
@@ -34,3 +41,34 @@ def mock_tfds(monkeypatch):
 
   monkeypatch.setattr(mocking, "_getitems", getitems)
   return tfds.testing.mock_data
+
+
+def write_idx(directory: pathlib.Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
+  """Writes ``{prefix}-images-idx3-ubyte.gz`` and the labels file, as MNIST ships them."""
+  with gzip.open(directory / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+    f.write(struct.pack(">HBB3I", 0, 0x08, 3, *images.shape) + images.tobytes())
+  with gzip.open(directory / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+    f.write(struct.pack(">HBBI", 0, 0x08, 1, len(labels)) + labels.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory) -> pathlib.Path:
+  """Fashion-MNIST-shaped IDX files (256 train, 64 test): the class sets a bright band.
+
+  Trainer tests pass it as ``data_dir``, so no TFDS copy or Debian package on
+  the machine can stand in for it.
+  """
+  directory = tmp_path_factory.mktemp("idx")
+  rng = np.random.default_rng(0)
+  for prefix, n in (("train", 256), ("t10k", 64)):
+    labels = rng.integers(0, 10, n)
+    images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
+    for i, c in enumerate(labels):
+      images[i, 2 * c : 2 * c + 3] = 250
+    write_idx(directory, prefix, images, labels)
+  return directory
+
+
+def read_metrics(run_dir: pathlib.Path) -> list[dict]:
+  """A run's ``metrics.jsonl`` as a list of records."""
+  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -7,12 +7,10 @@ IDX files written here.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import pathlib
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -20,6 +18,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import read_metrics as _metrics
 from saner_jax.train import cli, config as config_lib, loop, step as step_lib
 from saner_jax.train.config import ConfigError, TrainConfig
 
@@ -29,31 +28,6 @@ TINY = dict(
     model="resnet8", epochs=2, batch_size=32, train_examples=96, test_examples=64,
     eval_batch_size=32, alpha_warmup_epochs=2, progress="none",
 )
-
-
-def _write_idx(directory: pathlib.Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
-  with gzip.open(directory / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-    f.write(struct.pack(">HBB3I", 0, 0x08, 3, *images.shape) + images.tobytes())
-  with gzip.open(directory / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-    f.write(struct.pack(">HBBI", 0, 0x08, 1, len(labels)) + labels.astype(np.uint8).tobytes())
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory) -> pathlib.Path:
-  """A learnable Fashion-MNIST-shaped dataset: the class sets a bright band."""
-  directory = tmp_path_factory.mktemp("idx")
-  rng = np.random.default_rng(0)
-  for prefix, n in (("train", 256), ("t10k", 64)):
-    labels = rng.integers(0, 10, n)
-    images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
-    for i, c in enumerate(labels):
-      images[i, 2 * c : 2 * c + 3] = 250
-    _write_idx(directory, prefix, images, labels)
-  return directory
-
-
-def _metrics(run_dir: pathlib.Path) -> list[dict]:
-  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _without_times(records):
@@ -79,10 +53,14 @@ def _without_times(records):
         (["--optimizer", "sgd", "--saner", "true"], "--saner"),
         (["--m_sharpness", "3"], "--m_sharpness"),
         (["--config", "no_such_preset"], "--config"),
+        (["--dataset", "svhn_cropped", "--noise_mode", "asymmetric"], "--noise_mode"),
+        (["--noise_mode", "real"], "--noise_mode"),
+        (["--dataset", "cifar10_n", "--noise_mode", "real", "--noise_label_key", "best_label"], "--noise_label_key"),
+        (["--data_source", "ftp"], "--data_source"),
     ],
 )
-def test_bad_flags_name_the_flag(flags, names, capsys):
-  assert cli.main(flags + ["--out_dir", "unused"]) == 2
+def test_bad_flags_name_the_flag(flags, names, capsys, tmp_path):
+  assert cli.main(flags + ["--out_dir", str(tmp_path / "never")]) == 2
   err = capsys.readouterr().err
   assert names in err, err
 
@@ -111,8 +89,7 @@ def test_flags_override_the_config_file(tmp_path):
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in config_lib.PRESET_DIR.glob("*.yaml")))
 def test_every_preset_is_valid(preset):
-  cfg = config_lib.from_mapping(config_lib.load_yaml(preset))
-  assert cfg.validate() is cfg
+  config_lib.from_mapping(config_lib.load_yaml(preset)).validate()  # raises ConfigError if not
 
 
 def test_multistep_schedule_decays_at_whole_epochs():
@@ -121,6 +98,12 @@ def test_multistep_schedule_decays_at_whole_epochs():
   # torch's MultiStepLR(milestones=[5, 7]) on epochs; 3 steps an epoch.
   expected = [0.1] * 15 + [0.01] * 6 + [0.001] * 9
   np.testing.assert_allclose([float(schedule(s)) for s in range(30)], expected, rtol=1e-6)
+
+
+def test_multistep_milestones_at_epoch_zero_never_decay():
+  """Like torch's MultiStepLR: a one-epoch run keeps its learning rate."""
+  schedule = step_lib.lr_schedule(TrainConfig(epochs=1, lr=0.1), steps_per_epoch=4)
+  assert [float(schedule(s)) for s in range(4)] == pytest.approx([0.1] * 4)
 
 
 def test_optimizer_chain_matches_the_authors_order():
@@ -169,11 +152,20 @@ def test_existing_run_is_not_overwritten(tmp_path):
     loop.train(TrainConfig(out_dir=str(tmp_path), **TINY))
 
 
-def test_nonfinite_loss_stops_with_a_clear_error(tmp_path, idx_dir, monkeypatch):
-  monkeypatch.setenv("SANER_JAX_FASHION_MNIST_DIR", str(idx_dir))
-  cfg = TrainConfig(optimizer="sam", lr=1e30, out_dir=str(tmp_path), **{**TINY, "epochs": 1})
+def test_nonfinite_loss_stops_with_a_clear_error(tmp_path, idx_dir):
+  cfg = TrainConfig(optimizer="sam", lr=1e30, out_dir=str(tmp_path), data_dir=str(idx_dir), **{**TINY, "epochs": 1})
   with pytest.raises(FloatingPointError, match="epoch 1: non-finite"):
     loop.train(cfg)
+  assert not (tmp_path / "checkpoints" / "1").exists()
+
+
+def test_resume_without_a_checkpoint_refuses_to_drop_the_logs(tmp_path, idx_dir):
+  cfg = TrainConfig(optimizer="sgd", out_dir=str(tmp_path), data_dir=str(idx_dir), checkpoint=False, **{**TINY, "epochs": 1})
+  loop.train(cfg)
+  logged = (tmp_path / "metrics.jsonl").read_text()
+  with pytest.raises(ConfigError, match="no checkpoint"):
+    loop.train(cfg, resume=True)
+  assert (tmp_path / "metrics.jsonl").read_text() == logged
 
 
 # ---------------------------------------------------------------------------
@@ -181,44 +173,66 @@ def test_nonfinite_loss_stops_with_a_clear_error(tmp_path, idx_dir, monkeypatch)
 
 
 def _cli(idx_dir, out_dir, *extra):
-  env = {**os.environ, "SANER_JAX_FASHION_MNIST_DIR": str(idx_dir), "JAX_PLATFORMS": "cpu"}
-  flags = [f"--{k}={v}" for k, v in {**TINY, "epochs": 4}.items()]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  flags = [f"--{k}={v}" for k, v in {**TINY, "epochs": 4, "data_dir": idx_dir}.items()]
   return subprocess.Popen(
       [sys.executable, "-m", "saner_jax.train", *flags, f"--out_dir={out_dir}", *extra],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
   )
 
 
+def _finish(proc: subprocess.Popen) -> str:
+  try:
+    output, _ = proc.communicate(timeout=600)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, output
+  return output
+
+
+def _outputs(run_dir: pathlib.Path):
+  """Everything a run leaves to read, less the wall-clock fields."""
+  summary = json.loads((run_dir / "summary.json").read_text())
+  for key in ("config", "git_revision"):
+    summary.pop(key)
+  summary["final"] = _without_times([summary["final"]])
+  csv_rows = [line.split(",") for line in (run_dir / "metrics.csv").read_text().splitlines()]
+  time_columns = [i for i, name in enumerate(csv_rows[0]) if name in TIME_KEYS]
+  csv_rows = [[v for i, v in enumerate(row) if i not in time_columns] for row in csv_rows]
+  return _without_times(_metrics(run_dir)), csv_rows, summary
+
+
 def test_same_seed_same_run_and_kill_resume_loses_nothing(tmp_path, idx_dir):
   straight, again, killed = tmp_path / "saner_seed0", tmp_path / "again", tmp_path / "killed"
   for run_dir in (straight, again):
-    proc = _cli(idx_dir, run_dir)
-    assert proc.wait(timeout=600) == 0, proc.stdout.read()
-  assert _without_times(_metrics(straight)) == _without_times(_metrics(again))
+    _finish(_cli(idx_dir, run_dir))
+  assert _outputs(straight) == _outputs(again)
 
   proc = _cli(idx_dir, killed)
-  deadline = time.time() + 600
-  while not ((killed / "metrics.jsonl").exists() and _metrics(killed)):
-    assert proc.poll() is None, proc.stdout.read()
-    assert time.time() < deadline
-    time.sleep(0.02)
-  assert proc.poll() is None, "the run ended before it could be killed"
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  try:
+    deadline = time.time() + 600
+    while not ((killed / "metrics.jsonl").exists() and _metrics(killed)):
+      assert proc.poll() is None, proc.stdout.read()
+      assert time.time() < deadline
+      time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  finally:
+    proc.kill()
   assert 1 <= len(_metrics(killed)) < 4
 
-  proc = _cli(idx_dir, killed, "--resume")
-  output, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, output
+  output = _finish(_cli(idx_dir, killed, "--resume"))
   assert "resumed" in output
   assert [r["epoch"] for r in _metrics(killed)] == [1, 2, 3, 4]
-  assert _without_times(_metrics(killed)) == _without_times(_metrics(straight))
+  assert _outputs(killed) == _outputs(straight)
   assert (killed / "metrics.csv").read_text().count("\n") == 5
 
   # The finished runs are collected, not rerun, by compare.
   summaries = cli.compare(
       cli._compare_parser().parse_args(
-          ["--runs", "saner", "--collect_only", "--out_dir", str(tmp_path), "--model", "resnet8"]
+          ["--runs", "saner", "--collect_only", "--out_dir", str(tmp_path), "--model", "resnet8",
+           "--epochs", "4"]
       )
   )
   assert summaries["saner"][0]["best_test_acc"] == max(r["test_acc"] for r in _metrics(straight))
@@ -226,10 +240,11 @@ def test_same_seed_same_run_and_kill_resume_loses_nothing(tmp_path, idx_dir):
   assert (tmp_path / "compare.png").stat().st_size > 0
 
 
-def test_resume_refuses_a_changed_config(tmp_path, idx_dir, monkeypatch):
-  monkeypatch.setenv("SANER_JAX_FASHION_MNIST_DIR", str(idx_dir))
-  cfg = TrainConfig(optimizer="sgd", out_dir=str(tmp_path), **{**TINY, "epochs": 1})
+def test_resume_refuses_a_changed_config(tmp_path, idx_dir):
+  cfg = TrainConfig(optimizer="sgd", out_dir=str(tmp_path), data_dir=str(idx_dir), **{**TINY, "epochs": 1})
   loop.train(cfg)
-  changed = TrainConfig(optimizer="sgd", out_dir=str(tmp_path), **{**TINY, "epochs": 1, "lr": 0.5})
+  changed = TrainConfig(
+      optimizer="sgd", out_dir=str(tmp_path), data_dir=str(idx_dir), **{**TINY, "epochs": 1, "lr": 0.5}
+  )
   with pytest.raises(ConfigError, match="lr"):
     loop.train(changed, resume=True)

@@ -20,6 +20,7 @@ import pathlib
 import shlex
 import sys
 
+from saner_jax import data
 from saner_jax.train import config as config_lib
 from saner_jax.train.config import ConfigError
 
@@ -63,30 +64,51 @@ def run_config(name: str, seed: int, base: config_lib.TrainConfig, out_dir: path
   ).validate()
 
 
-def compare(args: argparse.Namespace) -> dict:
-  from saner_jax.train import loop, report
+def run_or_collect(
+    base: config_lib.TrainConfig, runs: list[str], seeds: list[int], collect_only: bool = False
+) -> tuple[dict, dict]:
+  """Trains (or resumes) each run x seed under ``base.out_dir`` unless finished.
 
-  base = config_lib.from_args(args)
+  Returns ``(summaries, histories)``, each ``{run name: [one per seed]}``.
+  """
+  from saner_jax.train import loop
+
   out_dir = pathlib.Path(base.out_dir)
-  configs = {name: [run_config(name, seed, base, out_dir) for seed in args.seeds] for name in args.runs}
+  configs = {name: [run_config(name, seed, base, out_dir) for seed in seeds] for name in runs}
   summaries, histories = {}, {}
   for name, seed_configs in configs.items():
     summaries[name], histories[name] = [], []
     for cfg in seed_configs:
       run_dir = pathlib.Path(cfg.out_dir)
       if not (run_dir / "summary.json").exists():
-        if args.collect_only:
+        if collect_only:
           raise ConfigError(f"--collect_only: {run_dir} has no finished run")
         loop.train(cfg, resume=(run_dir / "config.yaml").exists())
       summaries[name].append(json.loads((run_dir / "summary.json").read_text()))
       histories[name].append([json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()])
-  title = f"{base.dataset}, {base.noise_mode} noise {base.noise_rate:.0%}, {base.model}"
+  return summaries, histories
+
+
+def write_comparison(base: config_lib.TrainConfig, summaries: dict, histories: dict, command: str) -> str:
+  """Writes ``compare.png`` and ``compare.md`` into ``base.out_dir``; returns the table."""
+  from saner_jax.train import report
+
+  out_dir = pathlib.Path(base.out_dir)
+  title = f"{base.dataset}, {base.noise_description}, {base.model}, {base.epochs} epochs"
   report.plot_compare(histories, out_dir / "compare.png", title=title)
   table = report.markdown_table(summaries)
-  command = "python -m saner_jax.train compare " + " ".join(shlex.quote(a) for a in sys.argv[2:])
   (out_dir / "compare.md").write_text(
       f"# {title}\n\n{table}\nCommand: `{command}`\n\ngit revision: {report.git_revision()}\n\n![curves](compare.png)\n"
   )
+  return table
+
+
+def compare(args: argparse.Namespace) -> dict:
+  base = config_lib.from_args(args)
+  summaries, histories = run_or_collect(base, args.runs, args.seeds, args.collect_only)
+  command = "python -m saner_jax.train compare " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+  table = write_comparison(base, summaries, histories, command)
+  out_dir = pathlib.Path(base.out_dir)
   print("\n" + table + f"\nfigure: {out_dir / 'compare.png'}\ntable: {out_dir / 'compare.md'}", flush=True)
   return summaries
 
@@ -104,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except (data.DatasetNotFoundError, data.IdxFormatError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -38,6 +38,7 @@ class TrainConfig:
   # Data.
   dataset: str = "fashion_mnist"
   data_dir: str | None = None
+  data_source: str = "auto"  # "auto": TFDS if prepared, else IDX files (see saner_jax.data)
   train_examples: int | None = None  # a seeded subset of the training set
   test_examples: int | None = None
   noise_mode: str = "symmetric"
@@ -95,6 +96,20 @@ class TrainConfig:
     return "sam" if self.optimizer == "saner" else self.optimizer
 
   @property
+  def noise_description(self) -> str:
+    if self.noise_mode == "real":
+      return f"real noise ({self.noise_label_key})"
+    if self.noise_mode == "none":
+      return "no noise"
+    return f"{self.noise_mode} noise {self.noise_rate:.0%}"
+
+  @property
+  def compute_dtype(self):
+    import jax.numpy as jnp
+
+    return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
+
+  @property
   def uses_saner(self) -> bool:
     return self.saner or self.optimizer == "saner"
 
@@ -122,6 +137,7 @@ class TrainConfig:
     one_of("dtype", DTYPES)
     one_of("saner_group", ("A", "B", "C"))
     one_of("noise_mode", noise.MODES)
+    one_of("data_source", data.SOURCES)
     one_of("progress", ("auto", "bar", "lines", "none"))
     one_of("perturbation_mode", PERTURBATION_MODES)
     if not 0.0 <= self.noise_rate <= 1.0:
@@ -131,6 +147,16 @@ class TrainConfig:
       highest = noise.max_rate(self.noise_mode, info.num_classes)
       if self.noise_rate > highest:
         fail("noise_rate", f"{self.noise_mode} noise on {info.num_classes} classes is defined up to {highest:.3g}, got {self.noise_rate}")
+    if self.noise_mode == "asymmetric":
+      try:
+        noise.asymmetric_map(self.dataset)
+      except ValueError as e:
+        fail("noise_mode", str(e))
+    if self.noise_mode == "real":
+      if not info.noisy_label_keys:
+        fail("noise_mode", f"'real' needs human labels; {self.dataset} has none (use cifar10_n or cifar100_n)")
+      if self.noise_label_key not in info.noisy_label_keys:
+        fail("noise_label_key", f"{self.dataset} has {list(info.noisy_label_keys)}, got {self.noise_label_key!r}")
     if self.saner_group == "B" and not 0.0 <= self.alpha <= 1.0:
       fail("alpha", f"must be in [0, 1] for group B, got {self.alpha}")
     if self.alpha < 0:

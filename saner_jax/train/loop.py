@@ -41,7 +41,7 @@ from saner_jax.train import config as config_lib, pipeline, report, step as step
 from saner_jax.train.config import ConfigError, TrainConfig
 
 # Keys a resumed run may change without changing the result.
-_RESUME_FREE_KEYS = ("out_dir", "progress", "checkpoint", "eval_batch_size", "distributed")
+_RESUME_FREE_KEYS = ("out_dir", "progress", "eval_batch_size", "distributed")
 
 
 def initialize_distributed(config: TrainConfig) -> None:
@@ -98,8 +98,8 @@ def prepare_data(config: TrainConfig, sharding: NamedSharding | None = None) -> 
   from saner_jax import data, noise
 
   info = data.DATASETS[config.dataset]
-  train = data.load_dataset(config.dataset, "train", data_dir=config.data_dir)
-  test = data.load_dataset(config.dataset, "test", data_dir=config.data_dir)
+  train = data.load_dataset(config.dataset, "train", data_dir=config.data_dir, source=config.data_source)
+  test = data.load_dataset(config.dataset, "test", data_dir=config.data_dir, source=config.data_source)
   rng = np.random.default_rng(config.seed)
   train_idx = np.arange(len(train.labels))
   if config.train_examples is not None and config.train_examples < len(train_idx):
@@ -148,11 +148,12 @@ def prepare_data(config: TrainConfig, sharding: NamedSharding | None = None) -> 
   )
 
 
-def _epoch_record(epoch: int, sums: dict[str, float], extra: dict[str, Any]) -> dict[str, Any]:
-  def ratio(num, den):
-    return sums[num] / sums[den] if sums[den] else float("nan")
+def _epoch_record(
+    epoch: int, sums: dict[str, float], extra: dict[str, Any], two_pass: bool
+) -> dict[str, Any]:
+  def ratio(num, den):  # None, not NaN, when nothing was counted (e.g. no noisy samples)
+    return sums[num] / sums[den] if sums[den] else None
 
-  has_groups = sums["group_B"] > 0 or sums["group_A"] > 0 or sums["group_C"] > 0
   record = {
       "epoch": epoch,
       "train_loss": ratio("loss_sum", "examples"),
@@ -161,17 +162,14 @@ def _epoch_record(epoch: int, sums: dict[str, float], extra: dict[str, Any]) -> 
       "noisy_memorised": ratio("noisy_memorised", "noisy"),
       "noisy_true": ratio("noisy_true", "noisy"),
   }
-  record["fit_gap"] = record["clean_acc"] - record["noisy_memorised"]
+  record["fit_gap"] = (
+      None if None in (record["clean_acc"], record["noisy_memorised"])
+      else record["clean_acc"] - record["noisy_memorised"]
+  )
   for key in ("group_A", "group_B", "group_C", "cosine"):
-    record[key] = sums[key] / sums["steps"] if has_groups else None
+    record[key] = sums[key] / sums["steps"] if two_pass else None
   record.update(extra)
   return record
-
-
-def _clean_json(value):
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  return value
 
 
 class _Logs:
@@ -188,9 +186,9 @@ class _Logs:
     except ImportError:
       pass
 
-  def write(self, history: list[dict[str, Any]]) -> None:
+  def write(self, history: list[dict[str, Any]], tensorboard: bool = True) -> None:
     tmp = self.jsonl.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps({k: _clean_json(v) for k, v in r.items()}) + "\n" for r in history))
+    tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in history))
     os.replace(tmp, self.jsonl)
     if history:
       tmp = self.csv.with_suffix(".csv.tmp")
@@ -199,7 +197,7 @@ class _Logs:
         writer.writeheader()
         writer.writerows(history)
       os.replace(tmp, self.csv)
-    if self.tensorboard is not None and history:
+    if tensorboard and self.tensorboard is not None and history:
       record = history[-1]
       for key, value in record.items():
         if isinstance(value, (int, float)) and key != "epoch" and value is not None:
@@ -264,14 +262,13 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
   prepared = prepare_data(config, replicated)
   info = prepared.info
   steps_per_epoch = prepared.train.size // config.batch_size  # drop the ragged last batch
-  compute_dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
   conv = None
   if config.cpu_conv:
     from saner_jax import cpu_conv
 
     conv = cpu_conv.conv_general_dilated
   model = models.create_model(
-      config.model, prepared.num_classes, dtype=compute_dtype, conv_general_dilated=conv
+      config.model, prepared.num_classes, dtype=config.compute_dtype, conv_general_dilated=conv
   )
   optimizer = step_lib.build_optimizer(config, steps_per_epoch)
   # Made by a jitted function, so that on several hosts they are global arrays.
@@ -313,15 +310,20 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     wall_offset = restored.meta["wall_time_s"]
     if primary:
       print(f"resumed {out_dir} after epoch {start_epoch - 1}", flush=True)
+  elif resume and (out_dir / "metrics.jsonl").exists() and (out_dir / "metrics.jsonl").stat().st_size:
+    raise ConfigError(
+        f"--resume: {out_dir} has logged epochs but no checkpoint to resume from "
+        "(was it run with --checkpoint false?); start a new --out_dir"
+    )
   logs = _Logs(out_dir) if primary else None
   if logs is not None:
-    logs.write(history)
+    logs.write(history, tensorboard=False)  # the restored epochs are in TensorBoard already
 
   mode = _progress_mode(config) if primary else "none"
   if primary:
     print(
         f"{config.run_name}: {config.model} on {config.dataset} ({prepared.train.size} train, "
-        f"{config.noise_mode} noise {config.noise_rate:.0%}, realised {prepared.realised_noise_rate:.2%}), "
+        f"{config.noise_description}, realised {prepared.realised_noise_rate:.2%}), "
         f"{config.epochs} epochs x {steps_per_epoch} steps on {mesh.size} device(s)",
         flush=True,
     )
@@ -343,8 +345,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     sums = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if sums["nonfinite"] or not math.isfinite(sums["loss_sum"]):
       raise FloatingPointError(
-          f"epoch {epoch}: non-finite loss or gradients ({int(sums['nonfinite'])} coordinates); "
-          "the last good checkpoint is kept; lower --lr or --rho and resume"
+          f"epoch {epoch}: non-finite loss, gradients or weights ({int(sums['nonfinite'])} values); "
+          f"the checkpoint of epoch {epoch - 1} is kept; start a new --out_dir with a lower --lr or --rho"
       )
     correct = 0
     for start in range(0, prepared.test.size, config.eval_batch_size):
@@ -359,7 +361,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     record = _epoch_record(
         epoch,
         sums,
-        {
+        two_pass=optimizer.perturbation is not None,
+        extra={
             "test_acc": test_acc,
             "best_test_acc": best_test,
             "lr": float(optimizer.lr(last_step)),
@@ -378,7 +381,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
               state=ocp.args.StandardSave(state),
               meta=ocp.args.JsonSave(
                   {"epoch": epoch, "best_test_acc": best_test, "wall_time_s": record["wall_time_s"],
-                   "history": [{k: _clean_json(v) for k, v in r.items()} for r in history]}
+                   "history": history}
               ),
           ),
       )
@@ -404,6 +407,6 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
       "devices": mesh.size,
   }
   if primary:
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_clean_json))
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
     report.plot_run(history, out_dir / "curves.png", title=config.run_name)
   return summary

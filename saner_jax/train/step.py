@@ -45,6 +45,10 @@ class Optimizer(NamedTuple):
   alpha: optax.Schedule | None
 
 
+def _count_nonfinite(tree) -> jax.Array:
+  return sum(jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(tree))
+
+
 def lr_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
   """Per-step learning rate; multistep decays at whole epochs like torch's MultiStepLR."""
   total = config.epochs * steps_per_epoch
@@ -54,7 +58,10 @@ def lr_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
     return optax.constant_schedule(config.lr)
   boundaries: dict[int, float] = {}
   for fraction in config.lr_milestones:
-    step = int(config.epochs * fraction) * steps_per_epoch
+    epoch = int(config.epochs * fraction)
+    if epoch == 0:  # torch's MultiStepLR never reaches a milestone at epoch 0
+      continue
+    step = epoch * steps_per_epoch
     boundaries[step] = boundaries.get(step, 1.0) * config.lr_decay
   return optax.piecewise_constant_schedule(config.lr, boundaries)
 
@@ -153,7 +160,6 @@ def make_train_step(
   ``mesh`` (default: every device, :func:`saner_jax.data_mesh`) has the axis
   ``"data"`` the batch is split over; SGD ignores ``perturbation_mode``.
   """
-  compute_dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
   batch_size = config.batch_size
   mesh = parallel.data_mesh() if mesh is None else mesh
   batch_sharding = NamedSharding(mesh, P("data"))
@@ -187,7 +193,7 @@ def make_train_step(
     images = batch.images
     if config.augment:
       images = pipeline.random_crop_flip(jax.random.fold_in(key, state.step), images, crop_padding, flip)
-    images = pipeline.normalize(images, mean, std, compute_dtype)
+    images = pipeline.normalize(images, mean, std, config.compute_dtype)
 
     if two_pass is None:
       (loss, (batch_stats, logits)), grads = value_and_grad(
@@ -195,7 +201,7 @@ def make_train_step(
       )
       updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
       perturbation_state = state.perturbation_state
-      gradient_stats = {"nonfinite": sum(jnp.sum(~jnp.isfinite(g)) for g in jax.tree.leaves(grads))}
+      gradient_stats = {"nonfinite": _count_nonfinite(grads)}
     else:
       result = two_pass(state.params, state.perturbation_state, state.batch_stats, (images, batch.labels))
       loss = result.loss
@@ -217,7 +223,6 @@ def make_train_step(
         **fits,
         **{k: v for k, v in gradient_stats.items() if k in METRIC_KEYS},
     }
-    metrics = {k: metrics[k] + jnp.asarray(step_metrics.get(k, 0), jnp.float32) for k in metrics}
     new_state = TrainState(
         step=state.step + 1,
         params=optax.apply_updates(state.params, updates),
@@ -225,6 +230,12 @@ def make_train_step(
         opt_state=opt_state,
         perturbation_state=perturbation_state,
     )
+    # Finite gradients can still step the weights to inf: count those too, so
+    # the loop never checkpoints a broken state.
+    step_metrics["nonfinite"] = step_metrics.get("nonfinite", 0) + _count_nonfinite(
+        (new_state.params, new_state.batch_stats)
+    )
+    metrics = {k: metrics[k] + jnp.asarray(step_metrics.get(k, 0), jnp.float32) for k in metrics}
     return new_state, metrics
 
   return step
@@ -236,13 +247,12 @@ def make_eval_step(model: nn.Module, config: TrainConfig, *, mean, std, mesh: Me
   The images are split over the mesh's ``"data"`` axis when their number
   divides by its size, and evaluated whole on every device otherwise.
   """
-  compute_dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
   mesh = parallel.data_mesh() if mesh is None else mesh
 
   def evaluate(params, batch_stats, images, labels, valid):
     if images.shape[0] % mesh.shape["data"] == 0:
       images = jax.lax.with_sharding_constraint(images, NamedSharding(mesh, P("data")))
-    x = pipeline.normalize(images, mean, std, compute_dtype)
+    x = pipeline.normalize(images, mean, std, config.compute_dtype)
     logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
     return jnp.sum((jnp.argmax(logits, -1) == labels) & valid)
 
