@@ -9,6 +9,7 @@ Every reference runs on one device (``jax.devices()[0]``) in the same
 process: the single-device helper on the same global batch.
 """
 
+import json
 import os
 import sys
 
@@ -241,21 +242,9 @@ def trainer_puts_sub_batch_logits_back_in_order():
     np.testing.assert_allclose(float(stats["mean_id"]), 31.5)
 
 
-def _tiny_config(out_dir, **overrides):
-  from saner_jax.train import TrainConfig
-
-  values = dict(
-      model="resnet8", epochs=1, batch_size=32, train_examples=64, test_examples=64,
-      eval_batch_size=32, alpha_warmup_epochs=1, progress="none", checkpoint=False, out_dir=out_dir,
-  )
-  return TrainConfig(**{**values, **overrides})
-
-
 @check
 def trainer_synced_run(config_json):
   """The trainer on 8 devices; the test compares its metrics with a 1-device run."""
-  import json
-
   from saner_jax.train import TrainConfig, loop
 
   summary = loop.train(TrainConfig(**json.loads(config_json)))
@@ -263,12 +252,13 @@ def trainer_synced_run(config_json):
 
 
 @check
-def trainer_per_device_accumulation_and_bad_batch_sizes(out_dir):
+def trainer_per_device_accumulation_and_bad_batch_sizes(config_json):
   """A per-device run with accumulation trains; indivisible batch sizes are refused by flag."""
-  from saner_jax.train import loop
+  from saner_jax.train import TrainConfig, loop
   from saner_jax.train.config import ConfigError
 
-  summary = loop.train(_tiny_config(out_dir, perturbation_mode="per_device", grad_accum_steps=2))
+  values = json.loads(config_json)
+  summary = loop.train(TrainConfig(**{**values, "perturbation_mode": "per_device", "grad_accum_steps": 2}))
   final = summary["final"]
   assert np.isfinite(final["train_loss"]) and 0.0 < final["group_B"] < 1.0, final
   for overrides, flag in (
@@ -276,7 +266,7 @@ def trainer_per_device_accumulation_and_bad_batch_sizes(out_dir):
       (dict(batch_size=32, perturbation_mode="per_device", m_sharpness=2, grad_accum_steps=4), "--batch_size: perturbation_mode per_device"),
   ):
     try:
-      loop.train(_tiny_config(out_dir + "_bad", **overrides))
+      loop.train(TrainConfig(**{**values, "out_dir": values["out_dir"] + "_bad", **overrides}))
     except ConfigError as e:
       assert flag in str(e), e
     else:

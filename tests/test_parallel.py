@@ -7,17 +7,19 @@ before jax starts; this process, and the rest of the suite, keep one device.
 
 from __future__ import annotations
 
-import gzip
+import dataclasses
 import json
 import os
 import pathlib
 import socket
-import struct
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+from conftest import read_metrics, write_idx
 
 from saner_jax.train import cli, loop
 from saner_jax.train.config import TrainConfig
@@ -28,38 +30,83 @@ TINY = dict(
     model="resnet8", epochs=1, batch_size=32, train_examples=64, test_examples=64,
     eval_batch_size=32, alpha_warmup_epochs=1, progress="none", checkpoint=False,
 )
+TIMEOUT_S = 600
 
 
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory) -> pathlib.Path:
-  """A small Fashion-MNIST-shaped IDX dataset: the class sets a bright band."""
-  directory = tmp_path_factory.mktemp("idx")
-  rng = np.random.default_rng(1)
-  for prefix, n in (("train", 128), ("t10k", 64)):
-    labels = rng.integers(0, 10, n)
-    images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
-    for i, c in enumerate(labels):
-      images[i, 2 * c : 2 * c + 3] = 250
-    with gzip.open(directory / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-      f.write(struct.pack(">HBB3I", 0, 0x08, 3, *images.shape) + images.tobytes())
-    with gzip.open(directory / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-      f.write(struct.pack(">HBBI", 0, 0x08, 1, n) + labels.astype(np.uint8).tobytes())
-  return directory
+def _data(directory: pathlib.Path) -> dict[str, str]:
+  """Config values that read the IDX files in ``directory`` and nothing else.
+
+  data_dir, not $SANER_JAX_FASHION_MNIST_DIR: it travels with the config
+  into every subprocess and flag list, and with data_source "auto" a
+  prepared ~/tensorflow_datasets/fashion_mnist would win over the variable.
+  data_source "idx" also spares every process TFDS's import.
+  """
+  return {"data_dir": str(directory), "data_source": "idx"}
 
 
-def _start_check(name: str, *args: str, idx_dir: pathlib.Path | None = None) -> subprocess.Popen:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-  if idx_dir is not None:
-    env["SANER_JAX_FASHION_MNIST_DIR"] = str(idx_dir)
-  return subprocess.Popen(
-      [sys.executable, str(CHECKS), name, *args], cwd=REPO, env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-  )
+@dataclasses.dataclass
+class Child:
+  name: str
+  proc: subprocess.Popen
+  log: pathlib.Path
+
+  def output(self) -> str:
+    return self.log.read_text()
 
 
-def _finish(proc: subprocess.Popen) -> None:
-  output, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, output
+@pytest.fixture
+def spawn(tmp_path) -> Iterator[Callable[..., Child]]:
+  """Starts subprocesses and kills those still running when the test ends.
+
+  pytest runs the code after ``yield`` however the test ends (failed
+  assertion, exception, timeout in ``_finish``), so no child outlives it.
+  Output goes to a file: a pipe that nobody reads while the test waits on
+  another child, or trains in this process, fills up and stalls the child.
+  """
+  children: list[Child] = []
+
+  def start(name: str, args: list[str], **env: str) -> Child:
+    log = tmp_path / f"{name}.log"
+    with log.open("w") as out:
+      proc = subprocess.Popen(
+          args, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **env},
+          stdout=out, stderr=subprocess.STDOUT,
+      )
+    children.append(Child(name, proc, log))
+    return children[-1]
+
+  yield start
+  for child in children:
+    if child.proc.poll() is None:
+      child.proc.kill()
+      child.proc.wait()
+
+
+def _finish(*children: Child) -> None:
+  """Waits until every child has exited 0; fails as soon as one exits otherwise.
+
+  The children are polled together, not waited on in turn: when one of the
+  two distributed processes dies, the other blocks on it until the timeout.
+  """
+  deadline = time.monotonic() + TIMEOUT_S
+  while True:
+    codes = [child.proc.poll() for child in children]
+    for child, code in zip(children, codes):
+      if code:
+        pytest.fail(f"{child.name} exited {code}:\n{child.output()}")
+    if all(code == 0 for code in codes):
+      return
+    if time.monotonic() > deadline:
+      running = [child for child, code in zip(children, codes) if code is None]
+      pytest.fail(
+          f"still running after {TIMEOUT_S} s:\n"
+          + "\n".join(f"{child.name}:\n{child.output()}" for child in running)
+      )
+    time.sleep(0.5)
+
+
+def _start_check(spawn, name: str, *args: str) -> Child:
+  return spawn(name, [sys.executable, str(CHECKS), name, *args])
 
 
 @pytest.mark.parametrize(
@@ -72,18 +119,13 @@ def _finish(proc: subprocess.Popen) -> None:
         "trainer_puts_sub_batch_logits_back_in_order",
     ],
 )
-def test_on_eight_devices(name):
-  _finish(_start_check(name))
+def test_on_eight_devices(name, spawn):
+  _finish(_start_check(spawn, name))
 
 
-def test_trainer_per_device_with_accumulation_on_eight_devices(tmp_path, idx_dir):
-  _finish(_start_check(
-      "trainer_per_device_accumulation_and_bad_batch_sizes", str(tmp_path / "run"), idx_dir=idx_dir
-  ))
-
-
-def _metrics(run_dir: pathlib.Path) -> list[dict]:
-  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def test_trainer_per_device_with_accumulation_on_eight_devices(tmp_path, idx_dir, spawn):
+  config = {**TINY, **_data(idx_dir), "out_dir": str(tmp_path / "run")}
+  _finish(_start_check(spawn, "trainer_per_device_accumulation_and_bad_batch_sizes", json.dumps(config)))
 
 
 def _free_port() -> int:
@@ -92,40 +134,35 @@ def _free_port() -> int:
     return sock.getsockname()[1]
 
 
-def _start_two_processes(out_dir: pathlib.Path, idx_dir: pathlib.Path) -> list[subprocess.Popen]:
+def _start_two_processes(spawn, out_dir: pathlib.Path, idx_dir: pathlib.Path) -> list[Child]:
   """The CLI with --distributed on two processes of two CPU devices each, as on two hosts."""
   port = _free_port()
-  flags = [f"--{k}={v}" for k, v in TINY.items()]
-  procs = []
-  for process_id in range(2):
-    env = {
-        **os.environ, "JAX_PLATFORMS": "cpu", "SANER_JAX_FASHION_MNIST_DIR": str(idx_dir),
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
-        "JAX_PROCESS_ID": str(process_id),
-    }
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "saner_jax.train", *flags, "--distributed=true", f"--out_dir={out_dir}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    ))
-  return procs
+  flags = [f"--{k}={v}" for k, v in {**TINY, **_data(idx_dir)}.items()]
+  return [
+      spawn(
+          f"host{process_id}",
+          [sys.executable, "-m", "saner_jax.train", *flags, "--distributed=true", f"--out_dir={out_dir}"],
+          XLA_FLAGS="--xla_force_host_platform_device_count=2",
+          JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+          JAX_PROCESS_ID=str(process_id),
+      )
+      for process_id in range(2)
+  ]
 
 
-def test_trainer_synced_matches_one_device_on_eight_devices_and_on_two_hosts(tmp_path, idx_dir, monkeypatch):
+def test_trainer_synced_matches_one_device_on_eight_devices_and_on_two_hosts(tmp_path, idx_dir, spawn):
   """Same config, same global batches: synced metrics do not depend on the devices or hosts."""
   eight = _start_check(
-      "trainer_synced_run", json.dumps({**TINY, "out_dir": str(tmp_path / "eight")}), idx_dir=idx_dir
+      spawn, "trainer_synced_run", json.dumps({**TINY, **_data(idx_dir), "out_dir": str(tmp_path / "eight")})
   )
-  hosts = _start_two_processes(tmp_path / "hosts", idx_dir)
-  monkeypatch.setenv("SANER_JAX_FASHION_MNIST_DIR", str(idx_dir))
-  one = loop.train(TrainConfig(out_dir=str(tmp_path / "one"), **TINY))
+  hosts = _start_two_processes(spawn, tmp_path / "hosts", idx_dir)
+  one = loop.train(TrainConfig(out_dir=str(tmp_path / "one"), **TINY, **_data(idx_dir)))
   assert one["devices"] == 1
-  for proc in (eight, *hosts):
-    _finish(proc)
+  _finish(eight, *hosts)
   assert json.loads((tmp_path / "hosts" / "summary.json").read_text())["devices"] == 4
-  [want] = _metrics(tmp_path / "one")
+  [want] = read_metrics(tmp_path / "one")
   for run in ("eight", "hosts"):
-    [got] = _metrics(tmp_path / run)
+    [got] = read_metrics(tmp_path / run)
     for key in ("train_loss", "cosine"):
       np.testing.assert_allclose(got[key], want[key], rtol=1e-4, err_msg=f"{run}: {key}")
     for key in ("train_acc", "clean_acc", "noisy_memorised", "test_acc", "group_A", "group_B", "group_C"):
@@ -140,15 +177,36 @@ def test_trainer_synced_matches_one_device_on_eight_devices_and_on_two_hosts(tmp
         (["--batch_size", "32", "--m_sharpness", "2", "--grad_accum_steps", "3"], "--grad_accum_steps"),
     ],
 )
-def test_bad_parallel_flags_name_the_flag(flags, names, capsys):
-  assert cli.main(flags + ["--out_dir", "unused"]) == 2
+def test_bad_parallel_flags_name_the_flag(flags, names, capsys, tmp_path):
+  assert cli.main(flags + ["--out_dir", str(tmp_path / "run")]) == 2
   err = capsys.readouterr().err
   assert names in err, err
 
 
-def test_sgd_with_accumulation_trains_on_one_device(tmp_path, idx_dir, monkeypatch):
-  monkeypatch.setenv("SANER_JAX_FASHION_MNIST_DIR", str(idx_dir))
-  summary = loop.train(TrainConfig(optimizer="sgd", grad_accum_steps=2, out_dir=str(tmp_path), **TINY))
-  assert np.isfinite(summary["final"]["train_loss"])
-  assert 0.0 <= summary["final"]["train_acc"] <= 1.0
+def test_sgd_accumulation_equals_the_full_batch_on_identical_images(tmp_path):
+  """SGD with 2 micro-batches = the full batch, when all the images are one.
 
+  BatchNorm normalises each micro-batch with its own statistics, so on real
+  data the two differ; with every image the same, each micro-batch has the
+  full batch's statistics (over examples and pixels), the mean of the two
+  micro-batch gradients is the full batch's gradient, and every metric must
+  agree (rounding apart: 1e-7 here). The labels differ, so the
+  micro-batches' losses and gradients do: summing the gradients instead
+  (as doubling lr does) moves train_loss by 1e-2, and so would keeping one
+  micro-batch's loss, logits or gradient. The step count and data order are
+  the same in both runs, or the metrics would differ too.
+  """
+  rng = np.random.default_rng(0)
+  images = np.repeat(rng.integers(0, 256, (1, 28, 28), dtype=np.uint8), 64, axis=0)
+  for prefix in ("train", "t10k"):
+    write_idx(tmp_path, prefix, images, rng.integers(0, 10, 64))
+  # No augmentation: random crops and flips would make the images differ.
+  runs = {
+      k: loop.train(TrainConfig(
+          optimizer="sgd", grad_accum_steps=k, augment=False, out_dir=str(tmp_path / f"k{k}"),
+          **TINY, **_data(tmp_path),
+      ))["final"]
+      for k in (1, 2)
+  }
+  for key in ("train_loss", "train_acc", "clean_acc", "noisy_memorised", "test_acc"):
+    np.testing.assert_allclose(runs[2][key], runs[1][key], rtol=1e-5, err_msg=key)
