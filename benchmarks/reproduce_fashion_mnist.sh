@@ -8,6 +8,8 @@
 # rerun, so the script resumes where it stopped.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/ensure_fashion_mnist.sh
+. scripts/setup_env.sh
 out=${1:-benchmarks/results/fashion_mnist}
 run() { python -m saner_jax.train compare --config fashion_mnist_quick --progress lines "$@"; }
 run --noise_mode symmetric --noise_rate 0.4 --runs sgd sam saner --seeds 0 1 2 --out_dir "$out/sym40"

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+  python3 -m venv .venv || { echo "error: python3 -m venv failed; on Debian/Ubuntu install python3-venv" >&2; exit 1; }
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip

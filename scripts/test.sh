@@ -3,7 +3,9 @@
 # (5, "no tests ran", included).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/ensure_fashion_mnist.sh
+# Only some tests read the real data and they skip without it: a failed
+# install is a warning here, not a failed run.
+bash scripts/ensure_fashion_mnist.sh || echo "warning: Debian's dataset-fashion-mnist could not be installed" >&2
 . scripts/setup_env.sh
 export JAX_PLATFORMS=cpu
 # Paper-scale ResNet-34 / WRN-28-10 cases (one of each still runs) are marked
