@@ -22,6 +22,19 @@ settings.register_profile("saner_jax", deadline=None, max_examples=25, derandomi
 settings.load_profile("saner_jax")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _contain_tfds_temp_dirs(tmp_path_factory):
+  """TFDS 4.9.10 makes an empty temp dir each time it builds the info of an
+  unprepared dataset (DatasetInfo.initialize_from_bucket) and never removes
+  it; point tempfile at a pytest-managed dir so test runs do not litter /tmp."""
+  import tempfile
+
+  previous = tempfile.tempdir
+  tempfile.tempdir = str(tmp_path_factory.mktemp("tempfile"))
+  yield
+  tempfile.tempdir = previous
+
+
 @pytest.fixture
 def mock_tfds(monkeypatch):
   """``tfds.testing.mock_data`` whose data sources also serve ``__getitems__``.
