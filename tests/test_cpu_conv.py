@@ -1,0 +1,210 @@
+"""Tests of saner_jax.cpu_conv: same values and gradients as lax, stock op off the CPU.
+
+Every comparison is against ``jax.lax.conv_general_dilated`` on the same
+inputs, under jit. The non-CPU branch is checked on StableHLO exported for
+CUDA and TPU (``jax.export`` lowers for a platform without its device).
+"""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from saner_jax import cpu_conv
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _inputs(lhs_shape, rhs_shape, dtype=jnp.float32):
+  kx, kw = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, lhs_shape, jnp.float32)
+  w = jax.random.normal(kw, rhs_shape, jnp.float32) / np.sqrt(np.prod(rhs_shape[:3]))
+  return x.astype(dtype), w.astype(dtype)
+
+
+def _value_and_grads(conv, x, w, **kwargs):
+  """The convolution and the gradients of a non-linear loss of it w.r.t. input and kernel."""
+
+  def loss(x, w):
+    return jnp.sum(jnp.sin(conv(x, w, **kwargs).astype(jnp.float32)))
+
+  y = jax.jit(lambda x, w: conv(x, w, **kwargs))(x, w)
+  dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+  return y, dx, dw
+
+
+def _assert_close(actual, expected, rtol=1e-5, atol=1e-5):
+  for a, e in zip(actual, expected):
+    assert a.shape == e.shape and a.dtype == e.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), rtol=rtol, atol=atol)
+
+
+CASES = [
+    # (N, H, W, C), (kh, kw, C, O), strides, padding
+    ((2, 8, 8, 3), (3, 3, 3, 4), (1, 1), "SAME"),
+    ((2, 9, 7, 3), (3, 3, 3, 5), (2, 2), "SAME"),
+    ((2, 9, 7, 3), (3, 3, 3, 5), (2, 1), "SAME_LOWER"),
+    ((3, 11, 10, 4), (3, 3, 4, 6), (2, 2), "VALID"),
+    ((2, 8, 8, 3), (3, 3, 3, 4), (2, 2), ((1, 1), (1, 1))),  # the ResNets' stride-2 3x3
+    ((2, 7, 9, 3), (3, 3, 3, 4), (1, 2), ((0, 2), (1, 0))),
+    ((2, 10, 10, 3), (3, 3, 3, 4), (3, 3), ((2, 2), (2, 2))),  # rows no window reaches
+    ((2, 8, 8, 6), (1, 1, 6, 4), (1, 1), "VALID"),
+    ((2, 8, 8, 6), (1, 1, 6, 4), (2, 2), ((0, 0), (0, 0))),  # the projection shortcut
+    ((2, 9, 7, 6), (1, 1, 6, 4), (2, 2), "SAME"),
+    ((1, 5, 5, 2), (5, 3, 2, 3), (1, 1), "VALID"),
+]
+
+
+@pytest.mark.parametrize("lhs_shape, rhs_shape, strides, padding", CASES)
+def test_values_and_gradients_equal_lax(lhs_shape, rhs_shape, strides, padding):
+  x, w = _inputs(lhs_shape, rhs_shape)
+  kwargs = dict(window_strides=strides, padding=padding, dimension_numbers=NHWC)
+  assert cpu_conv.is_supported(lhs_shape, rhs_shape, strides, padding, dimension_numbers=NHWC)
+  _assert_close(
+      _value_and_grads(cpu_conv.conv_general_dilated, x, w, **kwargs),
+      _value_and_grads(lax.conv_general_dilated, x, w, **kwargs),
+  )
+
+
+def test_bfloat16():
+  x, w = _inputs((4, 8, 8, 16), (3, 3, 16, 32), jnp.bfloat16)
+  kwargs = dict(window_strides=(2, 2), padding=((1, 1), (1, 1)), dimension_numbers=NHWC)
+  ours = _value_and_grads(cpu_conv.conv_general_dilated, x, w, **kwargs)
+  assert all(a.dtype == jnp.bfloat16 for a in ours)
+  _assert_close(ours, _value_and_grads(lax.conv_general_dilated, x, w, **kwargs), rtol=2e-2, atol=2e-2)
+
+
+def test_precision_and_dimension_numbers_object_are_accepted():
+  x, w = _inputs((2, 8, 8, 3), (3, 3, 3, 4))
+  numbers = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+  kwargs = dict(
+      window_strides=(1, 1), padding="SAME", dimension_numbers=numbers, precision=lax.Precision.HIGHEST
+  )
+  _assert_close(
+      _value_and_grads(cpu_conv.conv_general_dilated, x, w, **kwargs),
+      _value_and_grads(lax.conv_general_dilated, x, w, **kwargs),
+  )
+
+
+def _uses_fast_path(fn, *args) -> bool:
+  """Whether ``fn``'s jaxpr dispatches on the platform (only the fast path does)."""
+  return "platform_index" in str(jax.make_jaxpr(fn)(*args))
+
+
+UNSUPPORTED = {
+    "lhs dilation": dict(lhs_dilation=(2, 2), padding=((1, 1), (1, 1))),
+    "rhs dilation": dict(rhs_dilation=(2, 2)),
+    "feature groups": dict(feature_group_count=2),
+    "preferred type": dict(preferred_element_type=jnp.float32),
+    "negative padding": dict(padding=((-1, 0), (0, 0))),
+    "NCHW": dict(dimension_numbers=("NCHW", "OIHW", "NCHW")),
+    "lax default layout": dict(dimension_numbers=None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
+def test_unsupported_arguments_fall_back_to_lax(name):
+  kwargs = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC)
+  kwargs.update(UNSUPPORTED[name])
+  if kwargs["dimension_numbers"] is None or kwargs["dimension_numbers"][0] == "NCHW":
+    x, w = _inputs((2, 4, 8, 8), (6, 4, 3, 3))  # NCHW, OIHW
+  else:
+    x, w = _inputs((2, 8, 8, 4), (3, 3, 2 if "feature_group_count" in kwargs else 4, 6))
+  conv = lambda x, w: cpu_conv.conv_general_dilated(x, w, **kwargs)
+  assert not _uses_fast_path(conv, x, w)
+  np.testing.assert_array_equal(jax.jit(conv)(x, w), lax.conv_general_dilated(x, w, **kwargs))
+
+
+def test_other_unsupported_shapes_fall_back():
+  kwargs = dict(window_strides=(1, 1), padding="VALID", dimension_numbers=NHWC)
+  # 1-D convolution; an empty batch; a kernel larger than the padded image;
+  # integer operands.
+  assert not cpu_conv.is_supported((2, 8, 4), (3, 4, 6), (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
+  assert not cpu_conv.is_supported((0, 8, 8, 4), (3, 3, 4, 6), **kwargs)
+  assert not cpu_conv.is_supported((2, 2, 2, 4), (3, 3, 4, 6), **kwargs)
+  assert not cpu_conv.is_supported((2, 8, 8, 4), (3, 3, 4, 6), **kwargs, lhs_dtype=jnp.int32, rhs_dtype=jnp.int32)
+  x, w = _inputs((0, 8, 8, 4), (3, 3, 4, 6))
+  conv = lambda x, w: cpu_conv.conv_general_dilated(x, w, **kwargs)
+  assert not _uses_fast_path(conv, x, w)
+  assert jax.jit(conv)(x, w).shape == (0, 6, 6, 6)
+
+
+def test_vmap_of_gradients():
+  x, w = _inputs((3, 2, 8, 8, 4), (3, 3, 4, 5))
+  kwargs = dict(window_strides=(2, 2), padding=((1, 1), (1, 1)), dimension_numbers=NHWC)
+
+  def per_example_grads(conv):
+    loss = lambda w, x: jnp.sum(jnp.sin(conv(x, w, **kwargs)))
+    return jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(w, x)
+
+  _assert_close([per_example_grads(cpu_conv.conv_general_dilated)], [per_example_grads(lax.conv_general_dilated)])
+
+
+def test_flax_conv_module():
+  """Plugged into nn.Conv (keyword arguments, explicit padding pairs, its dimension numbers)."""
+  x, _ = _inputs((2, 9, 9, 3), (1, 1, 1, 1))
+
+  def model(conv_fn):
+    return nn.Sequential([
+        nn.Conv(8, (3, 3), strides=2, padding=1, use_bias=False, conv_general_dilated=conv_fn),
+        nn.relu,
+        nn.Conv(4, (1, 1), padding="SAME", conv_general_dilated=conv_fn),
+    ])
+
+  params = model(None).init(jax.random.key(1), x)
+  loss = lambda conv_fn: lambda p: jnp.sum(model(conv_fn).apply(p, x) ** 2)
+  ours = jax.jit(jax.grad(loss(cpu_conv.conv_general_dilated)))(params)
+  stock = jax.jit(jax.grad(loss(None)))(params)
+  _assert_close(jax.tree.leaves(ours), jax.tree.leaves(stock))
+
+
+def _stablehlo(fn, platform, *args):
+  shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+  return jax.export.export(jax.jit(fn), platforms=(platform,))(*shapes).mlir_module()
+
+
+def _convolutions(text):
+  """The convolutions of a StableHLO module: operand layouts, window and types, no SSA names."""
+  lines = [line.split("loc(")[0] for line in text.splitlines() if "stablehlo.convolution" in line]
+  return sorted(re.sub(r"%[\w#]+", "%", line).strip() for line in lines)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_other_platforms_lower_to_the_stock_op(platform):
+  """Forward and both gradients, lowered for GPU/TPU: lax's convolutions and nothing of the CPU path."""
+  x, w = _inputs((2, 9, 9, 3), (3, 3, 3, 4))
+  kwargs = dict(window_strides=(2, 2), padding=((1, 1), (1, 1)), dimension_numbers=NHWC)
+
+  def value_and_grads(conv):
+    loss = lambda x, w: jnp.sum(jnp.sin(conv(x, w, **kwargs)))
+    return lambda x, w: (conv(x, w, **kwargs), jax.grad(loss, argnums=(0, 1))(x, w))
+
+  ours = _stablehlo(value_and_grads(cpu_conv.conv_general_dilated), platform, x, w)
+  stock = _stablehlo(value_and_grads(lax.conv_general_dilated), platform, x, w)
+  assert len(_convolutions(ours)) == 4  # forward (twice: value and loss), input and kernel gradient
+  assert _convolutions(ours) == _convolutions(stock)
+  for cpu_only in ("stablehlo.bitcast_convert", "stablehlo.transpose"):
+    assert cpu_only not in ours
+
+
+def test_cpu_kernel_gradient_runs_behind_a_barrier():
+  """On the CPU the kernel gradient (two transposes and a convolution) is one conditional's branch."""
+  x, w = _inputs((2, 8, 8, 3), (3, 3, 3, 4))
+
+  def kernel_grad(x, w):
+    # relu(x) feeds the convolution: an elementwise producer that XLA would
+    # otherwise fuse into the transpose of x.
+    conv = lambda w: cpu_conv.conv_general_dilated(jax.nn.relu(x), w, (1, 1), "SAME", dimension_numbers=NHWC)
+    return jax.grad(lambda w: jnp.sum(jnp.sin(conv(w))))(w)
+
+  hlo = jax.jit(kernel_grad).lower(x, w).compile().as_text()
+  assert hlo.count(" conditional(") == 1
+  # lax.cond(pred, true_fn, false_fn) lowers to branches (false_fn, true_fn).
+  branch = re.search(r"branch_computations=\{%[\w.]+, %([\w.]+)\}", hlo).group(1)
+  body = re.search(r"\n%" + re.escape(branch) + r" .*?\n\}", hlo, re.S).group(0)
+  assert "convolution" in body or "ynn_fusion" in body
+  assert body.count("transpose") >= 2
