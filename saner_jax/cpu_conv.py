@@ -81,10 +81,9 @@ _PADDING_NAMES = ("SAME", "SAME_LOWER", "VALID")
 def _pairs(padding: Any) -> tuple[tuple[int, int], ...] | None:
   """Explicit padding as a tuple of (low, high) int pairs, or None if it is not that."""
   try:
-    pairs = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
   except (TypeError, ValueError):
     return None
-  return pairs
 
 
 def _ones_or_none(dilation: Sequence[int] | None) -> bool:
@@ -165,15 +164,16 @@ def conv_general_dilated(
   """``jax.lax.conv_general_dilated`` with a faster gradient on the CPU.
 
   Same signature, values and gradients as :func:`jax.lax.conv_general_dilated`
-  (bit for bit in float32 on this jaxlib: the same XLA convolutions run, in
-  the same order). Arguments that :func:`is_supported` accepts take the CPU
+  (bit for bit in float32 in the tests and on ResNet-20: XLA runs the same
+  convolutions). Arguments that :func:`is_supported` accepts take the CPU
   path when lowered for the CPU and the stock op when lowered for anything
   else; all other arguments always take the stock op.
 
   The CPU path is a ``jax.custom_vjp``: the forward pass and the input
   gradient are XLA's (the latter via ``jax.linear_transpose`` of the forward
-  convolution), the kernel gradient is the swapped-role convolution of the
-  module docstring with both transposes behind a fusion barrier.
+  convolution); the kernel gradient is the swapped-role convolution of the
+  module docstring, computed with its two transposes inside a conditional's
+  branch, which XLA does not fuse into.
 
   Not forward-mode differentiable on the CPU path (``jax.jvp``,
   ``jax.jacfwd``), as for any ``custom_vjp``; reverse mode, ``jit``,
