@@ -424,7 +424,9 @@ def jax_layer_runs(args) -> dict[tuple[int, str, str], Callable[[], float]]:
         ("xla", "input grad"): (
             jax.jit(lambda w, dy, conv=conv, x=x: jax.linear_transpose(lambda x: conv(x, w), x)(dy)[0]), (w, dy)
         ),
-        ("xla", "kernel grad"): (jax.jit(lambda x, dy, conv=conv, w=w: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]), (x, dy)),
+        ("xla", "kernel grad"): (
+            jax.jit(lambda x, dy, conv=conv, w=w: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]), (x, dy)
+        ),
         ("cpu_conv", "kernel grad"): (
             jax.jit(lambda x, dy, s=stride: cpu_conv._kernel_grad(x, dy, (3, 3), (s, s), pads, None)), (x, dy)
         ),
@@ -650,7 +652,8 @@ def main(argv=None) -> dict[str, Any]:
       for index in range(len(shapes)):
         for op in LAYER_OPS:
           runs[index, "torch", op] = lambda index=index, op=op: workers[worker_name]("layer", (index, op))
-    columns = sorted({k[1:] for k in runs}, key=lambda k: (("xla", "cpu_conv", "torch").index(k[0]), LAYER_OPS.index(k[1])))
+    order = ("xla", "cpu_conv", "torch")
+    columns = sorted({k[1:] for k in runs}, key=lambda k: (order.index(k[0]), LAYER_OPS.index(k[1])))
     layer_times = {k: [] for k in runs}
     for run in runs.values():
       run()
@@ -658,7 +661,8 @@ def main(argv=None) -> dict[str, Any]:
       for k, run in runs.items():
         layer_times[k].append(run())
     say()
-    say(f"each 3x3 convolution alone, median ms over 9 interleaved rounds{' (' + worker_name + ')' if worker_name else ''}:")
+    torch_note = f" ({worker_name})" if worker_name else ""
+    say(f"each 3x3 convolution alone, median ms over 9 interleaved rounds{torch_note}:")
     say(f"{'layer':<22} {'x':>3} " + " ".join(f"{f + ' ' + o:>20}" for f, o in columns))
     totals = collections.Counter()
     for index, ((size, c, o, stride), count) in enumerate(shapes):
