@@ -17,7 +17,9 @@ parameters), batch 128 of random 32x32x3 images with a fixed seed, timed for:
                      saner_jax.models.create_model('resnet20'), jitted with the
                      state donated, XLA's convolution.
   jax cpu_conv       the same with conv_general_dilated=
-                     saner_jax.cpu_conv.conv_general_dilated.
+                     saner_jax.cpu_conv.conv_general_dilated: oneDNN's
+                     convolutions (Debian's libdnnl 2.x, the library
+                     behind PyTorch's) called through XLA's FFI.
 
 Every round runs one step of each contender, in a rotated order, so that load
 from other processes falls on all of them alike; medians over rounds are
@@ -242,7 +244,10 @@ def _hlo_instructions(hlo: str) -> dict[str, dict[str, str]]:
       return None
     op_name = re.search(r'op_name="([^"]*)"', line)
     calls = re.search(r"calls=%([\w.\-]+)", line)
-    return m.groups() + (op_name.group(1) if op_name else "", calls.group(1) if calls else None)
+    target = re.search(r'custom_call_target="([^"]*)"', line)
+    return m.groups() + (
+        op_name.group(1) if op_name else "", calls.group(1) if calls else None, target.group(1) if target else ""
+    )
 
   out = {}
   for body in computations.values():
@@ -250,17 +255,26 @@ def _hlo_instructions(hlo: str) -> dict[str, dict[str, str]]:
       parsed = parse(line)
       if parsed is None:
         continue
-      name, shape, opcode, op_name, calls = parsed
+      name, shape, opcode, op_name, calls, target = parsed
       root = ""
       if calls in computations:
         roots = [parse(l) for l in computations[calls].splitlines() if "ROOT" in l]
         if roots and roots[0]:
           root, op_name = roots[0][2], op_name or roots[0][3]
-      out[name] = {"opcode": opcode, "shape": shape, "op_name": op_name, "root": root}
+      out[name] = {"opcode": opcode, "shape": shape, "op_name": op_name, "root": root, "target": target}
   return out
 
 
+ONEDNN_CATEGORIES = {
+    "saner_onednn_conv_forward": "convolution: forward",
+    "saner_onednn_conv_backward_data": "convolution: input gradient",
+    "saner_onednn_conv_backward_weights": "convolution: kernel gradient",
+}
+
+
 def _category(info: dict[str, str], batch_size: int) -> str:
+  if info["target"] in ONEDNN_CATEGORIES:
+    return ONEDNN_CATEGORIES[info["target"]]
   if info["opcode"] == "convolution" or info["root"] == "convolution":
     # Kernel gradients are the only convolutions whose output is not a batch.
     if not re.match(rf"\w+\[{batch_size},", info["shape"]):
@@ -402,35 +416,30 @@ class TorchProcess:
 def jax_layer_runs(args) -> dict[tuple[int, str, str], Callable[[], float]]:
   """(layer index, "xla" | "cpu_conv", op) -> a timed run (s) of that op alone, on random materialised inputs.
 
-  "xla" is what stock autodiff runs: the forward convolution, its
-  ``linear_transpose`` and ``jax.vjp``'s kernel gradient; "cpu_conv" is
-  cpu_conv's kernel gradient.
+  Each op is jitted alone: the forward convolution, and ``jax.vjp``'s input
+  and kernel gradients (XLA drops the unused forward pass), with
+  ``lax.conv_general_dilated`` ("xla") and ``cpu_conv.conv_general_dilated``
+  ("cpu_conv", oneDNN).
   """
   from jax import lax
 
   runs = {}
-  pads = ((1, 1), (1, 1))
   for index, (size, c, o, stride) in enumerate(conv_shapes(args.image_size, DEPTHS[args.model])):
     key = jax.random.key(index)
     x = jax.random.normal(key, (args.batch_size, size, size, c))
     w = jax.random.normal(key, (3, 3, c, o))
-    conv = functools.partial(
-        lax.conv_general_dilated, window_strides=(stride, stride), padding=pads,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
-    dy = jax.random.normal(key, jax.eval_shape(conv, x, w).shape)
-    jitted = {
-        ("xla", "forward"): (jax.jit(conv), (x, w)),
-        ("xla", "input grad"): (
-            jax.jit(lambda w, dy, conv=conv, x=x: jax.linear_transpose(lambda x: conv(x, w), x)(dy)[0]), (w, dy)
-        ),
-        ("xla", "kernel grad"): (
-            jax.jit(lambda x, dy, conv=conv, w=w: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]), (x, dy)
-        ),
-        ("cpu_conv", "kernel grad"): (
-            jax.jit(lambda x, dy, s=stride: cpu_conv._kernel_grad(x, dy, (3, 3), (s, s), pads, None)), (x, dy)
-        ),
-    }
+    geometry = dict(window_strides=(stride, stride), padding=((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    dy = jax.random.normal(key, jax.eval_shape(functools.partial(lax.conv_general_dilated, **geometry), x, w).shape)
+    jitted = {}
+    for framework, conv_fn in (("xla", lax.conv_general_dilated), ("cpu_conv", cpu_conv.conv_general_dilated)):
+      conv = functools.partial(conv_fn, **geometry)
+      jitted[framework, "forward"] = (jax.jit(conv), (x, w))
+      jitted[framework, "input grad"] = (
+          jax.jit(lambda x, w, dy, conv=conv: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0]), (x, w, dy)
+      )
+      jitted[framework, "kernel grad"] = (
+          jax.jit(lambda x, w, dy, conv=conv: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]), (x, w, dy)
+      )
     for (framework, op), (fn, operands) in jitted.items():
 
       def run(fn=fn, operands=operands) -> float:

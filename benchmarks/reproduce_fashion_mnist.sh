@@ -8,7 +8,7 @@
 # rerun, so the script resumes where it stopped.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/ensure_fashion_mnist.sh
+bash scripts/ensure_system_packages.sh
 . scripts/setup_env.sh
 out=${1:-benchmarks/results/fashion_mnist}
 run() { python -m saner_jax.train compare --config fashion_mnist_quick --progress lines "$@"; }

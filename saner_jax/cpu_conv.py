@@ -1,10 +1,11 @@
-r"""A drop-in ``lax.conv_general_dilated`` whose gradient XLA:CPU computes faster.
+r"""A drop-in ``lax.conv_general_dilated`` that runs on oneDNN when lowered for the CPU.
 
 Pass it to a model (``create_model(..., conv_general_dilated=
 saner_jax.cpu_conv.conv_general_dilated)``, or ``flax.linen.Conv(...,
-conv_general_dilated=...)``): values and gradients are XLA's own, only the
-time changes, and only when the computation is lowered for the CPU. A
-function jitted for GPU or TPU lowers to the stock convolution and its stock
+conv_general_dilated=...)``). When the computation is lowered for the CPU,
+the convolution and both its gradients are oneDNN's (the library behind
+PyTorch's CPU convolutions), called by XLA through its FFI; a function
+jitted for GPU or TPU lowers to the stock convolution and its stock
 gradient: :func:`jax.lax.platform_dependent` makes the choice when lowering.
 
 The maths. A convolution with stride s over the zero-padded input x_p,
@@ -12,60 +13,50 @@ The maths. A convolution with stride s over the zero-padded input x_p,
 .. math::
    y[n, h, w, o] = \sum_{i, j, c} x_p[n, s h + i, s w + j, c]\, W[i, j, c, o],
 
-has two gradients. The input gradient is again a convolution over NHWC data
-(of the output gradient, dilated by s, with the flipped, transposed kernel),
-and XLA runs it about as fast as the forward pass. The kernel gradient
+has the input gradient (a convolution of the stride-dilated output gradient
+with the flipped, transposed kernel)
+
+.. math::
+   \partial x_p[n, a, b, c] = \sum_{h, w, i, j, o}
+   [s h + i = a]\,[s w + j = b]\; \partial y[n, h, w, o]\, W[i, j, c, o]
+
+and the kernel gradient, a contraction over batch and space,
 
 .. math::
    \partial W[i, j, c, o] = \sum_{n, h, w} x_p[n, s h + i, s w + j, c]\,
-   \partial y[n, h, w, o]
+   \partial y[n, h, w, o].
 
-contracts over batch and space. XLA computes it as a convolution with the
-roles swapped: :math:`x^T` (C, H, W, N) is the image, with batch C and
-features N, and :math:`\partial y^T` (Ho, Wo, N, O) the kernel, its window
-dilated by s; the output is (C, kh, kw, O).
+Why. XLA:CPU (jaxlib 0.10.2) runs the kernel gradient as a convolution
+with batch and features swapped, a 32x32 window for ResNet-20's first
+stage, at about 100 GFLOP/s, and needs a transpose of each operand for it;
+its other convolutions are YNNPACK's or Eigen's. oneDNN's direct
+convolutions, with the kernel in the blocked layout they choose, run all
+three near the machine's peak. ``benchmarks/jax_vs_torch.py`` measures both
+per layer and in a full SANER step against PyTorch; its results are in
+``benchmarks/results/jax_vs_torch.txt``.
 
-Where the time went (jaxlib 0.10.2, two cores; ``benchmarks/jax_vs_torch.py``
-measures all of this). Not in that convolution's kernel, which runs near
-100 GFLOP/s alone (6 ms for ResNet-20's 0.6 GFLOP layers), but in its two
-transposes. XLA fuses each transpose into the elementwise code that produced
-its operand (BatchNorm, ReLU, residual additions), and a fused producer is
-recomputed, not read: every transpose re-evaluated the BatchNorm-ReLU-add
-chain back through the previous blocks, in transposed, strided order, 10 to
-50 times slower than transposing the array in memory. In a stock ResNet-20
-SANER step these transposes were 40% of XLA's op time, nearly as much as
-all the convolutions together.
+How. Images stay in XLA's NHWC buffers, which oneDNN reads and writes in
+place; kernels are reordered between HWIO and oneDNN's layout inside the
+call (they are small). The kernels are built on first use with the system's
+C++ compiler against jaxlib's FFI headers and Debian's oneDNN 2.x
+(``apt-get install g++ libdnnl-dev``) and cached: see
+:mod:`saner_jax._native`. Tracing the CPU path builds them, and raises
+:class:`saner_jax._native.NativeBuildError` naming what is missing.
 
-The fix keeps XLA's convolutions and moves the whole kernel gradient (both
-transposes and the swapped-role convolution) into the branch of a
-``lax.cond``. XLA fuses nothing across a conditional, so the branch reads
-x and dy from memory, where they are anyway as convolution operands.
-``lax.optimization_barrier`` would not do: XLA:CPU removes it before fusion.
+Limits, each falling back or failing loudly rather than silently slowly:
 
-Measured and set aside:
-
-- im2col, ``dW = patches^T @ dy`` as one matmul (and the forward pass as
-  ``patches @ W``): XLA's matmul is fast, but XLA builds the patch matrix
-  (concatenated shifted slices) so slowly that the whole took 5 to 10 times
-  the convolution's time at 16 channels and tied at 64. Nine per-tap
-  matmuls on shifted slices: no better.
-- The barrier alone, copying x and dy inside the cond and transposing
-  after it: one more pass over memory per operand. Transposing inside the
-  branch but returning the 4-D result: XLA's layout assignment turns the
-  branch into that copy again; returning it flattened: XLA's loop emitter
-  transposes into a 1-D array ten times slower.
-- XLA's other convolution kernels (Eigen instead of YNNPACK, by flag or by
-  shape): slower in the step.
-
-The result, on an idle two-core machine (``benchmarks/results/
-jax_vs_torch.txt``): a ResNet-20 SANER step (batch 128) takes 0.86 times as
-long as with the stock convolution (0.70 to 0.75 when other processes load
-the cores and the stock step's transposes can no longer run beside its other
-work); compiling the step takes about 5% longer. What remains between it and
-PyTorch, whose step is 1.8 times faster, is XLA's convolution kernels
-themselves: one forward-backward pass over ResNet-20's 19 convolutions takes
-XLA about 57 ms forward, 59 ms input gradient and 112 ms kernel gradient,
-where PyTorch's oneDNN takes 32, 33 and 31 ms.
+- float32 only, 2-D, NHWC/HWIO, no dilation or groups (see
+  :func:`is_supported`); anything else is ``lax.conv_general_dilated``.
+- Results equal XLA's to float32 rounding, not bit for bit: the sums are
+  taken in another order. In a SANER step such last-bit differences can
+  flip a coordinate across the discontinuous group mask, so a run with
+  ``cpu_conv`` is not bit-identical to one without it.
+- Reverse mode, ``jit`` and ``vmap`` work; ``vmap`` runs the calls one
+  batch element after another (the m-sharpness path). Forward mode
+  (``jax.jvp``) does not, as for any ``jax.custom_vjp``.
+- XLA cannot partition a custom call: under automatic sharding it would
+  gather the operands onto every device. Use it on one CPU device (the
+  trainer refuses ``cpu_conv`` with several devices).
 """
 
 from __future__ import annotations
@@ -75,7 +66,10 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+from saner_jax import _native
 
 __all__ = ["conv_general_dilated", "is_supported"]
 
@@ -117,8 +111,8 @@ def is_supported(
   HWIO kernels (given as strings or as ``lax.ConvDimensionNumbers``), any
   kernel size and stride, 'SAME', 'SAME_LOWER', 'VALID' or non-negative
   explicit padding, no dilation, no feature or batch groups, no
-  ``preferred_element_type``, both operands of one floating dtype, and no
-  empty array. Everything else goes to ``lax.conv_general_dilated`` as is.
+  ``preferred_element_type``, both operands float32, and no empty array.
+  Everything else goes to ``lax.conv_general_dilated`` as is.
   """
   if len(lhs_shape) != 4 or len(rhs_shape) != 4:
     return False
@@ -134,7 +128,7 @@ def is_supported(
     return False
   if len(window_strides) != 2 or any(s < 1 for s in window_strides):
     return False
-  if jnp.dtype(lhs_dtype) != jnp.dtype(rhs_dtype) or not jnp.issubdtype(lhs_dtype, jnp.floating):
+  if jnp.dtype(lhs_dtype) != jnp.float32 or jnp.dtype(rhs_dtype) != jnp.float32:
     return False
   if isinstance(padding, str):
     if padding.upper() not in _PADDING_NAMES:
@@ -168,23 +162,14 @@ def conv_general_dilated(
     precision: Any = None,
     preferred_element_type: Any = None,
 ) -> jax.Array:
-  """``jax.lax.conv_general_dilated`` with a faster gradient on the CPU.
+  """``jax.lax.conv_general_dilated``, computed by oneDNN on the CPU.
 
-  Same signature, values and gradients as :func:`jax.lax.conv_general_dilated`
-  (bit for bit in float32 in the tests and on ResNet-20: XLA runs the same
-  convolutions). Arguments that :func:`is_supported` accepts take the CPU
-  path when lowered for the CPU and the stock op when lowered for anything
-  else; all other arguments always take the stock op.
-
-  The CPU path is a ``jax.custom_vjp``: the forward pass and the input
-  gradient are XLA's (the latter via ``jax.linear_transpose`` of the forward
-  convolution); the kernel gradient is the swapped-role convolution of the
-  module docstring, computed with its two transposes inside a conditional's
-  branch, which XLA does not fuse into.
-
-  Not forward-mode differentiable on the CPU path (``jax.jvp``,
-  ``jax.jacfwd``), as for any ``custom_vjp``; reverse mode, ``jit``,
-  ``vmap`` and ``jax.checkpoint`` work.
+  Same signature as :func:`jax.lax.conv_general_dilated`, and the same
+  values and gradients up to float32 rounding. Arguments that
+  :func:`is_supported` accepts take oneDNN's convolutions when lowered for
+  the CPU (``precision`` is moot there: oneDNN computes in float32) and the
+  stock op when lowered for anything else; all other arguments always take
+  the stock op. See the module docstring for the limits.
   """
   stock = functools.partial(
       lax.conv_general_dilated,
@@ -204,75 +189,43 @@ def conv_general_dilated(
       jnp.result_type(lhs), jnp.result_type(rhs),
   ):
     return stock(lhs, rhs)
+  _native.load_onednn_conv()
   strides = tuple(int(s) for s in window_strides)
   pads = _explicit_padding(tuple(jnp.shape(lhs)[1:3]), tuple(jnp.shape(rhs)[:2]), strides, padding)
-  fast = functools.partial(_cpu_conv, strides=strides, pads=pads, precision=precision)
-  return lax.platform_dependent(lhs, rhs, cpu=fast, default=stock)
+  onednn = functools.partial(_onednn_conv, strides=strides, pads=pads)
+  return lax.platform_dependent(lhs, rhs, cpu=onednn, default=stock)
 
 
-def _conv(x, w, strides, pads, precision):
-  """The forward convolution, NHWC x HWIO -> NHWC."""
-  return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC, precision=precision)
+def _call(target: str, out_shape: Sequence[int], *operands, strides, pads) -> jax.Array:
+  """One oneDNN FFI call. ``vmap`` runs it once per batch element."""
+  (stride_h, stride_w), ((top, bottom), (left, right)) = strides, pads
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32), vmap_method="sequential")
+  geometry = dict(stride_h=stride_h, stride_w=stride_w, pad_top=top, pad_bottom=bottom, pad_left=left, pad_right=right)
+  return call(*operands, **{k: np.int64(v) for k, v in geometry.items()})
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _cpu_conv(x, w, strides, pads, precision):
-  return _conv(x, w, strides, pads, precision)
-
-
-def _cpu_conv_fwd(x, w, strides, pads, precision):
-  return _conv(x, w, strides, pads, precision), (x, w)
-
-
-def _cpu_conv_bwd(strides, pads, precision, residuals, dy):
-  x, w = residuals
-  (dx,) = jax.linear_transpose(lambda x: _conv(x, w, strides, pads, precision), x)(dy)
-  return dx, _kernel_grad(x, dy, w.shape[:2], strides, pads, precision)
-
-
-_cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
-
-
-def _kernel_grad(x, dy, kernel, strides, pads, precision):
-  r"""dW[i, j, c, o] = sum_{n, h, w} x_p[n, s h + i, s w + j, c] dy[n, h, w, o].
-
-  Written as the convolution of ``xt = x^T`` (C, H, W, N: batch C, features
-  N) with ``dyt = dy^T`` (Ho, Wo, N, O: a kernel whose window is dilated by
-  the stride s), with stride 1 and the forward padding, giving (C, kh, kw,
-  O). Its output length along a spatial axis is H + lo + hi - s (Ho - 1),
-  which exceeds the kernel's k by e = (H + lo + hi - k) mod s when the last
-  rows of the padded input are not reached by any window; the high padding
-  loses those e rows (it may go negative, which XLA accepts) so that the
-  output is exactly (C, kh, kw, O) and no work is wasted.
-  """
-  trimmed = tuple(
-      (lo, hi - (size + lo + hi - k) % s)
-      for size, k, s, (lo, hi) in zip(x.shape[1:3], kernel, strides, pads)
+def _output_shape(x_shape, w_shape, strides, pads) -> tuple[int, ...]:
+  spatial = (
+      (size + lo + hi - k) // s + 1 for size, k, s, (lo, hi) in zip(x_shape[1:3], w_shape[:2], strides, pads)
   )
-
-  def swapped_roles(x, dy):
-    dwt = lax.conv_general_dilated(
-        x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1), trimmed,
-        rhs_dilation=strides, dimension_numbers=_NHWC, precision=precision,
-    )
-    return dwt.transpose(1, 2, 0, 3)
-
-  return _behind_barrier(swapped_roles, x, dy)
+  return (x_shape[0], *spatial, w_shape[3])
 
 
-def _behind_barrier(fn, *operands):
-  """``fn(*operands)``, reading the operands from memory rather than recomputing them.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _onednn_conv(x, w, strides, pads):
+  return _call("saner_onednn_conv_forward", _output_shape(x.shape, w.shape, strides, pads), x, w,
+               strides=strides, pads=pads)
 
-  ``fn`` runs in the taken branch of a ``lax.cond``: XLA fuses nothing
-  across a conditional, so each operand is materialised once (they are
-  anyway, as convolution operands) and ``fn``'s transposes read them there.
-  The predicate reads one element's bits ``b`` and tests ``b | 1 != 0``:
-  true for every value, NaN and infinities included, yet not something XLA
-  folds away. The other branch (zeros) never runs; under ``vmap`` the cond
-  becomes a select of the two branches, which is still ``fn(*operands)``,
-  merely without the barrier.
-  """
-  first = operands[0].reshape(-1)[0]
-  bits = lax.bitcast_convert_type(first, jnp.dtype(f"uint{jnp.dtype(first.dtype).itemsize * 8}"))
-  out = jax.eval_shape(fn, *operands)
-  return lax.cond((bits | 1) != 0, fn, lambda *_: jnp.zeros(out.shape, out.dtype), *operands)
+
+def _onednn_conv_fwd(x, w, strides, pads):
+  return _onednn_conv(x, w, strides, pads), (x, w)
+
+
+def _onednn_conv_bwd(strides, pads, residuals, dy):
+  x, w = residuals
+  dx = _call("saner_onednn_conv_backward_data", x.shape, dy, w, strides=strides, pads=pads)
+  dw = _call("saner_onednn_conv_backward_weights", w.shape, x, dy, strides=strides, pads=pads)
+  return dx, dw
+
+
+_onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)

@@ -5,7 +5,7 @@
 # is available), then trains and writes runs/main_job/compare.{png,md}.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/ensure_fashion_mnist.sh
+bash scripts/ensure_system_packages.sh
 . scripts/setup_env.sh
 python -m saner_jax.train compare --config fashion_mnist_quick --runs sgd sam saner \
   --out_dir "${1:-runs/main_job}"

@@ -3,9 +3,10 @@
 # (5, "no tests ran", included).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-# Only some tests read the real data and they skip without it: a failed
-# install is a warning here, not a failed run.
-bash scripts/ensure_fashion_mnist.sh || echo "warning: Debian's dataset-fashion-mnist could not be installed" >&2
+# Only some tests read the real data or build the oneDNN kernels, and they
+# skip, saying why, without them: a failed install is a warning here.
+bash scripts/ensure_system_packages.sh ||
+  echo "warning: Debian's dataset-fashion-mnist, g++ or libdnnl-dev could not be installed" >&2
 . scripts/setup_env.sh
 export JAX_PLATFORMS=cpu
 # Everything runs, the paper-scale configs marked slow included (about

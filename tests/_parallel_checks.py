@@ -253,7 +253,7 @@ def trainer_synced_run(config_json):
 
 @check
 def trainer_per_device_accumulation_and_bad_batch_sizes(config_json):
-  """A per-device run with accumulation trains; indivisible batch sizes are refused by flag."""
+  """A per-device run with accumulation trains; indivisible batch sizes and cpu_conv are refused by flag."""
   from saner_jax.train import TrainConfig, loop
   from saner_jax.train.config import ConfigError
 
@@ -264,6 +264,7 @@ def trainer_per_device_accumulation_and_bad_batch_sizes(config_json):
   for overrides, flag in (
       (dict(batch_size=36), "--batch_size: 36 does not split over the 8 devices"),
       (dict(batch_size=32, perturbation_mode="per_device", m_sharpness=2, grad_accum_steps=4), "--batch_size: perturbation_mode per_device"),
+      (dict(cpu_conv=True), "--cpu_conv: its oneDNN convolutions are custom calls"),
   ):
     try:
       loop.train(TrainConfig(**{**values, "out_dir": values["out_dir"] + "_bad", **overrides}))

@@ -1,8 +1,9 @@
 """Test-wide settings and fixtures.
 
 CPU only; hypothesis without wall-clock deadlines (the first call of a jitted
-function compiles, which a deadline would flag); a working TFDS mock; and a
-small learnable dataset in MNIST's IDX format for trainer runs.
+function compiles, which a deadline would flag); a working TFDS mock; a
+small learnable dataset in MNIST's IDX format for trainer runs; and the
+oneDNN kernels of saner_jax.cpu_conv, or a skip that says what is missing.
 """
 
 import os
@@ -80,6 +81,17 @@ def idx_dir(tmp_path_factory) -> pathlib.Path:
       images[i, 2 * c : 2 * c + 3] = 250
     write_idx(directory, prefix, images, labels)
   return directory
+
+
+@pytest.fixture(scope="session")
+def onednn() -> pathlib.Path:
+  """Builds (or finds cached) and registers cpu_conv's oneDNN kernels; skips, naming what is missing, where they cannot be built."""
+  from saner_jax import _native
+
+  try:
+    return _native.load_onednn_conv()
+  except _native.NativeBuildError as e:
+    pytest.skip(f"cpu_conv's oneDNN kernels are unavailable: {e}")
 
 
 def read_metrics(run_dir: pathlib.Path) -> list[dict]:

@@ -159,6 +159,24 @@ def test_nonfinite_loss_stops_with_a_clear_error(tmp_path, idx_dir):
   assert not (tmp_path / "checkpoints" / "1").exists()
 
 
+def test_cpu_conv_trains_like_xla_convolutions(tmp_path, idx_dir, onednn):
+  """--cpu_conv swaps in oneDNN's convolutions: float32 rounding apart, the same run.
+
+  SGD, whose update is continuous in the gradients; SANER's group mask is
+  not, and a last-bit difference may flip a coordinate.
+  """
+  finals = {}
+  for cpu_conv in (False, True):
+    cfg = TrainConfig(
+        optimizer="sgd", cpu_conv=cpu_conv, out_dir=str(tmp_path / str(cpu_conv)), data_dir=str(idx_dir),
+        **{**TINY, "epochs": 2},
+    )
+    finals[cpu_conv] = loop.train(cfg)["final"]
+  np.testing.assert_allclose(finals[True]["train_loss"], finals[False]["train_loss"], rtol=1e-4)
+  for key in ("train_acc", "test_acc", "noisy_memorised"):
+    assert abs(finals[True][key] - finals[False][key]) <= 1 / 64, key  # at most one example of 64 flips
+
+
 def test_resume_without_a_checkpoint_refuses_to_drop_the_logs(tmp_path, idx_dir):
   cfg = TrainConfig(optimizer="sgd", out_dir=str(tmp_path), data_dir=str(idx_dir), checkpoint=False, **{**TINY, "epochs": 1})
   loop.train(cfg)

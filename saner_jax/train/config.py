@@ -48,8 +48,8 @@ class TrainConfig:
   # Model.
   model: str = "resnet18"
   dtype: str = "float32"
-  # On CPU only, convolutions whose gradients are matmuls (saner_jax.cpu_conv):
-  # XLA's CPU weight-gradient is slow. Never used on GPU or TPU.
+  # On the CPU, oneDNN's convolutions instead of XLA's (saner_jax.cpu_conv):
+  # XLA's CPU kernel gradient is slow. One device only; never used on GPU or TPU.
   cpu_conv: bool = False
   # Optimizer.
   optimizer: str = "saner"

@@ -69,6 +69,11 @@ def _device_mesh(config: TrainConfig) -> Mesh:
         f"--batch_size: {config.batch_size} does not split over the {devices} devices; "
         f"use a multiple of {devices}"
     )
+  if config.cpu_conv and devices > 1:
+    raise ConfigError(
+        f"--cpu_conv: its oneDNN convolutions are custom calls, which XLA cannot split over the {devices} "
+        "devices (it would gather every batch onto each); use it on one CPU device"
+    )
   per_device = config.batch_size // devices
   if config.perturbation_mode == "per_device" and per_device % (config.m_sharpness * config.grad_accum_steps):
     raise ConfigError(
