@@ -18,6 +18,7 @@ Methods:
 Usage::
 
   python benchmarks/step_time.py                   # ResNet-20, batch 128, 32x32x3
+  python benchmarks/step_time.py --cpu-conv --out benchmarks/results/step_time_cpu_conv.json
   python benchmarks/step_time.py --model tiny --batch-size 8 --steps 2   # smoke run
 
 Prints a table and the ratios SANER/SAM (target <= 1.03) and SAM/SGD
@@ -73,12 +74,17 @@ class TinyNet(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
-def make_model(name: str, num_classes: int) -> nn.Module:
+def make_model(name: str, num_classes: int, cpu_conv: bool = False) -> nn.Module:
   if name == "tiny":
     return TinyNet(num_classes)
   from saner_jax import models
 
-  return models.create_model(name, num_classes)
+  conv = None
+  if cpu_conv:
+    from saner_jax import cpu_conv as cpu_conv_lib
+
+    conv = cpu_conv_lib.conv_general_dilated
+  return models.create_model(name, num_classes, conv_general_dilated=conv)
 
 
 def _perturbation(method: str, rho: float):
@@ -178,6 +184,10 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument("--gsam-alpha", type=float, default=0.01)
   parser.add_argument("--lr", type=float, default=0.1)
   parser.add_argument("--wd", type=float, default=5e-4)
+  parser.add_argument(
+      "--cpu-conv", action="store_true",
+      help="oneDNN's convolutions (saner_jax.cpu_conv): the passes get cheaper, the optimizer's share larger",
+  )
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "step_time.json"))
   args = parser.parse_args(argv)
   if args.warmup < 1 or args.steps < 1:
@@ -195,7 +205,7 @@ def main(argv=None) -> dict[str, Any]:
       f"({device.device_kind}), {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
   )
 
-  model = make_model(args.model, args.num_classes)
+  model = make_model(args.model, args.num_classes, args.cpu_conv)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(args.batch_size, args.image_size, args.image_size, 3)), jnp.float32)
   y = jnp.asarray(rng.integers(0, args.num_classes, size=args.batch_size), jnp.int32)
@@ -255,6 +265,7 @@ def main(argv=None) -> dict[str, Any]:
       "device": f"{device.platform} ({device.device_kind})",
       "cpu_count": os.cpu_count(),
       "model": args.model,
+      "cpu_conv": args.cpu_conv,
       "parameters": int(n_params),
       "batch_size": args.batch_size,
       "image_shape": [args.image_size, args.image_size, 3],
