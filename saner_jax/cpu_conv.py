@@ -26,14 +26,20 @@ and the kernel gradient, a contraction over batch and space,
    \partial W[i, j, c, o] = \sum_{n, h, w} x_p[n, s h + i, s w + j, c]\,
    \partial y[n, h, w, o].
 
-Why. XLA:CPU (jaxlib 0.10.2) runs the kernel gradient as a convolution
-with batch and features swapped, a 32x32 window for ResNet-20's first
-stage, at about 100 GFLOP/s, and needs a transpose of each operand for it;
-its other convolutions are YNNPACK's or Eigen's. oneDNN's direct
-convolutions, with the kernel in the blocked layout they choose, run all
-three near the machine's peak. ``benchmarks/jax_vs_torch.py`` measures both
-per layer and in a full SANER step against PyTorch; its results are in
-``benchmarks/results/jax_vs_torch.txt``.
+Why. On jaxlib 0.10.2 XLA:CPU runs the kernel gradient as a convolution
+with batch and features swapped (for ResNet-20's first stage, a 32x32
+window) at about 100 GFLOP/s, after a transpose of each operand that XLA
+fuses with, and so recomputes, the BatchNorm-ReLU chain that produced it.
+oneDNN's direct convolutions, with the kernel in the blocked layout they
+choose, run all three passes near the machine's peak. Measured on two
+cores (``python benchmarks/jax_vs_torch.py --profile --layers
+--torch-threads 2 1``, ``benchmarks/results/jax_vs_torch.txt``): one
+forward-backward pass over ResNet-20's 19 convolutions (batch 128) takes
+XLA 55, 57 and 108 ms (forward, input gradient, kernel gradient), this
+module 33, 27 and 24 ms, PyTorch 32, 34 and 30 ms; a whole SANER step
+takes 598 ms with XLA's convolutions, 281 ms with these, and 349 ms in
+PyTorch on both cores (0.81x PyTorch's time). Compile time is unchanged
+(2.6 s), plus a few seconds the first time the kernels are built.
 
 How. Images stay in XLA's NHWC buffers, which oneDNN reads and writes in
 place; kernels are reordered between HWIO and oneDNN's layout inside the
@@ -43,7 +49,14 @@ C++ compiler against jaxlib's FFI headers and Debian's oneDNN 2.x
 :mod:`saner_jax._native`. Tracing the CPU path builds them, and raises
 :class:`saner_jax._native.NativeBuildError` naming what is missing.
 
-Limits, each falling back or failing loudly rather than silently slowly:
+Measured and set aside: XLA's own options. Eigen's convolutions instead of
+YNNPACK's (``--xla_cpu_experimental_ynn_fusion_type=
+LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``) cut the step by 11 to 19%;
+this jaxlib's oneDNN and XNNPACK flags leave convolutions alone; im2col and
+per-tap matmuls build their patch matrices too slowly; a conditional as
+fusion barrier around the kernel gradient's transposes gained 14%.
+
+Limits:
 
 - float32 only, 2-D, NHWC/HWIO, no dilation or groups (see
   :func:`is_supported`); anything else is ``lax.conv_general_dilated``.
