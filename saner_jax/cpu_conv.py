@@ -46,8 +46,10 @@ place; kernels are reordered between HWIO and oneDNN's layout inside the
 call (they are small). The kernels are built on first use with the system's
 C++ compiler against jaxlib's FFI headers and Debian's oneDNN 2.x
 (``apt-get install g++ libdnnl-dev``) and cached: see
-:mod:`saner_jax._native`. Tracing the CPU path builds them, and raises
-:class:`saner_jax._native.NativeBuildError` naming what is missing.
+:mod:`saner_jax._native`. Tracing the CPU path builds them; where they
+cannot be built, it raises :class:`saner_jax._native.NativeBuildError`
+naming what is missing, unless JAX's default backend is a GPU or TPU, in
+which case the stock op is traced.
 
 Measured and set aside: XLA's own options. Eigen's convolutions instead of
 YNNPACK's (``--xla_cpu_experimental_ynn_fusion_type=
@@ -202,7 +204,12 @@ def conv_general_dilated(
       jnp.result_type(lhs), jnp.result_type(rhs),
   ):
     return stock(lhs, rhs)
-  _native.load_onednn_conv()
+  try:
+    _native.load_onednn_conv()
+  except _native.NativeBuildError:
+    if jax.default_backend() == "cpu":
+      raise
+    return stock(lhs, rhs)  # a GPU or TPU process, which would not lower the CPU path anyway
   strides = tuple(int(s) for s in window_strides)
   pads = _explicit_padding(tuple(jnp.shape(lhs)[1:3]), tuple(jnp.shape(rhs)[:2]), strides, padding)
   onednn = functools.partial(_onednn_conv, strides=strides, pads=pads)

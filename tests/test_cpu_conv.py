@@ -6,6 +6,7 @@ non-CPU branch is checked on StableHLO exported for CUDA and TPU
 (``jax.export`` lowers for a platform without its device).
 """
 
+import concurrent.futures
 import ctypes
 import re
 import shutil
@@ -59,6 +60,13 @@ CASES = [
     ((2, 8, 8, 6), (1, 1, 6, 4), (2, 2), ((0, 0), (0, 0))),  # the projection shortcut
     ((2, 9, 7, 6), (1, 1, 6, 4), (2, 2), "SAME"),
     ((1, 5, 5, 2), (5, 3, 2, 3), (1, 1), "VALID"),
+    # Channel counts for which oneDNN keeps the kernel in a blocked layout,
+    # whole blocks and ragged ones: the reorders in and out of it.
+    ((2, 9, 9, 16), (3, 3, 16, 32), (2, 2), ((1, 1), (1, 1))),
+    ((2, 8, 8, 20), (3, 3, 20, 24), (1, 1), "SAME"),
+    ((2, 6, 6, 64), (3, 3, 64, 64), (1, 1), "SAME"),
+    ((2, 7, 7, 24), (1, 1, 24, 20), (2, 2), ((2, 2), (2, 2))),  # padding wider than the kernel
+    ((2, 2, 2, 4), (3, 3, 4, 6), (1, 1), "SAME"),  # a kernel larger than the image
 ]
 
 
@@ -214,6 +222,32 @@ def test_cpu_lowering_calls_onednn_for_all_three_convolutions(onednn):
   assert " convolution(" not in hlo and "ynn_fusion" not in hlo
 
 
+def test_concurrent_calls_from_threads_agree(onednn):
+  """Two threads run the same jitted gradients at once: XLA may run oneDNN calls concurrently, and the
+  primitives are shared while each call has its own scratchpad."""
+  x, w = _inputs((8, 16, 16, 16), (3, 3, 16, 32))
+  kwargs = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC)
+  grads = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(cpu_conv.conv_general_dilated(x, w, **kwargs))), argnums=(0, 1)))
+  expected = jax.grad(lambda x, w: jnp.sum(jnp.sin(lax.conv_general_dilated(x, w, **kwargs))), argnums=(0, 1))(x, w)
+
+  def run(_):
+    return [grads(x, w) for _ in range(10)]
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    results = [g for batch in pool.map(run, range(2)) for g in batch]
+  for got in results:
+    _assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_handlers_check_shapes(onednn):
+  """A mismatched output shape is an error from the kernel, not a write out of bounds."""
+  x, w = _inputs((2, 8, 8, 3), (3, 3, 3, 4))
+  call = jax.ffi.ffi_call("saner_onednn_conv_forward", jax.ShapeDtypeStruct((2, 8, 8, 5), jnp.float32))
+  geometry = dict(stride_h=1, stride_w=1, pad_top=1, pad_bottom=1, pad_left=1, pad_right=1)
+  with pytest.raises(Exception, match="output shape does not match the geometry"):
+    jax.block_until_ready(call(x, w, **{k: np.int64(v) for k, v in geometry.items()}))
+
+
 def test_a_missing_compiler_is_named(tmp_path, monkeypatch):
   monkeypatch.setenv("CXX", "no-such-compiler++")
   with pytest.raises(_native.NativeBuildError, match="needs a C[+][+] compiler: 'no-such-compiler[+][+]' was not found"):
@@ -237,7 +271,7 @@ def test_build_makes_a_library_with_the_three_handlers(tmp_path, onednn):
   assert [p.name for p in tmp_path.iterdir()] == ["lib.so"]
   handle = ctypes.cdll.LoadLibrary(str(library))
   for symbol in _native.ONEDNN_CONV_TARGETS.values():
-    assert getattr(handle, symbol)
+    getattr(handle, symbol)  # AttributeError if the handler is not exported
 
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@
 The kernels are XLA FFI handlers around oneDNN's convolutions. They are built
 on first use with the system's C++ compiler against jaxlib's FFI headers and
 the system's oneDNN 2.x (Debian: ``apt-get install g++ libdnnl-dev``), once
-per source and jaxlib version: the shared library is cached under
+per source, jaxlib and oneDNN version: the shared library is cached under
 ``$SANER_JAX_CACHE_DIR`` (default ``~/.cache/saner_jax``), and building it
 takes a few seconds.
 """
@@ -11,6 +11,7 @@ takes a few seconds.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import functools
 import hashlib
 import os
@@ -82,6 +83,19 @@ def _build(library: pathlib.Path) -> None:
       os.remove(partial)
 
 
+def _onednn_version() -> str:
+  """The installed oneDNN's version, so that an upgrade rebuilds the kernels; "" when none is found."""
+  name = ctypes.util.find_library("dnnl")
+  if name is None:
+    return ""
+  try:
+    version = ctypes.CDLL(name).dnnl_version
+  except (OSError, AttributeError):
+    return ""
+  version.restype = ctypes.POINTER(ctypes.c_int * 3)  # dnnl_version_t opens with major, minor, patch
+  return ".".join(map(str, version().contents))
+
+
 @functools.cache
 def load_onednn_conv() -> pathlib.Path:
   """Builds (if not cached) and loads the oneDNN convolution kernels, and registers them with XLA:CPU.
@@ -90,7 +104,7 @@ def load_onednn_conv() -> pathlib.Path:
   naming what is missing, when the compiler or oneDNN is not installed.
   """
   digest = hashlib.sha256(SOURCE.read_bytes())
-  digest.update(jaxlib.__version__.encode())
+  digest.update(f"{jaxlib.__version__} oneDNN {_onednn_version()}".encode())
   digest.update(shlex.join(_compile_command(pathlib.Path("out"))).encode())
   library = cache_dir() / f"onednn_conv-{digest.hexdigest()[:16]}.so"
   if not library.exists():
