@@ -35,11 +35,13 @@ choose, run all three passes near the machine's peak. Measured on two
 cores (``python benchmarks/jax_vs_torch.py --profile --layers
 --torch-threads 2 1``, ``benchmarks/results/jax_vs_torch.txt``): one
 forward-backward pass over ResNet-20's 19 convolutions (batch 128) takes
-XLA 55, 57 and 108 ms (forward, input gradient, kernel gradient), this
-module 33, 27 and 24 ms, PyTorch 32, 34 and 30 ms; a whole SANER step
-takes 598 ms with XLA's convolutions, 281 ms with these, and 349 ms in
-PyTorch on both cores (0.81x PyTorch's time). Compile time is unchanged
-(2.6 s), plus a few seconds the first time the kernels are built.
+XLA 54, 56 and 104 ms (forward, input gradient, kernel gradient), this
+module 29, 25 and 23 ms, PyTorch 31, 32 and 29 ms; a whole SANER step
+takes 604 ms with XLA's convolutions, 294 ms with these, and 307 ms in
+PyTorch on both cores (0.96x PyTorch's time; 0.81x in an earlier run, as
+PyTorch's time varies more between runs on this shared machine). Compile
+time is unchanged (2.6 s), plus a few seconds the first time the kernels
+are built.
 
 How. Images stay in XLA's NHWC buffers, which oneDNN reads and writes in
 place; kernels are reordered between HWIO and oneDNN's layout inside the
