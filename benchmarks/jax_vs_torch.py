@@ -64,7 +64,6 @@ import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -80,6 +79,7 @@ if ROOT not in sys.path:  # run from a checkout without installing the package
   sys.path.insert(0, ROOT)
 
 import saner_jax  # noqa: E402
+from saner_jax.train import report  # noqa: E402
 from saner_jax import cpu_conv, models  # noqa: E402
 
 # Blocks per stage of He et al.'s 6n+2 CIFAR ResNets, as in saner_jax.models.
@@ -92,7 +92,6 @@ DEPTHS = {"resnet20": 3, "resnet8": 1}
 
 def torch_resnet(blocks_per_stage: int, num_classes: int):
   """He et al.'s CIFAR ResNet with option-A shortcuts, as in the authors' resnetv2.py."""
-  import torch
   from torch import nn
   from torch.nn import functional as F
 
@@ -451,19 +450,6 @@ def jax_layer_runs(args) -> dict[tuple[int, str, str], Callable[[], float]]:
   return runs
 
 
-def git_revision() -> dict[str, Any]:
-  def run(*cmd):
-    try:
-      return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-      return None
-
-  # Untracked files of the package and the benchmarks count: cpu_conv.py
-  # may not be committed yet.
-  status = run("git", "status", "--porcelain", "--", "saner_jax", "benchmarks", "pyproject.toml")
-  return {"commit": run("git", "rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
-
-
 def _cpu_model() -> str:
   with contextlib.suppress(OSError):
     with open("/proc/cpuinfo") as f:
@@ -502,14 +488,14 @@ def main(argv=None) -> dict[str, Any]:
   if args.warmup < 1 or args.steps < 1:
     parser.error("--warmup and --steps must be >= 1")
 
-  report = io.StringIO()
+  printed = io.StringIO()
 
   def say(line: str = "") -> None:
     print(line, flush=True)
-    report.write(line + "\n")
+    printed.write(line + "\n")
 
   command = shlex.join(["python", "benchmarks/jax_vs_torch.py", *(sys.argv[1:] if argv is None else argv)])
-  revision = git_revision()
+  revision = report.git_revision()
   # The PyTorch processes start first, before XLA's thread pool exists.
   workers = {
       f"torch ({t} thread{'s' if t > 1 else ''}, own process)": TorchProcess(t, args) for t in args.torch_threads
@@ -519,7 +505,7 @@ def main(argv=None) -> dict[str, Any]:
   if workers:
     versions["torch"] = next(iter(workers.values())).version
   say(f"command: {command}")
-  say(f"git: {revision['commit']}{' (with uncommitted changes)' if revision['dirty'] else ''}")
+  say(f"git: {revision}")
   say(f"{', '.join(f'{k} {v}' for k, v in versions.items())}")
   say(f"{_cpu_model()}, {os.cpu_count()} cores, JAX device {jax.devices()[0].platform}")
 
@@ -712,7 +698,7 @@ def main(argv=None) -> dict[str, Any]:
     with open(args.out + ".json", "w") as f:
       json.dump(result, f, indent=2)
     with open(args.out + ".txt", "w") as f:
-      f.write(report.getvalue())
+      f.write(printed.getvalue())
     print(f"\nwrote {args.out}.txt and {args.out}.json")
   return result
 

@@ -34,7 +34,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -50,6 +49,7 @@ if ROOT not in sys.path:  # run from a checkout without installing the package
   sys.path.insert(0, ROOT)
 
 import saner_jax  # noqa: E402
+from saner_jax.train import report  # noqa: E402
 TARGETS = {"saner/sam": 1.03, "sam/sgd": 2.0}
 VARIANTS = ("asam", "friendly_sam", "vasso", "gsam")
 METHODS = (
@@ -159,17 +159,6 @@ def build_step(method: str, model: nn.Module, args) -> tuple[Callable, Callable]
   return (lambda p: (tx.init(p), perturbation.init(p))), step
 
 
-def git_revision() -> dict[str, Any]:
-  def run(*cmd):
-    try:
-      return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-      return None
-
-  status = run("git", "status", "--porcelain", "--untracked-files=no")
-  return {"commit": run("git", "rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
-
-
 def main(argv=None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", default="resnet20", help="a saner_jax.models name, or 'tiny'")
@@ -196,10 +185,10 @@ def main(argv=None) -> dict[str, Any]:
   command = shlex.join([os.path.basename(sys.executable), *sys.argv]) if argv is None else shlex.join(
       ["python", "benchmarks/step_time.py", *argv]
   )
-  revision = git_revision()
+  revision = report.git_revision()
   device = jax.devices()[0]
   print(f"command: {command}")
-  print(f"git: {revision['commit']}{' (dirty)' if revision['dirty'] else ''}")
+  print(f"git: {revision}")
   print(
       f"jax {jax.__version__}, optax {optax.__version__}, device {device.platform} "
       f"({device.device_kind}), {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"

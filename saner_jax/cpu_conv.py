@@ -233,14 +233,16 @@ def _output_shape(x_shape, w_shape, strides, pads) -> tuple[int, ...]:
   return (x_shape[0], *spatial, w_shape[3])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _onednn_conv(x, w, strides, pads):
+def _forward(x, w, strides, pads):
   return _call("saner_onednn_conv_forward", _output_shape(x.shape, w.shape, strides, pads), x, w,
                strides=strides, pads=pads)
 
 
+_onednn_conv = jax.custom_vjp(_forward, nondiff_argnums=(2, 3))
+
+
 def _onednn_conv_fwd(x, w, strides, pads):
-  return _onednn_conv(x, w, strides, pads), (x, w)
+  return _forward(x, w, strides, pads), (x, w)
 
 
 def _onednn_conv_bwd(strides, pads, residuals, dy):

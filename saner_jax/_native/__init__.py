@@ -59,16 +59,16 @@ def _compile_command(output: pathlib.Path) -> list[str]:
 
 
 def _build(library: pathlib.Path) -> None:
-  command = _compile_command(library)
-  if shutil.which(command[0]) is None:
-    raise NativeBuildError(f"saner_jax.cpu_conv needs a C++ compiler: {command[0]!r} was not found ({_INSTALL_HINT})")
+  compiler = _compile_command(library)[0]
+  if shutil.which(compiler) is None:
+    raise NativeBuildError(f"saner_jax.cpu_conv needs a C++ compiler: {compiler!r} was not found ({_INSTALL_HINT})")
   library.parent.mkdir(parents=True, exist_ok=True)
   # Built under a temporary name and renamed: concurrent builders (pytest
   # workers, several hosts on one file system) never load a partial file.
   fd, partial = tempfile.mkstemp(dir=library.parent, prefix=library.stem, suffix=".partial")
   os.close(fd)
   try:
-    command[command.index(str(library))] = partial
+    command = _compile_command(pathlib.Path(partial))
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
       missing_onednn = "dnnl.hpp" in result.stderr or "-ldnnl" in result.stderr
