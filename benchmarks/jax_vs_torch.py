@@ -14,7 +14,7 @@ parameters), batch 128 of random 32x32x3 images with a fixed seed, timed for:
                      count, a diagnostic, is left out as JAX computes none).
   jax stock conv     saner_jax.sharpness_aware_grad(sam) -> saner ->
                      optax.add_decayed_weights -> optax.sgd(momentum=0.9) on
-                     saner_jax.models.create_model('resnet20'), jitted with the
+                     saner_jax.train.models.create_model('resnet20'), jitted with the
                      state donated, XLA's convolution.
   jax cpu_conv       the same with conv_general_dilated=
                      saner_jax.cpu_conv.conv_general_dilated: oneDNN's
@@ -80,9 +80,10 @@ if ROOT not in sys.path:  # run from a checkout without installing the package
 
 import saner_jax  # noqa: E402
 from saner_jax.train import report  # noqa: E402
-from saner_jax import cpu_conv, models  # noqa: E402
+from saner_jax import cpu_conv
+from saner_jax.train import models  # noqa: E402
 
-# Blocks per stage of He et al.'s 6n+2 CIFAR ResNets, as in saner_jax.models.
+# Blocks per stage of He et al.'s 6n+2 CIFAR ResNets, as in saner_jax.train.models.
 DEPTHS = {"resnet20": 3, "resnet8": 1}
 
 

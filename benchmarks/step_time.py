@@ -77,7 +77,7 @@ class TinyNet(nn.Module):
 def make_model(name: str, num_classes: int, cpu_conv: bool = False) -> nn.Module:
   if name == "tiny":
     return TinyNet(num_classes)
-  from saner_jax import models
+  from saner_jax.train import models
 
   conv = None
   if cpu_conv:
@@ -161,7 +161,7 @@ def build_step(method: str, model: nn.Module, args) -> tuple[Callable, Callable]
 
 def main(argv=None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--model", default="resnet20", help="a saner_jax.models name, or 'tiny'")
+  parser.add_argument("--model", default="resnet20", help="a saner_jax.train.models name, or 'tiny'")
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--image-size", type=int, default=32)
   parser.add_argument("--num-classes", type=int, default=10)

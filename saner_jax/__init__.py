@@ -1,9 +1,13 @@
 """saner_jax: SANER, SAM and its kin as composable optax transforms.
 
-The names here are the core: they need only jax, optax and chex. The training
-toolkit (Flax models, TFDS data, the CLI) lives in submodules with optional
-dependencies: ``saner_jax.data``, ``saner_jax.noise``, ``saner_jax.models``,
-``saner_jax.train``.
+The package has three tiers:
+
+- the core, whose names are exported here, needs only jax, optax and chex and
+  works on any parameter pytree;
+- ``saner_jax.train``, the training toolkit (Flax models, TFDS data, label
+  noise, orbax checkpoints, the CLI), needs the ``train`` extra;
+- ``saner_jax.cpu_conv``, oneDNN convolutions for XLA:CPU, needs a C++
+  compiler and oneDNN at run time.
 """
 
 from saner_jax import diagnostics, parallel
@@ -12,7 +16,7 @@ from saner_jax.perturbations import asam, friendly_sam, sam, vasso
 from saner_jax.saner import alpha_warmup, group_mask, gsam, saner
 from saner_jax.sharpness import SharpnessAwareGrads, accumulated_value_and_grad, sharpness_aware_grad
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "SharpnessAwareGrads",

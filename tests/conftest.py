@@ -86,11 +86,11 @@ def idx_dir(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def onednn() -> pathlib.Path:
   """Builds (or finds cached) and registers cpu_conv's oneDNN kernels; skips, naming what is missing, where they cannot be built."""
-  from saner_jax import _native
+  from saner_jax.cpu_conv import _build
 
   try:
-    return _native.load_onednn_conv()
-  except _native.NativeBuildError as e:
+    return _build.load_onednn_conv()
+  except _build.NativeBuildError as e:
     pytest.skip(f"cpu_conv's oneDNN kernels are unavailable: {e}")
 
 

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from saner_jax import _native, cpu_conv
+from saner_jax import cpu_conv
+from saner_jax.cpu_conv import _build
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -218,7 +219,7 @@ def test_cpu_lowering_calls_onednn_for_all_three_convolutions(onednn):
 
   hlo = jax.jit(value_and_grads).lower(x, w).compile().as_text()
   targets = re.findall(r'custom_call_target="(\w+)"', hlo)
-  assert sorted(set(targets)) == sorted(_native.ONEDNN_CONV_TARGETS)
+  assert sorted(set(targets)) == sorted(_build.ONEDNN_CONV_TARGETS)
   assert " convolution(" not in hlo and "ynn_fusion" not in hlo
 
 
@@ -250,8 +251,8 @@ def test_the_handlers_check_shapes(onednn):
 
 def test_a_missing_compiler_is_named(tmp_path, monkeypatch):
   monkeypatch.setenv("CXX", "no-such-compiler++")
-  with pytest.raises(_native.NativeBuildError, match="needs a C[+][+] compiler: 'no-such-compiler[+][+]' was not found"):
-    _native._build(tmp_path / "lib.so")
+  with pytest.raises(_build.NativeBuildError, match="needs a C[+][+] compiler: 'no-such-compiler[+][+]' was not found"):
+    _build._build(tmp_path / "lib.so")
   assert list(tmp_path.iterdir()) == []
 
 
@@ -260,23 +261,23 @@ def test_missing_onednn_headers_are_named(tmp_path, monkeypatch):
   # -nostdinc hides /usr/include, where Debian puts dnnl.hpp: the compiler
   # then fails as it does on a machine without libdnnl-dev.
   monkeypatch.setenv("CXX", "g++ -nostdinc")
-  with pytest.raises(_native.NativeBuildError, match="oneDNN 2.x headers and library were not found"):
-    _native._build(tmp_path / "lib.so")
+  with pytest.raises(_build.NativeBuildError, match="oneDNN 2.x headers and library were not found"):
+    _build._build(tmp_path / "lib.so")
   assert list(tmp_path.iterdir()) == []  # no partial library left behind
 
 
 def test_build_makes_a_library_with_the_three_handlers(tmp_path, onednn):
   library = tmp_path / "lib.so"
-  _native._build(library)
+  _build._build(library)
   assert [p.name for p in tmp_path.iterdir()] == ["lib.so"]
   handle = ctypes.cdll.LoadLibrary(str(library))
-  for symbol in _native.ONEDNN_CONV_TARGETS.values():
+  for symbol in _build.ONEDNN_CONV_TARGETS.values():
     getattr(handle, symbol)  # AttributeError if the handler is not exported
 
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
   monkeypatch.setenv("SANER_JAX_CACHE_DIR", str(tmp_path))
-  assert _native.cache_dir() == tmp_path
+  assert _build.cache_dir() == tmp_path
   monkeypatch.delenv("SANER_JAX_CACHE_DIR")
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-  assert _native.cache_dir() == tmp_path / "xdg" / "saner_jax"
+  assert _build.cache_dir() == tmp_path / "xdg" / "saner_jax"

@@ -1,4 +1,4 @@
-"""Tests of saner_jax.data: TFDS (mocked and a real array_record copy), IDX files."""
+"""Tests of saner_jax.train.data: TFDS (mocked and a real array_record copy), IDX files."""
 
 import gzip
 import io
@@ -9,7 +9,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from saner_jax import data
+from saner_jax.train import data
 
 tfds = pytest.importorskip("tensorflow_datasets")
 

@@ -1,4 +1,4 @@
-"""Tests of saner_jax.models.
+"""Tests of saner_jax.train.models.
 
 Shapes and parameter counts come from jax.eval_shape (tracing, no compute);
 real forward and backward passes run only on resnet8 and resnet20 at batch 2.
@@ -15,7 +15,7 @@ import flax
 import pytest
 from flax import linen as nn
 
-from saner_jax import models
+from saner_jax.train import models
 
 NUM_CLASSES = 10
 INPUTS = {"fashion_mnist": (28, 28, 1), "cifar": (32, 32, 3)}

@@ -1,11 +1,11 @@
-"""Tests of saner_jax.noise: counts, maps, transition statistics, validation."""
+"""Tests of saner_jax.train.noise: counts, maps, transition statistics, validation."""
 
 import logging
 
 import numpy as np
 import pytest
 
-from saner_jax import data, noise
+from saner_jax.train import data, noise
 
 K = 10
 N = 50_000
@@ -313,7 +313,7 @@ def test_input_labels_are_not_modified():
 
 
 def test_realised_rate_is_logged(caplog):
-  with caplog.at_level(logging.INFO, logger="saner_jax.noise"):
+  with caplog.at_level(logging.INFO, logger="saner_jax.train.noise"):
     inject(balanced_labels(1000), "symmetric", 0.25)
   assert "realised rate 0.2500" in caplog.text
   assert "250 of 1000" in caplog.text

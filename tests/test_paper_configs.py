@@ -1,4 +1,4 @@
-"""The paper-scale presets in saner_jax/configs/paper: complete, valid, runnable.
+"""The paper-scale presets in saner_jax/train/configs/paper: complete, valid, runnable.
 
 Each preset trains for one epoch of a tiny batch on TFDS mock data. Only
 what must shrink for CI is overridden (batch sizes, example counts, epochs,
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from saner_jax import data, models
+from saner_jax.train import data, models
 from saner_jax.train import config as config_lib, loop
 
 PAPER_DIR = config_lib.PRESET_DIR / "paper"

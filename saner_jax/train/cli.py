@@ -20,7 +20,7 @@ import pathlib
 import shlex
 import sys
 
-from saner_jax import data
+from saner_jax.train import data
 from saner_jax.train import config as config_lib
 from saner_jax.train.config import ConfigError
 

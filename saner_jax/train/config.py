@@ -24,7 +24,7 @@ PERTURBATIONS = ("sgd", "sam", "asam", "friendly_sam", "vasso", "gsam")
 OPTIMIZERS = PERTURBATIONS + ("saner",)
 LR_SCHEDULES = ("multistep", "cosine", "constant")
 DTYPES = ("float32", "bfloat16")
-PRESET_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+PRESET_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
 
 class ConfigError(ValueError):
@@ -38,7 +38,7 @@ class TrainConfig:
   # Data.
   dataset: str = "fashion_mnist"
   data_dir: str | None = None
-  data_source: str = "auto"  # "auto": TFDS if prepared, else IDX files (see saner_jax.data)
+  data_source: str = "auto"  # "auto": TFDS if prepared, else IDX files (see saner_jax.train.data)
   train_examples: int | None = None  # a seeded subset of the training set
   test_examples: int | None = None
   noise_mode: str = "symmetric"
@@ -121,7 +121,7 @@ class TrainConfig:
 
   def validate(self) -> "TrainConfig":
     """Checks each field; raises ConfigError naming the flag."""
-    from saner_jax import data, models, noise  # the training layer's own deps
+    from saner_jax.train import data, models, noise  # the training layer's own deps
 
     def fail(field, message):
       raise ConfigError(f"--{field}: {message}")
@@ -247,7 +247,7 @@ def from_mapping(values: dict[str, Any], base: TrainConfig | None = None) -> Tra
 
 
 def resolve_preset(path_or_name: str) -> pathlib.Path:
-  """A config path, or the name of a preset shipped in saner_jax/configs.
+  """A config path, or the name of a preset shipped in saner_jax/train/configs.
 
   Presets in subfolders are named by their relative path without ".yaml",
   e.g. "paper/cifar10_sym25_resnet18".

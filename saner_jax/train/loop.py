@@ -100,7 +100,7 @@ def prepare_data(config: TrainConfig, sharding: NamedSharding | None = None) -> 
 
   ``sharding`` places the arrays (replicated in :func:`train`).
   """
-  from saner_jax import data, noise
+  from saner_jax.train import data, noise
 
   info = data.DATASETS[config.dataset]
   train = data.load_dataset(config.dataset, "train", data_dir=config.data_dir, source=config.data_source)
@@ -242,7 +242,7 @@ def _check_resumable(out_dir: pathlib.Path, config: TrainConfig) -> None:
 
 def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
   """Runs (or resumes) one training run; returns its summary."""
-  from saner_jax import models
+  from saner_jax.train import models
 
   initialize_distributed(config)
   config.validate()

@@ -103,7 +103,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def init_state(model: nn.Module, optimizer: Optimizer, key: jax.Array, image_shape) -> TrainState:
-  from saner_jax import models
+  from saner_jax.train import models
 
   params, batch_stats = models.init_model(model, key, image_shape)
   perturbation_state = optimizer.perturbation.init(params) if optimizer.perturbation else ()

@@ -1,0 +1,450 @@
+"""Flax (linen) ResNets for 28x28 and 32x32 images, as in the SANER paper.
+
+Every model takes NHWC float images of any size at least its total stride
+(28x28x1 Fashion-MNIST and 32x32x3 CIFAR included: a 3x3 stride-1 stem, no
+max-pool, global average pooling before the classifier) and returns float32
+logits. Build one by name::
+
+  model = create_model("resnet18", num_classes=10)
+  params, batch_stats = init_model(model, jax.random.key(0), (32, 32, 3))
+  logits, updates = model.apply(
+      {"params": params, "batch_stats": batch_stats}, x, train=True,
+      mutable=["batch_stats"])   # updates["batch_stats"]: new running stats
+  logits = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                       train=False)
+
+BatchNorm running statistics live in their own ``batch_stats`` collection, so
+a sharpness-aware step keeps the clean pass's ``updates`` and drops the
+perturbed pass's: nothing is mutated in place.
+
+The registry, :data:`MODELS` (parameter counts for 10 classes, 3 channels):
+
+=================  =========================================  ==========
+name               architecture                               parameters
+=================  =========================================  ==========
+resnet8            He et al. CIFAR ResNet, 3x1 blocks, 16-64      75,290
+resnet20           He et al. CIFAR ResNet, 3x3 blocks, 16-64     269,722
+resnet18           CIFAR ResNet-18, BasicBlock [2,2,2,2]      11,173,962
+resnet34           CIFAR ResNet-34, BasicBlock [3,4,6,3]      21,282,122
+preact_resnet18    pre-activation ResNet-18                   11,172,170
+wrn28_10           WideResNet-28-10, pre-activation           36,479,194
+wrn40_2            WideResNet-40-2, pre-activation             2,243,546
+=================  =========================================  ==========
+
+They follow the authors' PyTorch models (github lhchau/sam-label-noise,
+``models/resnet.py``, ``resnetv2.py``, ``wideresnet.py``) layer for layer,
+including 3x3 convolutions padded by one pixel on each side (not 'SAME', which
+would shift stride-2 windows by a pixel), bias-free convolutions, PyTorch's
+BatchNorm (momentum 0.1, i.e. flax ``momentum=0.9``; epsilon 1e-5) and each
+file's initialisation. Deliberate differences:
+
+- ``resnet8`` is ``resnet20`` with one block per stage (He et al.'s 6n+2
+  family with n=1), for quick CPU runs; it is not in the authors' code.
+  There is no wider resnet8: k times the width costs about k^2 times the
+  compute, so a 2x one would cost what ``resnet20`` does and a 4x one
+  about 4.5 times that, on a CPU where convolutions are the bottleneck.
+- ``preact_resnet18`` is not in the authors' code either. It is He et al.'s
+  (2016) pre-activation ResNet-18 with the final BatchNorm-ReLU before pooling
+  (1,024 parameters more than the common PyTorch copy that leaves it out),
+  initialised like ``resnet18``.
+- Dense biases start at zero (PyTorch draws them uniformly in
+  +-1/sqrt(fan_in)); the Dense kernels follow each file's initialisation.
+- Running variances average the biased batch variance (PyTorch averages the
+  unbiased one): a relative difference of 1/n, n >= 2,048 values per channel
+  at batch 128.
+- ``dtype`` sets the compute dtype (bfloat16 for mixed precision); parameters
+  and BatchNorm statistics stay float32, and the logits are returned in
+  float32 so the loss (log-softmax) is computed at full precision.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+import types
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+ModuleDef = Any
+ConvFn = Callable[..., jax.Array]
+Initializer = Callable[..., jax.Array]
+
+# PyTorch's kaiming_normal_ draws from an untruncated normal: jax's "normal"
+# (flax's he_normal is the truncated one).
+HE_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+HE_FAN_IN = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+# PyTorch's default nn.Linear kernel: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+TORCH_LINEAR = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# Lua Torch's BatchNorm drew its scale from U(0, 1); the WideResNet code the
+# authors use keeps that.
+UNIFORM_01 = nn.initializers.uniform(1.0)
+
+
+def _check_shape(what: str, shape: Sequence[int], min_size: int) -> None:
+  """Raises ValueError unless ``shape`` is (N,) H, W, C with H, W >= min_size."""
+  shape = tuple(shape)
+  sizes_ok = all(isinstance(d, numbers.Integral) and d > 0 for d in shape)
+  if len(shape) not in (3, 4) or not sizes_ok:
+    raise ValueError(
+        f"{what} takes images of shape (H, W, C) or (N, H, W, C) with positive "
+        f"sizes (channels last; a grayscale image needs a channel axis of 1), "
+        f"got {shape}"
+    )
+  height, width = shape[-3:-1]
+  if min(height, width) < min_size:
+    raise ValueError(
+        f"{what} needs images of at least {min_size}x{min_size} pixels (its "
+        f"total stride, so that no stride-2 layer reads a 1-pixel map), got "
+        f"shape {shape}"
+    )
+
+
+class BasicBlock(nn.Module):
+  """Post-activation residual block: conv-BN-ReLU-conv-BN, add, ReLU.
+
+  Attributes:
+    features: output channels.
+    strides: stride of the first convolution (and of the shortcut).
+    shortcut: how a shortcut changes shape: "projection" (1x1 conv + BN, the
+      torchvision-style CIFAR ResNet-18/34) or "pad" (subsample and pad
+      channels with zeros, He et al.'s parameter-free option A for CIFAR).
+    conv: ``nn.Conv`` with the network's dtype, init and convolution bound.
+    norm: ``nn.BatchNorm`` bound to the network's mode.
+  """
+
+  features: int
+  strides: int
+  shortcut: str
+  conv: ModuleDef
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.conv(self.features, (3, 3), self.strides, padding=1, name="conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.conv(self.features, (3, 3), 1, padding=1, name="conv2")(y)
+    y = self.norm(name="bn2")(y)
+    residual = x
+    if self.strides != 1 or x.shape[-1] != self.features:
+      if self.shortcut == "projection":
+        residual = self.conv(
+            self.features, (1, 1), self.strides, padding=0, name="shortcut_conv"
+        )(x)
+        residual = self.norm(name="shortcut_bn")(residual)
+      elif self.shortcut == "pad":
+        # Pixels 0, 2, 4, ...: the ones the stride-2 3x3 convolution (padded
+        # by one) is centred on, so both branches stay aligned.
+        residual = x[:, :: self.strides, :: self.strides, :]
+        extra = self.features - x.shape[-1]
+        residual = jnp.pad(
+            residual, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2))
+        )
+      else:
+        raise ValueError(f"shortcut must be 'projection' or 'pad', got {self.shortcut!r}")
+    return nn.relu(y + residual)
+
+
+class PreActBlock(nn.Module):
+  """Pre-activation residual block: BN-ReLU-conv-(dropout)-BN-ReLU-conv, add.
+
+  When the shape changes, the 1x1 projection shortcut reads the
+  pre-activated input, as in the authors' WideResNet and the usual
+  pre-activation ResNet; otherwise the shortcut is the raw input.
+
+  Attributes:
+    features: output channels.
+    strides: stride of the first convolution (and of the shortcut).
+    dropout_rate: dropout between the two convolutions (WideResNet); needs a
+      ``'dropout'`` rng in training when positive.
+    conv: ``nn.Conv`` with the network's dtype, init and convolution bound.
+    norm: ``nn.BatchNorm`` bound to the network's mode.
+  """
+
+  features: int
+  strides: int
+  dropout_rate: float
+  conv: ModuleDef
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    y = nn.relu(self.norm(name="bn1")(x))
+    residual = x
+    if self.strides != 1 or x.shape[-1] != self.features:
+      residual = self.conv(
+          self.features, (1, 1), self.strides, padding=0, name="shortcut_conv"
+      )(y)
+    y = self.conv(self.features, (3, 3), self.strides, padding=1, name="conv1")(y)
+    y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    y = nn.relu(self.norm(name="bn2")(y))
+    y = self.conv(self.features, (3, 3), 1, padding=1, name="conv2")(y)
+    return y + residual
+
+
+class _Network(nn.Module):
+  """What the ResNets share: layer factories, the input check, the head.
+
+  Subclasses declare ``stage_sizes`` and ``stage_widths`` fields; stage i
+  has ``stage_sizes[i]`` blocks of ``stage_widths[i]`` channels, the first
+  stage at stride 1 and each later one at stride 2.
+  """
+
+  @property
+  def min_input_size(self) -> int:
+    """Smallest image side the model accepts: its total stride."""
+    return 2 ** (len(self.stage_sizes) - 1)
+
+  def _layers(self, train: bool) -> tuple[ModuleDef, ModuleDef]:
+    # flax marks Conv's conv_general_dilated field deprecated (for
+    # conv_general_dilated_cls, a factory) but honours it; it takes the plain
+    # function that callers hand to create_model.
+    conv = functools.partial(
+        nn.Conv,
+        use_bias=False,
+        dtype=self.dtype,
+        kernel_init=self.conv_init,
+        conv_general_dilated=self.conv_general_dilated,
+    )
+    # BatchNorm computes its statistics and normalises in float32 whatever
+    # the input dtype (the float32 statistics promote the arithmetic); its
+    # dtype is only the output's.
+    norm = functools.partial(
+        nn.BatchNorm,
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=self.dtype,
+        scale_init=self.bn_scale_init,
+    )
+    return conv, norm
+
+  def _check(self, x: jax.Array) -> None:
+    if x.ndim != 4:
+      raise ValueError(
+          f"{type(self).__name__} takes a batch of images (N, H, W, C), got shape {x.shape}"
+      )
+    _check_shape(type(self).__name__, x.shape, self.min_input_size)
+
+  def _head(self, x: jax.Array) -> jax.Array:
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(
+        self.num_classes, dtype=self.dtype, kernel_init=self.dense_init, name="head"
+    )(x)
+    return x.astype(jnp.float32)
+
+
+class ResNet(_Network):
+  """Post-activation ResNet for small images (He et al., 2016).
+
+  A 3x3 stride-1 stem (conv-BN-ReLU), stages of :class:`BasicBlock`, global
+  average pooling and a Dense classifier.
+
+  Attributes:
+    stage_sizes: blocks per stage.
+    stage_widths: channels per stage; the stem has ``stage_widths[0]``.
+    num_classes: number of logits.
+    shortcut: "projection" or "pad" (see :class:`BasicBlock`).
+    conv_init: initialiser of every convolution kernel.
+    dense_init: initialiser of the classifier's kernel.
+    bn_scale_init: initialiser of every BatchNorm scale.
+    dtype: compute dtype; parameters are float32 whatever it is.
+    conv_general_dilated: replacement for ``lax.conv_general_dilated`` in
+      every convolution, or None for XLA's.
+  """
+
+  stage_sizes: Sequence[int]
+  stage_widths: Sequence[int]
+  num_classes: int
+  shortcut: str = "projection"
+  conv_init: Initializer = HE_FAN_OUT
+  dense_init: Initializer = TORCH_LINEAR
+  bn_scale_init: Initializer = nn.initializers.ones
+  dtype: Any = jnp.float32
+  conv_general_dilated: ConvFn | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Logits (float32) of a batch of NHWC images."""
+    self._check(x)
+    conv, norm = self._layers(train)
+    x = conv(self.stage_widths[0], (3, 3), 1, padding=1, name="stem_conv")(x)
+    x = nn.relu(norm(name="stem_bn")(x))
+    for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
+      for j in range(size):
+        strides = 2 if i > 0 and j == 0 else 1
+        name = f"stage{i + 1}_block{j + 1}"
+        x = BasicBlock(width, strides, self.shortcut, conv, norm, name=name)(x)
+    return self._head(x)
+
+
+class PreActResNet(_Network):
+  """Pre-activation ResNet (He et al., 2016) and WideResNet (Zagoruyko, 2016).
+
+  A 3x3 stride-1 stem convolution, stages of :class:`PreActBlock`, a final
+  BN-ReLU, global average pooling and a Dense classifier.
+
+  Attributes:
+    stem_width: channels of the stem convolution.
+    stage_sizes: blocks per stage.
+    stage_widths: channels per stage.
+    num_classes: number of logits.
+    dropout_rate: dropout inside every block; positive values need a
+      ``'dropout'`` rng in training (``model.clone(dropout_rate=0.3)``).
+    conv_init: initialiser of every convolution kernel.
+    dense_init: initialiser of the classifier's kernel.
+    bn_scale_init: initialiser of every BatchNorm scale.
+    dtype: compute dtype; parameters are float32 whatever it is.
+    conv_general_dilated: replacement for ``lax.conv_general_dilated`` in
+      every convolution, or None for XLA's.
+  """
+
+  stem_width: int
+  stage_sizes: Sequence[int]
+  stage_widths: Sequence[int]
+  num_classes: int
+  dropout_rate: float = 0.0
+  conv_init: Initializer = HE_FAN_OUT
+  dense_init: Initializer = TORCH_LINEAR
+  bn_scale_init: Initializer = nn.initializers.ones
+  dtype: Any = jnp.float32
+  conv_general_dilated: ConvFn | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Logits (float32) of a batch of NHWC images."""
+    self._check(x)
+    conv, norm = self._layers(train)
+    x = conv(self.stem_width, (3, 3), 1, padding=1, name="stem_conv")(x)
+    for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
+      for j in range(size):
+        strides = 2 if i > 0 and j == 0 else 1
+        name = f"stage{i + 1}_block{j + 1}"
+        x = PreActBlock(width, strides, self.dropout_rate, conv, norm, name=name)(x, train)
+    x = nn.relu(norm(name="final_bn")(x))
+    return self._head(x)
+
+
+def _wide_resnet(depth: int, widen_factor: int, **kwargs) -> PreActResNet:
+  """WideResNet-depth-k: (depth - 4) / 6 blocks per stage, widths 16k, 32k, 64k."""
+  return PreActResNet(
+      stem_width=16,
+      stage_sizes=((depth - 4) // 6,) * 3,
+      stage_widths=(16 * widen_factor, 32 * widen_factor, 64 * widen_factor),
+      # wideresnet.py: kaiming_normal_ (fan_in) convolutions, U(0, 1) BatchNorm
+      # scales, PyTorch's default Linear kernel.
+      conv_init=HE_FAN_IN,
+      bn_scale_init=UNIFORM_01,
+      **kwargs,
+  )
+
+
+# He et al.'s CIFAR ResNets as in resnetv2.py: option-A shortcuts and
+# kaiming_normal_ (fan_in) for convolutions and the classifier alike.
+_CIFAR_RESNET = functools.partial(
+    ResNet,
+    stage_widths=(16, 32, 64),
+    shortcut="pad",
+    conv_init=HE_FAN_IN,
+    dense_init=HE_FAN_IN,
+)
+_WIDTHS_64_512 = (64, 128, 256, 512)
+
+MODELS: Mapping[str, Callable[..., nn.Module]] = types.MappingProxyType({
+    "resnet8": functools.partial(_CIFAR_RESNET, stage_sizes=(1, 1, 1)),
+    "resnet20": functools.partial(_CIFAR_RESNET, stage_sizes=(3, 3, 3)),
+    # resnet.py: projection shortcuts, kaiming_normal_(mode="fan_out")
+    # convolutions and PyTorch's default Linear kernel: ResNet's defaults.
+    "resnet18": functools.partial(
+        ResNet, stage_sizes=(2, 2, 2, 2), stage_widths=_WIDTHS_64_512
+    ),
+    "resnet34": functools.partial(
+        ResNet, stage_sizes=(3, 4, 6, 3), stage_widths=_WIDTHS_64_512
+    ),
+    "preact_resnet18": functools.partial(
+        PreActResNet, stem_width=64, stage_sizes=(2, 2, 2, 2), stage_widths=_WIDTHS_64_512
+    ),
+    "wrn28_10": functools.partial(_wide_resnet, 28, 10),
+    "wrn40_2": functools.partial(_wide_resnet, 40, 2),
+})
+"""Model name -> factory taking ``num_classes``, ``dtype`` and ``conv_general_dilated``."""
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    dtype: Any = jnp.float32,
+    conv_general_dilated: ConvFn | None = None,
+) -> nn.Module:
+  """Builds a model of :data:`MODELS` by name.
+
+  Args:
+    name: a key of :data:`MODELS`.
+    num_classes: number of logits.
+    dtype: compute dtype (``jnp.bfloat16`` for mixed precision). Parameters
+      and BatchNorm statistics stay float32, logits are float32.
+    conv_general_dilated: a function with ``jax.lax.conv_general_dilated``'s
+      signature, used by every convolution of the model instead of XLA's
+      (flax passes it ``(inputs, kernel, strides, padding, lhs_dilation=,
+      rhs_dilation=, dimension_numbers=, feature_group_count=, precision=)``
+      with NHWC inputs, HWIO kernels and ``padding`` as explicit (low, high)
+      pairs: one pixel for the 3x3 convolutions, none for the 1x1); None
+      keeps XLA's.
+
+  Returns:
+    The flax module; call it as ``model.apply(variables, x, train=...)``.
+
+  Raises:
+    ValueError: unknown name or a non-positive ``num_classes``.
+  """
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+  if not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+    raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+  return MODELS[name](
+      num_classes=num_classes, dtype=dtype, conv_general_dilated=conv_general_dilated
+  )
+
+
+def check_input(name: str, input_shape: Sequence[int]) -> None:
+  """Raises ValueError when model ``name`` cannot take images of ``input_shape``.
+
+  Meant for failing fast, before any data is loaded or anything compiled.
+
+  Args:
+    name: a key of :data:`MODELS`.
+    input_shape: one image's shape (H, W, C), or a batch's (N, H, W, C).
+
+  Raises:
+    ValueError: unknown name, a shape that is not (N,) H, W, C with positive
+      sizes, or an image smaller than the model's total stride; the message
+      names the model and the shape.
+  """
+  model = create_model(name, 1)
+  _check_shape(f"model {name!r}", input_shape, model.min_input_size)
+
+
+def init_model(
+    model: nn.Module, rng: jax.Array, input_shape: Sequence[int]
+) -> tuple[Any, Any]:
+  """Initialises a model from one dummy image, compiled.
+
+  Args:
+    model: a module from :func:`create_model`.
+    rng: a PRNG key.
+    input_shape: one image's shape (H, W, C), or a batch's (N, H, W, C)
+      whose batch size is ignored.
+
+  Returns:
+    ``(params, batch_stats)``, float32 pytrees.
+
+  Raises:
+    ValueError: the model cannot take images of ``input_shape``.
+  """
+  _check_shape(type(model).__name__, input_shape, model.min_input_size)
+  dummy = jnp.zeros((1, *tuple(input_shape)[-3:]), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(rng, dummy)
+  return variables["params"], variables["batch_stats"]
