@@ -67,7 +67,8 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -78,10 +79,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without installing the package
   sys.path.insert(0, ROOT)
 
-import saner_jax  # noqa: E402
-from saner_jax.train import report  # noqa: E402
+import saner_jax
 from saner_jax import cpu_conv
-from saner_jax.train import models  # noqa: E402
+from saner_jax.train import (
+  models,
+  report,
+)
 
 # Blocks per stage of He et al.'s 6n+2 CIFAR ResNets, as in saner_jax.train.models.
 DEPTHS = {"resnet20": 3, "resnet8": 1}
@@ -97,7 +100,6 @@ def torch_resnet(blocks_per_stage: int, num_classes: int):
   from torch.nn import functional as F
 
   class BasicBlock(nn.Module):
-
     def __init__(self, in_planes, planes, stride):
       super().__init__()
       self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
@@ -114,7 +116,6 @@ def torch_resnet(blocks_per_stage: int, num_classes: int):
       return F.relu(out + shortcut)
 
   class ResNet(nn.Module):
-
     def __init__(self):
       super().__init__()
       self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
@@ -204,7 +205,7 @@ def jax_saner_step(model, rho: float, alpha: float, lr: float, wd: float):
   def loss_fn(params, batch_stats, batch):
     x, y = batch
     logits, updates = model.apply(
-        {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+      {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
     )
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates["batch_stats"]
 
@@ -246,7 +247,9 @@ def _hlo_instructions(hlo: str) -> dict[str, dict[str, str]]:
     calls = re.search(r"calls=%([\w.\-]+)", line)
     target = re.search(r'custom_call_target="([^"]*)"', line)
     return m.groups() + (
-        op_name.group(1) if op_name else "", calls.group(1) if calls else None, target.group(1) if target else ""
+      op_name.group(1) if op_name else "",
+      calls.group(1) if calls else None,
+      target.group(1) if target else "",
     )
 
   out = {}
@@ -258,7 +261,7 @@ def _hlo_instructions(hlo: str) -> dict[str, dict[str, str]]:
       name, shape, opcode, op_name, calls, target = parsed
       root = ""
       if calls in computations:
-        roots = [parse(l) for l in computations[calls].splitlines() if "ROOT" in l]
+        roots = [parse(line) for line in computations[calls].splitlines() if "ROOT" in line]
         if roots and roots[0]:
           root, op_name = roots[0][2], op_name or roots[0][3]
       out[name] = {"opcode": opcode, "shape": shape, "op_name": op_name, "root": root, "target": target}
@@ -266,9 +269,9 @@ def _hlo_instructions(hlo: str) -> dict[str, dict[str, str]]:
 
 
 ONEDNN_CATEGORIES = {
-    "saner_onednn_conv_forward": "convolution: forward",
-    "saner_onednn_conv_backward_data": "convolution: input gradient",
-    "saner_onednn_conv_backward_weights": "convolution: kernel gradient",
+  "saner_onednn_conv_forward": "convolution: forward",
+  "saner_onednn_conv_backward_data": "convolution: input gradient",
+  "saner_onednn_conv_backward_weights": "convolution: kernel gradient",
 }
 
 
@@ -316,8 +319,8 @@ def xla_profile(compiled, args_fn: Callable[[], tuple], steps: int, batch_size: 
     if not category.startswith("("):
       categories[category] += ms
   top = [
-      {"op": name, "ms": ms, "category": _category(info[name], batch_size), "shape": info[name]["shape"]}
-      for name, ms in per_op.most_common(12)
+    {"op": name, "ms": ms, "category": _category(info[name], batch_size), "shape": info[name]["shape"]}
+    for name, ms in per_op.most_common(12)
   ]
   return {"categories_ms": dict(categories.most_common()), "top_ops": top}
 
@@ -428,17 +431,21 @@ def jax_layer_runs(args) -> dict[tuple[int, str, str], Callable[[], float]]:
     key = jax.random.key(index)
     x = jax.random.normal(key, (args.batch_size, size, size, c))
     w = jax.random.normal(key, (3, 3, c, o))
-    geometry = dict(window_strides=(stride, stride), padding=((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    geometry = dict(
+      window_strides=(stride, stride), padding=((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     dy = jax.random.normal(key, jax.eval_shape(functools.partial(lax.conv_general_dilated, **geometry), x, w).shape)
     jitted = {}
     for framework, conv_fn in (("xla", lax.conv_general_dilated), ("cpu_conv", cpu_conv.conv_general_dilated)):
       conv = functools.partial(conv_fn, **geometry)
       jitted[framework, "forward"] = (jax.jit(conv), (x, w))
       jitted[framework, "input grad"] = (
-          jax.jit(lambda x, w, dy, conv=conv: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0]), (x, w, dy)
+        jax.jit(lambda x, w, dy, conv=conv: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0]),
+        (x, w, dy),
       )
       jitted[framework, "kernel grad"] = (
-          jax.jit(lambda x, w, dy, conv=conv: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]), (x, w, dy)
+        jax.jit(lambda x, w, dy, conv=conv: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]),
+        (x, w, dy),
       )
     for (framework, op), (fn, operands) in jitted.items():
 
@@ -452,11 +459,10 @@ def jax_layer_runs(args) -> dict[tuple[int, str, str], Callable[[], float]]:
 
 
 def _cpu_model() -> str:
-  with contextlib.suppress(OSError):
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+  with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+    for line in f:
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
   return platform.processor() or platform.machine()
 
 
@@ -469,8 +475,11 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument("--steps", type=int, default=20, help="timed rounds (one step of each contender)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each contender after compiling")
   parser.add_argument(
-      "--torch-threads", type=int, nargs="*", default=[os.cpu_count()],
-      help="one PyTorch contender per thread count (default: the core count); none to skip PyTorch",
+    "--torch-threads",
+    type=int,
+    nargs="*",
+    default=[os.cpu_count()],
+    help="one PyTorch contender per thread count (default: the core count); none to skip PyTorch",
   )
   parser.add_argument("--rho", type=float, default=0.05)
   parser.add_argument("--alpha", type=float, default=0.5)
@@ -478,12 +487,14 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument("--wd", type=float, default=5e-4)
   parser.add_argument("--profile", action="store_true", help="add per-op profiles of the steps")
   parser.add_argument(
-      "--layers", action="store_true",
-      help="add the time of each convolution's forward, input and kernel gradient, XLA against PyTorch",
+    "--layers",
+    action="store_true",
+    help="add the time of each convolution's forward, input and kernel gradient, XLA against PyTorch",
   )
   parser.add_argument(
-      "--out", default=os.path.join(ROOT, "benchmarks", "results", "jax_vs_torch"),
-      help="path prefix of the .txt and .json results; '' writes nothing",
+    "--out",
+    default=os.path.join(ROOT, "benchmarks", "results", "jax_vs_torch"),
+    help="path prefix of the .txt and .json results; '' writes nothing",
   )
   args = parser.parse_args(argv)
   if args.warmup < 1 or args.steps < 1:
@@ -499,7 +510,7 @@ def main(argv=None) -> dict[str, Any]:
   revision = report.git_revision()
   # The PyTorch processes start first, before XLA's thread pool exists.
   workers = {
-      f"torch ({t} thread{'s' if t > 1 else ''}, own process)": TorchProcess(t, args) for t in args.torch_threads
+    f"torch ({t} thread{'s' if t > 1 else ''}, own process)": TorchProcess(t, args) for t in args.torch_threads
   }
   versions = {"jax": jax.__version__, "jaxlib": jax.lib.__version__, "optax": optax.__version__}
   versions["flax"] = importlib.metadata.version("flax")
@@ -526,7 +537,7 @@ def main(argv=None) -> dict[str, Any]:
       init, step = jax_saner_step(model, args.rho, args.alpha, args.lr, args.wd)
       # Fresh copies each time: the timed step donates its state.
       fresh = lambda params=params, batch_stats=batch_stats, init=init: jax.tree.map(
-          jnp.array, (params, batch_stats, *init(params))
+        jnp.array, (params, batch_stats, *init(params))
       )
       start = time.perf_counter()
       lowered = jax.jit(step, donate_argnums=0).lower(fresh(), x, y)
@@ -568,8 +579,8 @@ def main(argv=None) -> dict[str, Any]:
   losses = {n: float(g[0]) for n, g in grads.items()}
   say(f"model {args.model}: {n_params:,} parameters; batch {args.batch_size}x{args.image_size}x{args.image_size}x3")
   say(
-      f"cpu_conv against stock: loss {losses['jax cpu_conv']:.7f} vs {losses['jax stock conv']:.7f}, "
-      f"max |gradient difference| {grad_diff:.1e}"
+    f"cpu_conv against stock: loss {losses['jax cpu_conv']:.7f} vs {losses['jax stock conv']:.7f}, "
+    f"max |gradient difference| {grad_diff:.1e}"
   )
 
   # ---- Interleaved timing.
@@ -590,15 +601,15 @@ def main(argv=None) -> dict[str, Any]:
   reference = torch_names[0] if torch_names else "jax stock conv"
   say()
   say(
-      f"SANER step, {args.steps} interleaved rounds; 1-min load average {min(loads):.1f}-{max(loads):.1f} "
-      f"(median {statistics.median(loads):.1f}, this benchmark included) on {os.cpu_count()} cores"
+    f"SANER step, {args.steps} interleaved rounds; 1-min load average {min(loads):.1f}-{max(loads):.1f} "
+    f"(median {statistics.median(loads):.1f}, this benchmark included) on {os.cpu_count()} cores"
   )
   say(f"{'contender':<34} {'median ms':>10} {'min ms':>8} {'q1-q3 ms':>15} {'x ' + reference.split(',')[0] + ')':>20}")
   for n in names:
     q1, _, q3 = statistics.quantiles(times[n], n=4) if len(times[n]) > 1 else (times[n][0],) * 3
     say(
-        f"{n:<34} {1e3 * median[n]:10.1f} {1e3 * min(times[n]):8.1f} "
-        f"{1e3 * q1:7.1f}-{1e3 * q3:<7.1f} {median[n] / median[reference]:20.2f}"
+      f"{n:<34} {1e3 * median[n]:10.1f} {1e3 * min(times[n]):8.1f} "
+      f"{1e3 * q1:7.1f}-{1e3 * q3:<7.1f} {median[n] / median[reference]:20.2f}"
     )
   ratios = {"cpu_conv/stock": median["jax cpu_conv"] / median["jax stock conv"]}
   for t in torch_names:
@@ -612,8 +623,8 @@ def main(argv=None) -> dict[str, Any]:
   say("JAX compile time of the step (jit.lower + compile, s; the process's first compile in brackets):")
   for n, (first, repeat) in compile_s.items():
     say(
-        f"  {n:<18} {repeat['total']:.2f}  (lower {repeat['lower']:.2f}, compile {repeat['compile']:.2f})"
-        f"  [{first['total']:.2f}]"
+      f"  {n:<18} {repeat['total']:.2f}  (lower {repeat['lower']:.2f}, compile {repeat['compile']:.2f})"
+      f"  [{first['total']:.2f}]"
     )
 
   profiles = {}
@@ -623,7 +634,7 @@ def main(argv=None) -> dict[str, Any]:
       compiled = jax.jit(step).lower(fresh(), x, y).compile()
       state = fresh()
       jax.block_until_ready(compiled(state, x, y))
-      profiles[n] = xla_profile(compiled, lambda: (state, x, y), steps=3, batch_size=args.batch_size)
+      profiles[n] = xla_profile(compiled, lambda state=state: (state, x, y), steps=3, batch_size=args.batch_size)
       say()
       say(f"per-op profile, {n} (thunk ms per step, summed per category; thunks overlap on 2 threads):")
       total = sum(profiles[n]["categories_ms"].values())
@@ -673,26 +684,26 @@ def main(argv=None) -> dict[str, Any]:
     worker.stop()
 
   result = {
-      "command": command,
-      "git": revision,
-      "versions": versions,
-      "cpu": _cpu_model(),
-      "cpu_count": os.cpu_count(),
-      "model": args.model,
-      "parameters": int(n_params),
-      "batch_size": args.batch_size,
-      "image_shape": [args.image_size, args.image_size, 3],
-      "hyperparameters": {"rho": args.rho, "alpha": args.alpha, "lr": args.lr, "wd": args.wd},
-      "rounds": args.steps,
-      "warmup_steps": args.warmup,
-      "median_s": median,
-      "times_s": times,
-      "ratios": ratios,
-      "compile_s": compile_s,
-      "load_average_1min": loads,
-      "agreement": {"loss": losses, "max_gradient_difference": grad_diff},
-      "profiles": profiles,
-      "layers_ms": layers,
+    "command": command,
+    "git": revision,
+    "versions": versions,
+    "cpu": _cpu_model(),
+    "cpu_count": os.cpu_count(),
+    "model": args.model,
+    "parameters": int(n_params),
+    "batch_size": args.batch_size,
+    "image_shape": [args.image_size, args.image_size, 3],
+    "hyperparameters": {"rho": args.rho, "alpha": args.alpha, "lr": args.lr, "wd": args.wd},
+    "rounds": args.steps,
+    "warmup_steps": args.warmup,
+    "median_s": median,
+    "times_s": times,
+    "ratios": ratios,
+    "compile_s": compile_s,
+    "load_average_1min": loads,
+    "agreement": {"loss": losses, "max_gradient_difference": grad_diff},
+    "profiles": profiles,
+    "layers_ms": layers,
   }
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -36,7 +36,8 @@ import shlex
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -48,16 +49,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without installing the package
   sys.path.insert(0, ROOT)
 
-import saner_jax  # noqa: E402
-from saner_jax.train import report  # noqa: E402
+import saner_jax
+from saner_jax.train import report
+
 TARGETS = {"saner/sam": 1.03, "sam/sgd": 2.0}
 VARIANTS = ("asam", "friendly_sam", "vasso", "gsam")
 METHODS = (
-    "sgd",
-    "sam",
-    "saner",
-    *[name for v in VARIANTS for name in (v, f"{v}+saner")],
-    "optax_sam_opaque",
+  "sgd",
+  "sam",
+  "saner",
+  *[name for v in VARIANTS for name in (v, f"{v}+saner")],
+  "optax_sam_opaque",
 )
 
 
@@ -108,7 +110,7 @@ def build_step(method: str, model: nn.Module, args) -> tuple[Callable, Callable]
   def loss_fn(params, batch_stats, batch):
     x, y = batch
     logits, updates = model.apply(
-        {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+      {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
     )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, updates["batch_stats"]
@@ -126,9 +128,7 @@ def build_step(method: str, model: nn.Module, args) -> tuple[Callable, Callable]
 
   if method == "optax_sam_opaque":
     adversary = optax.chain(optax.contrib.normalize(), optax.sgd(args.rho))
-    tx = optax.contrib.sam(
-        optax.chain(*_base_optimizer(args.lr, args.wd)), adversary, sync_period=2, opaque_mode=True
-    )
+    tx = optax.contrib.sam(optax.chain(*_base_optimizer(args.lr, args.wd)), adversary, sync_period=2, opaque_mode=True)
 
     def step(carry, x, y):
       params, batch_stats, opt_state, p_state = carry
@@ -174,24 +174,27 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument("--lr", type=float, default=0.1)
   parser.add_argument("--wd", type=float, default=5e-4)
   parser.add_argument(
-      "--cpu-conv", action="store_true",
-      help="oneDNN's convolutions (saner_jax.cpu_conv): the passes get cheaper, the optimizer's share larger",
+    "--cpu-conv",
+    action="store_true",
+    help="oneDNN's convolutions (saner_jax.cpu_conv): the passes get cheaper, the optimizer's share larger",
   )
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "step_time.json"))
   args = parser.parse_args(argv)
   if args.warmup < 1 or args.steps < 1:
     parser.error("--warmup and --steps must be >= 1")
 
-  command = shlex.join([os.path.basename(sys.executable), *sys.argv]) if argv is None else shlex.join(
-      ["python", "benchmarks/step_time.py", *argv]
+  command = (
+    shlex.join([os.path.basename(sys.executable), *sys.argv])
+    if argv is None
+    else shlex.join(["python", "benchmarks/step_time.py", *argv])
   )
   revision = report.git_revision()
   device = jax.devices()[0]
   print(f"command: {command}")
   print(f"git: {revision}")
   print(
-      f"jax {jax.__version__}, optax {optax.__version__}, device {device.platform} "
-      f"({device.device_kind}), {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
+    f"jax {jax.__version__}, optax {optax.__version__}, device {device.platform} "
+    f"({device.device_kind}), {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
   )
 
   model = make_model(args.model, args.num_classes, args.cpu_conv)
@@ -243,29 +246,39 @@ def main(argv=None) -> dict[str, Any]:
   for name, num, den in pairs:
     if num in median and den in median:
       ratios[name] = median[num] / median[den]
-      target = f"  (target <= {TARGETS[name]}: {'ok' if ratios[name] <= TARGETS[name] else 'MISSED'})" if name in TARGETS else ""
+      target = (
+        f"  (target <= {TARGETS[name]}: {'ok' if ratios[name] <= TARGETS[name] else 'MISSED'})"
+        if name in TARGETS
+        else ""
+      )
       print(f"{name:<24} {ratios[name]:.3f}{target}")
 
   result = {
-      "command": command,
-      "git": revision,
-      "jax": jax.__version__,
-      "optax": optax.__version__,
-      "device": f"{device.platform} ({device.device_kind})",
-      "cpu_count": os.cpu_count(),
-      "model": args.model,
-      "cpu_conv": args.cpu_conv,
-      "parameters": int(n_params),
-      "batch_size": args.batch_size,
-      "image_shape": [args.image_size, args.image_size, 3],
-      "timed_steps": args.steps,
-      "warmup_steps": args.warmup,
-      "hyperparameters": {"rho": args.rho, "alpha": args.alpha, "gsam_alpha": args.gsam_alpha, "lr": args.lr, "wd": args.wd},
-      "median_s": median,
-      "times_s": times,
-      "warmup_s": compile_s,
-      "ratios": ratios,
-      "targets": TARGETS,
+    "command": command,
+    "git": revision,
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "device": f"{device.platform} ({device.device_kind})",
+    "cpu_count": os.cpu_count(),
+    "model": args.model,
+    "cpu_conv": args.cpu_conv,
+    "parameters": int(n_params),
+    "batch_size": args.batch_size,
+    "image_shape": [args.image_size, args.image_size, 3],
+    "timed_steps": args.steps,
+    "warmup_steps": args.warmup,
+    "hyperparameters": {
+      "rho": args.rho,
+      "alpha": args.alpha,
+      "gsam_alpha": args.gsam_alpha,
+      "lr": args.lr,
+      "wd": args.wd,
+    },
+    "median_s": median,
+    "times_s": times,
+    "warmup_s": compile_s,
+    "ratios": ratios,
+    "targets": TARGETS,
   }
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

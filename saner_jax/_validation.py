@@ -20,10 +20,10 @@ def resolve(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
 
 
 def check_scalar_range(
-    name: str,
-    value: optax.ScalarOrSchedule,
-    low: float,
-    high: float = math.inf,
+  name: str,
+  value: optax.ScalarOrSchedule,
+  low: float,
+  high: float = math.inf,
 ) -> None:
   """Raises ValueError when a float, or a schedule's first value, is out of range.
 
@@ -44,22 +44,20 @@ def check_scalar_range(
     raise ValueError(f"{name} must be {bound}, got {scalar}{where}")
 
 
-def check_same_structure(
-    name: str, tree: Any, reference: Any, reference_name: str = "updates"
-) -> None:
+def check_same_structure(name: str, tree: Any, reference: Any, reference_name: str = "updates") -> None:
   """Raises ValueError naming the first leaf where two pytrees disagree."""
   tree_def = jax.tree_util.tree_structure(tree)
   ref_def = jax.tree_util.tree_structure(reference)
   if tree_def != ref_def:
     raise ValueError(
-        f"{name} must have the same tree structure as {reference_name}; got\n"
-        f"  {name}: {tree_def}\n  {reference_name}: {ref_def}"
+      f"{name} must have the same tree structure as {reference_name}; got\n"
+      f"  {name}: {tree_def}\n  {reference_name}: {ref_def}"
     )
   paths = jax.tree_util.tree_leaves_with_path(tree)
   for (path, leaf), ref_leaf in zip(paths, jax.tree_util.tree_leaves(reference)):
     if jnp.shape(leaf) != jnp.shape(ref_leaf):
       raise ValueError(
-          f"{name}{jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)} but "
-          f"{reference_name}{jax.tree_util.keystr(path)} has shape "
-          f"{jnp.shape(ref_leaf)}"
+        f"{name}{jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)} but "
+        f"{reference_name}{jax.tree_util.keystr(path)} has shape "
+        f"{jnp.shape(ref_leaf)}"
       )

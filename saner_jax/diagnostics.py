@@ -28,16 +28,13 @@ def group_fractions(perturbed_grads, clean_grads) -> dict[str, jax.Array]:
   The three need not sum to one: coordinates with a zero gradient, equal
   gradients or a NaN belong to no group.
   """
-  _validation.check_same_structure(
-      "perturbed_grads", perturbed_grads, clean_grads, "clean_grads"
-  )
+  _validation.check_same_structure("perturbed_grads", perturbed_grads, clean_grads, "clean_grads")
   total = sum(x.size for x in jax.tree.leaves(clean_grads))
   if total == 0:
     raise ValueError("group_fractions needs at least one gradient coordinate")
   return {
-      group: _leaves_sum(lambda p, c: group_mask(p, c, group), perturbed_grads, clean_grads)
-      / total
-      for group in GROUPS
+    group: _leaves_sum(lambda p, c, group=group: group_mask(p, c, group), perturbed_grads, clean_grads) / total
+    for group in GROUPS
   }
 
 
@@ -62,19 +59,15 @@ def gradient_diagnostics(perturbed_grads, clean_grads) -> dict[str, jax.Array]:
   """
   fractions = group_fractions(perturbed_grads, clean_grads)
   return {
-      **{f"group_{g}": fraction for g, fraction in fractions.items()},
-      "cosine": gradient_cosine(clean_grads, perturbed_grads),
-      "clean_grad_norm": optax.tree.norm(_float32(clean_grads)),
-      "perturbed_grad_norm": optax.tree.norm(_float32(perturbed_grads)),
-      "nonfinite": _leaves_sum(
-          lambda p, c: ~(jnp.isfinite(p) & jnp.isfinite(c)), perturbed_grads, clean_grads
-      ),
+    **{f"group_{g}": fraction for g, fraction in fractions.items()},
+    "cosine": gradient_cosine(clean_grads, perturbed_grads),
+    "clean_grad_norm": optax.tree.norm(_float32(clean_grads)),
+    "perturbed_grad_norm": optax.tree.norm(_float32(perturbed_grads)),
+    "nonfinite": _leaves_sum(lambda p, c: ~(jnp.isfinite(p) & jnp.isfinite(c)), perturbed_grads, clean_grads),
   }
 
 
-def fit_counts(
-    predictions, labels, true_labels, noise_mask, valid=None
-) -> dict[str, jax.Array]:
+def fit_counts(predictions, labels, true_labels, noise_mask, valid=None) -> dict[str, jax.Array]:
   """Counts, over one batch, of how the model fits clean and noisy samples.
 
   Args:
@@ -96,9 +89,9 @@ def fit_counts(
   hit_label = predictions == labels
   hit_true = predictions == true_labels
   return {
-      "clean": jnp.sum(clean),
-      "clean_correct": jnp.sum(clean & hit_label),
-      "noisy": jnp.sum(noisy),
-      "noisy_memorised": jnp.sum(noisy & hit_label),
-      "noisy_true": jnp.sum(noisy & hit_true),
+    "clean": jnp.sum(clean),
+    "clean_correct": jnp.sum(clean & hit_label),
+    "noisy": jnp.sum(noisy),
+    "noisy_memorised": jnp.sum(noisy & hit_label),
+    "noisy_true": jnp.sum(noisy & hit_true),
   }

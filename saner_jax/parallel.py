@@ -56,13 +56,15 @@ with the device count.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from saner_jax.sharpness import SharpnessAwareGrads, sharpness_aware_grad
 
@@ -76,16 +78,16 @@ def data_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = "dat
 
 
 def sharded_sharpness_aware_grad(
-    loss_fn: Callable[..., Any],
-    perturbation: optax.GradientTransformation,
-    mesh: Mesh,
-    *,
-    mode: str = "synced",
-    axis_name: str = "data",
-    has_aux: bool = False,
-    m_sharpness: int = 1,
-    accumulation_steps: int = 1,
-    batch_argnum: int = 1,
+  loss_fn: Callable[..., Any],
+  perturbation: optax.GradientTransformation,
+  mesh: Mesh,
+  *,
+  mode: str = "synced",
+  axis_name: str = "data",
+  has_aux: bool = False,
+  m_sharpness: int = 1,
+  accumulation_steps: int = 1,
+  batch_argnum: int = 1,
 ) -> Callable[..., SharpnessAwareGrads]:
   """:func:`saner_jax.sharpness_aware_grad` with the batch split over a mesh axis.
 
@@ -122,22 +124,23 @@ def sharded_sharpness_aware_grad(
   if axis_name not in mesh.axis_names:
     raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
   local_grad_fn = sharpness_aware_grad(
-      loss_fn, perturbation, has_aux=has_aux, m_sharpness=m_sharpness,
-      accumulation_steps=accumulation_steps, batch_argnum=batch_argnum,
+    loss_fn,
+    perturbation,
+    has_aux=has_aux,
+    m_sharpness=m_sharpness,
+    accumulation_steps=accumulation_steps,
+    batch_argnum=batch_argnum,
   )
   devices = mesh.shape[axis_name]
   index = batch_argnum - 1
 
   def batch_of(args):
     if index >= len(args):
-      raise ValueError(
-          f"batch_argnum={batch_argnum} but loss_fn got only {len(args)} arguments after params"
-      )
+      raise ValueError(f"batch_argnum={batch_argnum} but loss_fn got only {len(args)} arguments after params")
     for leaf in jax.tree.leaves(args[index]):
       if leaf.shape[0] % devices:
         raise ValueError(
-            f"batch size {leaf.shape[0]} is not divisible by the {devices} devices of "
-            f"mesh axis {axis_name!r}"
+          f"batch size {leaf.shape[0]} is not divisible by the {devices} devices of mesh axis {axis_name!r}"
         )
     return args[index]
 
@@ -162,12 +165,10 @@ def sharded_sharpness_aware_grad(
     # Float leaves are averaged like the helper's vmapped states; integer
     # ones (step counts) come from the replicated input and agree already.
     state = jax.tree.map(
-        lambda x: mean(x).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x,
-        out.perturbation_state,
+      lambda x: mean(x).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x,
+      out.perturbation_state,
     )
-    return SharpnessAwareGrads(
-        mean(out.clean_grads), mean(out.perturbed_grads), mean(out.loss), aux, state
-    )
+    return SharpnessAwareGrads(mean(out.clean_grads), mean(out.perturbed_grads), mean(out.loss), aux, state)
 
   def per_device(params, perturbation_state, *args, **kwargs) -> SharpnessAwareGrads:
     batch_of(args)
@@ -178,11 +179,11 @@ def sharded_sharpness_aware_grad(
     # alike) until the explicit pmean, and the core helper's scan needs no
     # device-varying annotations. The outputs are replicated by that pmean.
     return jax.shard_map(
-        one_device,
-        mesh=mesh,
-        in_specs=(P(), P(), arg_specs, P()),
-        out_specs=SharpnessAwareGrads(P(), P(), P(), P(axis_name), P()),
-        check_vma=False,
+      one_device,
+      mesh=mesh,
+      in_specs=(P(), P(), arg_specs, P()),
+      out_specs=SharpnessAwareGrads(P(), P(), P(), P(axis_name), P()),
+      check_vma=False,
     )(params, perturbation_state, args, kwargs)
 
   return per_device

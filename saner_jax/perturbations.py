@@ -56,9 +56,7 @@ def _scaled_to_radius(direction, rho, scale=None):
   factor = rho / (norm + _NORM_EPS)
   if scale is None:
     return jax.tree.map(lambda d: (factor * d).astype(d.dtype), direction)
-  return jax.tree.map(
-      lambda s, d: (factor * s * s * d).astype(d.dtype), scale, direction
-  )
+  return jax.tree.map(lambda s, d: (factor * s * s * d).astype(d.dtype), scale, direction)
 
 
 def _init_count(params) -> PerturbationState:
@@ -88,9 +86,7 @@ def sam(rho: optax.ScalarOrSchedule = 0.05) -> optax.GradientTransformation:
   return optax.GradientTransformation(_init_count, update_fn)
 
 
-def asam(
-    rho: optax.ScalarOrSchedule = 0.5, eta: float = 0.0
-) -> optax.GradientTransformation:
+def asam(rho: optax.ScalarOrSchedule = 0.5, eta: float = 0.0) -> optax.GradientTransformation:
   r"""Adaptive SAM's perturbation, scale-invariant in each weight.
 
   .. math::
@@ -126,15 +122,13 @@ def asam(
 
 
 def _init_average(params) -> EmaPerturbationState:
-  return EmaPerturbationState(
-      count=jnp.zeros([], jnp.int32), average=optax.tree.zeros_like(params)
-  )
+  return EmaPerturbationState(count=jnp.zeros([], jnp.int32), average=optax.tree.zeros_like(params))
 
 
 def friendly_sam(
-    rho: optax.ScalarOrSchedule = 0.05,
-    sigma: optax.ScalarOrSchedule = 1.0,
-    lmbda: float = 0.9,
+  rho: optax.ScalarOrSchedule = 0.05,
+  sigma: optax.ScalarOrSchedule = 1.0,
+  lmbda: float = 0.9,
 ) -> optax.GradientTransformation:
   r"""Friendly-SAM's perturbation: ascend on the gradient minus its trend.
 
@@ -165,13 +159,11 @@ def friendly_sam(
     del params
     first = state.count == 0
     sig = _validation.resolve(sigma, state.count)
-    direction = jax.tree.map(
-        lambda g, m: jnp.where(first, g, g - sig * m), updates, state.average
-    )
+    direction = jax.tree.map(lambda g, m: jnp.where(first, g, g - sig * m), updates, state.average)
     average = jax.tree.map(
-        lambda g, m: jnp.where(first, g, lmbda * m + (1 - lmbda) * g),
-        updates,
-        state.average,
+      lambda g, m: jnp.where(first, g, lmbda * m + (1 - lmbda) * g),
+      updates,
+      state.average,
     )
     eps = _scaled_to_radius(direction, _validation.resolve(rho, state.count))
     return eps, EmaPerturbationState(optax.safe_increment(state.count), average)
@@ -179,9 +171,7 @@ def friendly_sam(
   return optax.GradientTransformation(_init_average, update_fn)
 
 
-def vasso(
-    rho: optax.ScalarOrSchedule = 0.05, theta: float = 0.2
-) -> optax.GradientTransformation:
+def vasso(rho: optax.ScalarOrSchedule = 0.05, theta: float = 0.2) -> optax.GradientTransformation:
   r"""VaSSO's perturbation: ascend along a variance-suppressed gradient.
 
   .. math::
@@ -206,9 +196,9 @@ def vasso(
     del params
     first = state.count == 0
     average = jax.tree.map(
-        lambda g, d: jnp.where(first, g, (1 - theta) * d + theta * g),
-        updates,
-        state.average,
+      lambda g, d: jnp.where(first, g, (1 - theta) * d + theta * g),
+      updates,
+      state.average,
     )
     eps = _scaled_to_radius(average, _validation.resolve(rho, state.count))
     return eps, EmaPerturbationState(optax.safe_increment(state.count), average)

@@ -66,8 +66,7 @@ def group_mask(perturbed: jax.Array, clean: jax.Array, group: Group) -> jax.Arra
 def _require_clean_grads(name: str, updates, clean_grads) -> None:
   if clean_grads is None:
     raise ValueError(
-        f"{name} needs the clean-point gradients: call "
-        "tx.update(perturbed_grads, state, params, clean_grads=clean_grads)"
+      f"{name} needs the clean-point gradients: call tx.update(perturbed_grads, state, params, clean_grads=clean_grads)"
     )
   _validation.check_same_structure("clean_grads", clean_grads, updates)
 
@@ -78,9 +77,7 @@ class SanerState(NamedTuple):
   count: chex.Array
 
 
-def saner(
-    alpha: optax.ScalarOrSchedule = 0.5, group: Group = "B"
-) -> optax.GradientTransformationExtraArgs:
+def saner(alpha: optax.ScalarOrSchedule = 0.5, group: Group = "B") -> optax.GradientTransformationExtraArgs:
   r"""SANER: down-weight the coordinates that SAM shrinks without flipping.
 
   .. math::
@@ -129,18 +126,16 @@ def saner(
     _require_clean_grads("saner", updates, clean_grads)
     factor = _validation.resolve(alpha, state.count)
     reweighted = jax.tree.map(
-        lambda u, g: jnp.where(group_mask(u, g, group), factor * u, u).astype(u.dtype),
-        updates,
-        clean_grads,
+      lambda u, g: jnp.where(group_mask(u, g, group), factor * u, u).astype(u.dtype),
+      updates,
+      clean_grads,
     )
     return reweighted, SanerState(optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def alpha_warmup(
-    alpha: float, warmup_steps: int, steps_per_epoch: int | None = None
-) -> optax.Schedule:
+def alpha_warmup(alpha: float, warmup_steps: int, steps_per_epoch: int | None = None) -> optax.Schedule:
   r"""The authors' warm-up: alpha falls linearly from 1 to its target.
 
   .. math::
@@ -227,9 +222,9 @@ def gsam(alpha: optax.ScalarOrSchedule = 0.01) -> optax.GradientTransformationEx
     parallel = cosine * clean_norm / (perturbed_norm + 1e-12)
     weight = _validation.resolve(alpha, state.count)
     decomposed = jax.tree.map(
-        lambda u, g: (u - weight * (g - parallel * u)).astype(u.dtype),
-        updates,
-        clean_grads,
+      lambda u, g: (u - weight * (g - parallel * u)).astype(u.dtype),
+      updates,
+      clean_grads,
     )
     return decomposed, GsamState(optax.safe_increment(state.count))
 

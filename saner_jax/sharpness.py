@@ -21,7 +21,8 @@ accumulation for a single gradient.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,19 +59,16 @@ def _check_batch_argnum(batch_argnum: int) -> None:
 
 def _batch_index(batch_argnum: int, args: tuple) -> int:
   if batch_argnum - 1 >= len(args):
-    raise ValueError(
-        f"batch_argnum={batch_argnum} but loss_fn got only {len(args)} "
-        "arguments after params"
-    )
+    raise ValueError(f"batch_argnum={batch_argnum} but loss_fn got only {len(args)} arguments after params")
   return batch_argnum - 1
 
 
 def accumulated_value_and_grad(
-    fun: Callable[..., Any],
-    accumulation_steps: int,
-    *,
-    has_aux: bool = False,
-    batch_argnum: int = 1,
+  fun: Callable[..., Any],
+  accumulation_steps: int,
+  *,
+  has_aux: bool = False,
+  batch_argnum: int = 1,
 ) -> Callable[..., Any]:
   r"""``jax.value_and_grad(fun)`` summed over micro-batches with ``lax.scan``.
 
@@ -114,9 +112,7 @@ def accumulated_value_and_grad(
 
   def split(x):
     if x.shape[0] % k:
-      raise ValueError(
-          f"batch size {x.shape[0]} is not divisible by accumulation_steps={k}"
-      )
+      raise ValueError(f"batch size {x.shape[0]} is not divisible by accumulation_steps={k}")
     return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
 
   def accumulated(params, *args, **kwargs):
@@ -140,22 +136,20 @@ def accumulated_value_and_grad(
       return total, aux
 
     (value, grads), aux = jax.lax.scan(body, zeros, micro_batches)
-    value, grads = jax.tree.map(
-        lambda t, s: (t / k).astype(s.dtype), (value, grads), (value_shape, grad_shapes)
-    )
+    value, grads = jax.tree.map(lambda t, s: (t / k).astype(s.dtype), (value, grads), (value_shape, grad_shapes))
     return ((value, aux), grads) if has_aux else (value, grads)
 
   return accumulated
 
 
 def sharpness_aware_grad(
-    loss_fn: Callable[..., Any],
-    perturbation: optax.GradientTransformation,
-    *,
-    has_aux: bool = False,
-    m_sharpness: int = 1,
-    accumulation_steps: int = 1,
-    batch_argnum: int = 1,
+  loss_fn: Callable[..., Any],
+  perturbation: optax.GradientTransformation,
+  *,
+  has_aux: bool = False,
+  m_sharpness: int = 1,
+  accumulation_steps: int = 1,
+  batch_argnum: int = 1,
 ) -> Callable[..., SharpnessAwareGrads]:
   r"""Builds the two-pass gradient function of a sharpness-aware method.
 
@@ -198,8 +192,7 @@ def sharpness_aware_grad(
   """
   if not hasattr(perturbation, "update") or not hasattr(perturbation, "init"):
     raise TypeError(
-        "perturbation must be an optax.GradientTransformation such as "
-        f"saner_jax.sam(rho), got {perturbation!r}"
+      f"perturbation must be an optax.GradientTransformation such as saner_jax.sam(rho), got {perturbation!r}"
     )
   if not isinstance(m_sharpness, int) or m_sharpness < 1:
     raise ValueError(f"m_sharpness must be an integer >= 1, got {m_sharpness!r}")
@@ -209,9 +202,7 @@ def sharpness_aware_grad(
     out = loss_fn(params, *args, **kwargs)
     return out if has_aux else (out, None)
 
-  value_and_grad = accumulated_value_and_grad(
-      with_aux, accumulation_steps, has_aux=True, batch_argnum=batch_argnum
-  )
+  value_and_grad = accumulated_value_and_grad(with_aux, accumulation_steps, has_aux=True, batch_argnum=batch_argnum)
 
   def two_passes(params, perturbation_state, args, kwargs):
     (loss, aux), clean = value_and_grad(params, *args, **kwargs)
@@ -227,9 +218,7 @@ def sharpness_aware_grad(
 
     def split(x):
       if x.shape[0] % m_sharpness:
-        raise ValueError(
-            f"batch size {x.shape[0]} is not divisible by m_sharpness={m_sharpness}"
-        )
+        raise ValueError(f"batch size {x.shape[0]} is not divisible by m_sharpness={m_sharpness}")
       return x.reshape(m_sharpness, x.shape[0] // m_sharpness, *x.shape[1:])
 
     def one_sub_batch(sub_batch):
@@ -239,16 +228,14 @@ def sharpness_aware_grad(
     per_sub_batch = jax.vmap(one_sub_batch)(jax.tree.map(split, batch))
     mean = lambda tree: jax.tree.map(lambda x: x.mean(axis=0), tree)
     return SharpnessAwareGrads(
-        clean_grads=mean(per_sub_batch.clean_grads),
-        perturbed_grads=mean(per_sub_batch.perturbed_grads),
-        loss=per_sub_batch.loss.mean(),
-        aux=per_sub_batch.aux,
-        perturbation_state=jax.tree.map(
-            lambda x: x.mean(axis=0).astype(x.dtype)
-            if jnp.issubdtype(x.dtype, jnp.inexact)
-            else x[0],
-            per_sub_batch.perturbation_state,
-        ),
+      clean_grads=mean(per_sub_batch.clean_grads),
+      perturbed_grads=mean(per_sub_batch.perturbed_grads),
+      loss=per_sub_batch.loss.mean(),
+      aux=per_sub_batch.aux,
+      perturbation_state=jax.tree.map(
+        lambda x: x.mean(axis=0).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x[0],
+        per_sub_batch.perturbation_state,
+      ),
     )
 
   return grad_fn

@@ -14,19 +14,20 @@ import os
 import sys
 
 os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
+  [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import saner_jax  # noqa: E402
-from saner_jax import parallel  # noqa: E402
+import saner_jax
+from saner_jax import parallel
 
 DEVICES = 8
 MESH = parallel.data_mesh()
@@ -54,9 +55,7 @@ class BnNet(nn.Module):
   def __call__(self, x, train):
     h = nn.Dense(4, use_bias=not self.batch_norm, name="dense_in")(x)
     if self.batch_norm:
-      h = nn.BatchNorm(
-          use_running_average=not train, momentum=0.9, use_fast_variance=False, name="bn"
-      )(h)
+      h = nn.BatchNorm(use_running_average=not train, momentum=0.9, use_fast_variance=False, name="bn")(h)
     return nn.Dense(3, name="dense_out")(nn.relu(h))
 
 
@@ -71,7 +70,7 @@ def make_problem(batch_norm=True, batch=32, steps=3):
   def loss_fn(params, batch_stats, batch):
     x, y = batch
     logits, updates = model.apply(
-        {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+      {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
     )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, (updates.get("batch_stats", {}), logits)
@@ -81,9 +80,9 @@ def make_problem(batch_norm=True, batch=32, steps=3):
 
 def assert_close(got, want, rtol=1e-5, atol=1e-6):
   jax.tree.map(
-      lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol),
-      got,
-      want,
+    lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol),
+    got,
+    want,
   )
 
 
@@ -125,7 +124,7 @@ def synced_equals_single_device():
   perturbation = saner_jax.friendly_sam(0.1)
   single = saner_jax.sharpness_aware_grad(loss_fn, perturbation, has_aux=True, batch_argnum=2)
   synced = parallel.sharded_sharpness_aware_grad(
-      loss_fn, perturbation, MESH, mode="synced", has_aux=True, batch_argnum=2
+    loss_fn, perturbation, MESH, mode="synced", has_aux=True, batch_argnum=2
   )
   want_losses, want = train(single, params, batch_stats, perturbation, batches, on_one_device)
   got_losses, got = train(synced, params, batch_stats, perturbation, batches, replicated)
@@ -139,11 +138,9 @@ def per_device_equals_m_sharpness_helper():
   """Per-device mode = sharpness_aware_grad(m_sharpness=8), step by step and state by state."""
   loss_fn, params, batch_stats, batches = make_problem()
   perturbation = saner_jax.vasso(0.1, theta=0.3)  # a float state: averaged over devices
-  helper = saner_jax.sharpness_aware_grad(
-      loss_fn, perturbation, has_aux=True, m_sharpness=DEVICES, batch_argnum=2
-  )
+  helper = saner_jax.sharpness_aware_grad(loss_fn, perturbation, has_aux=True, m_sharpness=DEVICES, batch_argnum=2)
   per_device = parallel.sharded_sharpness_aware_grad(
-      loss_fn, perturbation, MESH, mode="per_device", has_aux=True, batch_argnum=2
+    loss_fn, perturbation, MESH, mode="per_device", has_aux=True, batch_argnum=2
   )
   # One step, every output, the stacked aux (batch stats, logits) included.
   state = perturbation.init(params)
@@ -154,7 +151,9 @@ def per_device_equals_m_sharpness_helper():
   # Each device perturbed with its own gradient: not the synced result.
   synced = saner_jax.sharpness_aware_grad(loss_fn, perturbation, has_aux=True, batch_argnum=2)
   full = jax.jit(synced)(*on_one_device((params, state, batch_stats, batches[0])))
-  assert not np.allclose(got.perturbed_grads["dense_in"]["kernel"], full.perturbed_grads["dense_in"]["kernel"], rtol=1e-3)
+  assert not np.allclose(
+    got.perturbed_grads["dense_in"]["kernel"], full.perturbed_grads["dense_in"]["kernel"], rtol=1e-3
+  )
   # Several training steps, running averages averaged over the sub-batches.
   want_losses, want = train(helper, params, batch_stats, perturbation, batches, on_one_device, 1)
   got_losses, got = train(per_device, params, batch_stats, perturbation, batches, replicated, 1)
@@ -174,7 +173,7 @@ def batchnorm_statistics():
   outs = {}
   for mode in parallel.PERTURBATION_MODES:
     grad_fn = parallel.sharded_sharpness_aware_grad(
-        loss_fn, perturbation, MESH, mode=mode, has_aux=True, batch_argnum=2
+      loss_fn, perturbation, MESH, mode=mode, has_aux=True, batch_argnum=2
     )
     outs[mode] = jax.jit(grad_fn)(*inputs).aux[0]["bn"]
   # flax momentum 0.9: new = 0.9 old + 0.1 batch statistic; mean 0 and var 1 initially.
@@ -195,7 +194,7 @@ def accumulation_over_devices():
   loss_fn, params, batch_stats, batches = make_problem(batch_norm=False)
   plain = saner_jax.sharpness_aware_grad(loss_fn, perturbation, has_aux=True, batch_argnum=2)
   accumulated = parallel.sharded_sharpness_aware_grad(
-      loss_fn, perturbation, MESH, has_aux=True, accumulation_steps=4, batch_argnum=2
+    loss_fn, perturbation, MESH, has_aux=True, accumulation_steps=4, batch_argnum=2
   )
   want_losses, want = train(plain, params, batch_stats, perturbation, batches, on_one_device)
   got_losses, got = train(accumulated, params, batch_stats, perturbation, batches, replicated, 1)
@@ -207,11 +206,17 @@ def accumulation_over_devices():
   state = perturbation.init(params)
   for mode, m_sharpness, helper_m in (("synced", 1, 1), ("per_device", 2, 2 * DEVICES)):
     helper = saner_jax.sharpness_aware_grad(
-        loss_fn, perturbation, has_aux=True, m_sharpness=helper_m, accumulation_steps=2, batch_argnum=2
+      loss_fn, perturbation, has_aux=True, m_sharpness=helper_m, accumulation_steps=2, batch_argnum=2
     )
     sharded = parallel.sharded_sharpness_aware_grad(
-        loss_fn, perturbation, MESH, mode=mode, has_aux=True, m_sharpness=m_sharpness,
-        accumulation_steps=2, batch_argnum=2,
+      loss_fn,
+      perturbation,
+      MESH,
+      mode=mode,
+      has_aux=True,
+      m_sharpness=m_sharpness,
+      accumulation_steps=2,
+      batch_argnum=2,
     )
     want = jax.jit(helper)(*on_one_device((params, state, batch_stats, batches[0])))
     got = jax.jit(sharded)(*replicated((params, state, batch_stats, batches[0])))
@@ -232,8 +237,14 @@ def trainer_puts_sub_batch_logits_back_in_order():
   ids = jnp.arange(64)
   for mode, m_sharpness, k in (("synced", 1, 2), ("synced", 2, 4), ("per_device", 1, 1), ("per_device", 2, 2)):
     grad_fn = parallel.sharded_sharpness_aware_grad(
-        loss_fn, saner_jax.sam(0.1), MESH, mode=mode, has_aux=True, m_sharpness=m_sharpness,
-        accumulation_steps=k, batch_argnum=2,
+      loss_fn,
+      saner_jax.sam(0.1),
+      MESH,
+      mode=mode,
+      has_aux=True,
+      m_sharpness=m_sharpness,
+      accumulation_steps=k,
+      batch_argnum=2,
     )
     out = jax.jit(grad_fn)(*replicated((params, saner_jax.sam(0.1).init(params), {}, ids)))
     stacked = int(m_sharpness > 1 or mode == "per_device") + int(k > 1)
@@ -262,14 +273,18 @@ def trainer_per_device_accumulation_and_bad_batch_sizes(config_json):
   final = summary["final"]
   assert np.isfinite(final["train_loss"]) and 0.0 < final["group_B"] < 1.0, final
   for overrides, flag in (
-      (dict(batch_size=36), "--batch_size: 36 does not split over the 8 devices"),
-      (dict(batch_size=32, perturbation_mode="per_device", m_sharpness=2, grad_accum_steps=4), "--batch_size: perturbation_mode per_device"),
-      (dict(cpu_conv=True), "--cpu_conv: its oneDNN convolutions are custom calls"),
+    (dict(batch_size=36), "--batch_size: 36 does not split over the 8 devices"),
+    (
+      dict(batch_size=32, perturbation_mode="per_device", m_sharpness=2, grad_accum_steps=4),
+      "--batch_size: perturbation_mode per_device",
+    ),
+    (dict(cpu_conv=True), "--cpu_conv: its oneDNN convolutions are custom calls"),
   ):
     try:
       loop.train(TrainConfig(**{**values, "out_dir": values["out_dir"] + "_bad", **overrides}))
     except ConfigError as e:
-      assert flag in str(e), e
+      if flag not in str(e):
+        raise AssertionError(f"{overrides}: {e}") from e
     else:
       raise AssertionError(f"{overrides} was accepted")
 

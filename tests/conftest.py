@@ -10,14 +10,14 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import gzip  # noqa: E402
-import json  # noqa: E402
-import pathlib  # noqa: E402
-import struct  # noqa: E402
+import gzip
+import json
+import pathlib
+import struct
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from hypothesis import settings  # noqa: E402
+import numpy as np
+import pytest
+from hypothesis import settings
 
 settings.register_profile("saner_jax", deadline=None, max_examples=25, derandomize=True)
 settings.load_profile("saner_jax")

@@ -20,8 +20,8 @@ from saner_jax import accumulated_value_and_grad, sharpness_aware_grad
 
 _RNG = np.random.default_rng(0)
 PARAMS = {
-    "w": _RNG.normal(size=(3, 2)).astype(np.float32),
-    "b": _RNG.normal(size=(2,)).astype(np.float32),
+  "w": _RNG.normal(size=(3, 2)).astype(np.float32),
+  "b": _RNG.normal(size=(2,)).astype(np.float32),
 }
 X = _RNG.normal(size=(16, 3)).astype(np.float32)
 Y = _RNG.normal(size=(16, 2)).astype(np.float32)
@@ -55,10 +55,10 @@ def test_accumulated_value_and_grad_is_the_full_batch_one(k):
 
 
 PERTURBATIONS = {
-    "sam": lambda: saner_jax.sam(0.2),
-    "asam": lambda: saner_jax.asam(0.5),
-    "friendly_sam": lambda: saner_jax.friendly_sam(0.2),
-    "vasso": lambda: saner_jax.vasso(0.2, theta=0.3),
+  "sam": lambda: saner_jax.sam(0.2),
+  "asam": lambda: saner_jax.asam(0.5),
+  "friendly_sam": lambda: saner_jax.friendly_sam(0.2),
+  "vasso": lambda: saner_jax.vasso(0.2, theta=0.3),
 }
 
 
@@ -91,7 +91,6 @@ def test_accumulated_saner_steps_equal_the_unaccumulated_ones(name):
 
 
 class _BnNet(nn.Module):
-
   @nn.compact
   def __call__(self, x, train):
     h = nn.Dense(3, use_bias=False, name="dense_in")(x)
@@ -107,9 +106,7 @@ def test_one_perturbation_from_the_clean_gradient_of_all_micro_batches_with_batc
 
   def bn_loss(params, batch_stats, batch):
     x, y = batch
-    out, updates = model.apply(
-        {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
-    )
+    out, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
     return jnp.mean((out - y) ** 2), updates["batch_stats"]
 
   k, rho = 4, 0.5
@@ -131,7 +128,7 @@ def test_one_perturbation_from_the_clean_gradient_of_all_micro_batches_with_batc
   _close(out.aux, jax.tree.map(lambda *xs: jnp.stack(xs), *[stats for (_, stats), _ in per_micro]))
   # Not the whole batch's BatchNorm: the step differs from the un-accumulated one.
   whole = sharpness_aware_grad(bn_loss, perturbation, has_aux=True, batch_argnum=2)(
-      params, perturbation.init(params), batch_stats, (X, Y)
+    params, perturbation.init(params), batch_stats, (X, Y)
   )
   assert not np.allclose(out.clean_grads["dense_in"]["kernel"], whole.clean_grads["dense_in"]["kernel"], rtol=1e-3)
 
@@ -140,11 +137,15 @@ def test_accumulation_inside_m_sharpness():
   """m = 2 sub-batches, each accumulated over k = 2 micro-batches of its own."""
   perturbation = saner_jax.sam(0.2)
   out = sharpness_aware_grad(loss_with_first_x, perturbation, has_aux=True, m_sharpness=2, accumulation_steps=2)(
-      PARAMS, perturbation.init(PARAMS), (X, Y)
+    PARAMS, perturbation.init(PARAMS), (X, Y)
   )
-  halves = [sharpness_aware_grad(loss_fn, perturbation)(PARAMS, perturbation.init(PARAMS), (X[s], Y[s]))
-            for s in (slice(0, 8), slice(8, 16))]
-  _close(out.perturbed_grads, jax.tree.map(lambda a, b: (a + b) / 2, halves[0].perturbed_grads, halves[1].perturbed_grads))
+  halves = [
+    sharpness_aware_grad(loss_fn, perturbation)(PARAMS, perturbation.init(PARAMS), (X[s], Y[s]))
+    for s in (slice(0, 8), slice(8, 16))
+  ]
+  _close(
+    out.perturbed_grads, jax.tree.map(lambda a, b: (a + b) / 2, halves[0].perturbed_grads, halves[1].perturbed_grads)
+  )
   _close(out.loss, (halves[0].loss + halves[1].loss) / 2)
   # aux: [sub-batch, micro-batch]; micro-batch i of sub-batch j starts at 8 j + i.
   np.testing.assert_array_equal(out.aux, np.stack([X[[0, 1]], X[[8, 9]]]))
@@ -210,7 +211,7 @@ def test_bfloat16_compute_keeps_gradients_norms_and_masks_float32():
   # SANER's group tests (array comparisons; scalar ones are its step count)
   # compare float32 gradients only.
   eqns = jax.make_jaxpr(lambda u, g: tx.update(u, tx.init(params), params, clean_grads=g))(
-      out.perturbed_grads, out.clean_grads
+    out.perturbed_grads, out.clean_grads
   ).eqns
   compared = [v.aval for e in eqns if e.primitive.name in ("gt", "lt") for v in e.invars if v.aval.ndim]
   assert compared and {a.dtype for a in compared} == {jnp.dtype(jnp.float32)}

@@ -49,25 +49,25 @@ def _assert_close(actual, expected, rtol=1e-5, atol=1e-5):
 
 
 CASES = [
-    # (N, H, W, C), (kh, kw, C, O), strides, padding
-    ((2, 8, 8, 3), (3, 3, 3, 4), (1, 1), "SAME"),
-    ((2, 9, 7, 3), (3, 3, 3, 5), (2, 2), "SAME"),
-    ((2, 9, 7, 3), (3, 3, 3, 5), (2, 1), "SAME_LOWER"),
-    ((3, 11, 10, 4), (3, 3, 4, 6), (2, 2), "VALID"),
-    ((2, 8, 8, 3), (3, 3, 3, 4), (2, 2), ((1, 1), (1, 1))),  # the ResNets' stride-2 3x3
-    ((2, 7, 9, 3), (3, 3, 3, 4), (1, 2), ((0, 2), (1, 0))),
-    ((2, 10, 10, 3), (3, 3, 3, 4), (3, 3), ((2, 2), (2, 2))),  # rows no window reaches
-    ((2, 8, 8, 6), (1, 1, 6, 4), (1, 1), "VALID"),
-    ((2, 8, 8, 6), (1, 1, 6, 4), (2, 2), ((0, 0), (0, 0))),  # the projection shortcut
-    ((2, 9, 7, 6), (1, 1, 6, 4), (2, 2), "SAME"),
-    ((1, 5, 5, 2), (5, 3, 2, 3), (1, 1), "VALID"),
-    # Channel counts for which oneDNN keeps the kernel in a blocked layout,
-    # whole blocks and ragged ones: the reorders in and out of it.
-    ((2, 9, 9, 16), (3, 3, 16, 32), (2, 2), ((1, 1), (1, 1))),
-    ((2, 8, 8, 20), (3, 3, 20, 24), (1, 1), "SAME"),
-    ((2, 6, 6, 64), (3, 3, 64, 64), (1, 1), "SAME"),
-    ((2, 7, 7, 24), (1, 1, 24, 20), (2, 2), ((2, 2), (2, 2))),  # padding wider than the kernel
-    ((2, 2, 2, 4), (3, 3, 4, 6), (1, 1), "SAME"),  # a kernel larger than the image
+  # (N, H, W, C), (kh, kw, C, O), strides, padding
+  ((2, 8, 8, 3), (3, 3, 3, 4), (1, 1), "SAME"),
+  ((2, 9, 7, 3), (3, 3, 3, 5), (2, 2), "SAME"),
+  ((2, 9, 7, 3), (3, 3, 3, 5), (2, 1), "SAME_LOWER"),
+  ((3, 11, 10, 4), (3, 3, 4, 6), (2, 2), "VALID"),
+  ((2, 8, 8, 3), (3, 3, 3, 4), (2, 2), ((1, 1), (1, 1))),  # the ResNets' stride-2 3x3
+  ((2, 7, 9, 3), (3, 3, 3, 4), (1, 2), ((0, 2), (1, 0))),
+  ((2, 10, 10, 3), (3, 3, 3, 4), (3, 3), ((2, 2), (2, 2))),  # rows no window reaches
+  ((2, 8, 8, 6), (1, 1, 6, 4), (1, 1), "VALID"),
+  ((2, 8, 8, 6), (1, 1, 6, 4), (2, 2), ((0, 0), (0, 0))),  # the projection shortcut
+  ((2, 9, 7, 6), (1, 1, 6, 4), (2, 2), "SAME"),
+  ((1, 5, 5, 2), (5, 3, 2, 3), (1, 1), "VALID"),
+  # Channel counts for which oneDNN keeps the kernel in a blocked layout,
+  # whole blocks and ragged ones: the reorders in and out of it.
+  ((2, 9, 9, 16), (3, 3, 16, 32), (2, 2), ((1, 1), (1, 1))),
+  ((2, 8, 8, 20), (3, 3, 20, 24), (1, 1), "SAME"),
+  ((2, 6, 6, 64), (3, 3, 64, 64), (1, 1), "SAME"),
+  ((2, 7, 7, 24), (1, 1, 24, 20), (2, 2), ((2, 2), (2, 2))),  # padding wider than the kernel
+  ((2, 2, 2, 4), (3, 3, 4, 6), (1, 1), "SAME"),  # a kernel larger than the image
 ]
 
 
@@ -77,8 +77,8 @@ def test_values_and_gradients_equal_lax(lhs_shape, rhs_shape, strides, padding, 
   kwargs = dict(window_strides=strides, padding=padding, dimension_numbers=NHWC)
   assert cpu_conv.is_supported(lhs_shape, rhs_shape, strides, padding, dimension_numbers=NHWC)
   _assert_close(
-      _value_and_grads(cpu_conv.conv_general_dilated, x, w, **kwargs),
-      _value_and_grads(lax.conv_general_dilated, x, w, **kwargs),
+    _value_and_grads(cpu_conv.conv_general_dilated, x, w, **kwargs),
+    _value_and_grads(lax.conv_general_dilated, x, w, **kwargs),
   )
 
 
@@ -88,8 +88,8 @@ def test_bfloat16_takes_the_stock_op():
   conv = lambda x, w: cpu_conv.conv_general_dilated(x, w, **kwargs)
   assert not _uses_fast_path(conv, x, w)
   for ours, stock in zip(
-      _value_and_grads(cpu_conv.conv_general_dilated, x, w, **kwargs),
-      _value_and_grads(lax.conv_general_dilated, x, w, **kwargs),
+    _value_and_grads(cpu_conv.conv_general_dilated, x, w, **kwargs),
+    _value_and_grads(lax.conv_general_dilated, x, w, **kwargs),
   ):
     assert ours.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(stock, np.float32))
@@ -98,12 +98,10 @@ def test_bfloat16_takes_the_stock_op():
 def test_precision_and_dimension_numbers_object_are_accepted(onednn):
   x, w = _inputs((2, 8, 8, 3), (3, 3, 3, 4))
   numbers = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
-  kwargs = dict(
-      window_strides=(1, 1), padding="SAME", dimension_numbers=numbers, precision=lax.Precision.HIGHEST
-  )
+  kwargs = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=numbers, precision=lax.Precision.HIGHEST)
   _assert_close(
-      _value_and_grads(cpu_conv.conv_general_dilated, x, w, **kwargs),
-      _value_and_grads(lax.conv_general_dilated, x, w, **kwargs),
+    _value_and_grads(cpu_conv.conv_general_dilated, x, w, **kwargs),
+    _value_and_grads(lax.conv_general_dilated, x, w, **kwargs),
   )
 
 
@@ -113,13 +111,13 @@ def _uses_fast_path(fn, *args) -> bool:
 
 
 UNSUPPORTED = {
-    "lhs dilation": dict(lhs_dilation=(2, 2), padding=((1, 1), (1, 1))),
-    "rhs dilation": dict(rhs_dilation=(2, 2)),
-    "feature groups": dict(feature_group_count=2),
-    "preferred type": dict(preferred_element_type=jnp.float32),
-    "negative padding": dict(padding=((-1, 0), (0, 0))),
-    "NCHW": dict(dimension_numbers=("NCHW", "OIHW", "NCHW")),
-    "lax default layout": dict(dimension_numbers=None),
+  "lhs dilation": dict(lhs_dilation=(2, 2), padding=((1, 1), (1, 1))),
+  "rhs dilation": dict(rhs_dilation=(2, 2)),
+  "feature groups": dict(feature_group_count=2),
+  "preferred type": dict(preferred_element_type=jnp.float32),
+  "negative padding": dict(padding=((-1, 0), (0, 0))),
+  "NCHW": dict(dimension_numbers=("NCHW", "OIHW", "NCHW")),
+  "lax default layout": dict(dimension_numbers=None),
 }
 
 
@@ -168,11 +166,13 @@ def test_flax_conv_module(onednn):
   x, _ = _inputs((2, 9, 9, 3), (1, 1, 1, 1))
 
   def model(conv_fn):
-    return nn.Sequential([
+    return nn.Sequential(
+      [
         nn.Conv(8, (3, 3), strides=2, padding=1, use_bias=False, conv_general_dilated=conv_fn),
         nn.relu,
         nn.Conv(4, (1, 1), padding="SAME", conv_general_dilated=conv_fn),
-    ])
+      ]
+    )
 
   params = model(None).init(jax.random.key(1), x)
   loss = lambda conv_fn: lambda p: jnp.sum(model(conv_fn).apply(p, x) ** 2)
@@ -228,7 +228,9 @@ def test_concurrent_calls_from_threads_agree(onednn):
   primitives are shared while each call has its own scratchpad."""
   x, w = _inputs((8, 16, 16, 16), (3, 3, 16, 32))
   kwargs = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC)
-  grads = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(cpu_conv.conv_general_dilated(x, w, **kwargs))), argnums=(0, 1)))
+  grads = jax.jit(
+    jax.grad(lambda x, w: jnp.sum(jnp.sin(cpu_conv.conv_general_dilated(x, w, **kwargs))), argnums=(0, 1))
+  )
   expected = jax.grad(lambda x, w: jnp.sum(jnp.sin(lax.conv_general_dilated(x, w, **kwargs))), argnums=(0, 1))(x, w)
 
   def run(_):

@@ -32,7 +32,7 @@ def test_mock_tfds_each_dataset_has_its_shape_and_dtypes(name, mock_tfds, tmp_pa
     test = data.load_dataset(name, "test", data_dir=tmp_path, max_examples=5)
   assert train.images.shape == (13, *spec.image_shape) and train.images.dtype == np.uint8
   assert train.labels.shape == (13,) and train.labels.dtype == np.int32
-  assert 0 <= train.labels.min() and train.labels.max() < spec.num_classes
+  assert train.labels.min() >= 0 and train.labels.max() < spec.num_classes
   assert train.num_classes == spec.num_classes and train.name == name
   assert set(train.noisy_label_sets) == set(spec.noisy_label_keys)
   for labels in train.noisy_label_sets.values():
@@ -78,11 +78,13 @@ def _prepare_fake_mnist(data_dir, images, labels):
 
     def _info(self):
       return tfds.core.DatasetInfo(
-          builder=self,
-          features=tfds.features.FeaturesDict({
-              "image": tfds.features.Image(shape=(28, 28, 1)),
-              "label": tfds.features.ClassLabel(num_classes=10),
-          }),
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(shape=(28, 28, 1)),
+            "label": tfds.features.ClassLabel(num_classes=10),
+          }
+        ),
       )
 
     def _split_generators(self, dl_manager):
@@ -157,13 +159,13 @@ def test_unknown_dataset_lists_known_names():
 
 
 @pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        ({"split": "validation"}, "split"),
-        ({"source": "web"}, "source"),
-        ({"max_examples": 0}, "max_examples"),
-        ({"name": "cifar10", "source": "idx"}, "no IDX source"),
-    ],
+  "kwargs,match",
+  [
+    ({"split": "validation"}, "split"),
+    ({"source": "web"}, "source"),
+    ({"max_examples": 0}, "max_examples"),
+    ({"name": "cifar10", "source": "idx"}, "no IDX source"),
+  ],
 )
 def test_bad_arguments_raise(kwargs, match):
   args = {"name": "mnist", "split": "train", **kwargs}
@@ -206,7 +208,7 @@ def write_idx_split(directory, split, images, labels, gz=True):
   for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
     path = os.path.join(directory, f"{prefix}-{kind}-ubyte" + (".gz" if gz else ""))
     payload = idx_bytes(array)
-    with (gzip.open(path, "wb") if gz else open(path, "wb")) as f:
+    with gzip.open(path, "wb") if gz else open(path, "wb") as f:
       f.write(payload)
     paths.append(path)
   return paths
@@ -298,15 +300,15 @@ def _gzip(payload):
 
 
 @pytest.mark.parametrize(
-    "mangle",
-    [
-        # The last 8 bytes are CRC32 and length: break the CRC.
-        lambda z: z[:-8] + bytes([z[-8] ^ 0xFF]) + z[-7:],
-        lambda z: z[: len(z) // 2],  # truncated stream
-        lambda z: b"PK" + z[2:],  # not gzip at all
-        lambda z: z[:12] + bytes(b ^ 0x5A for b in z[12:30]) + z[30:],  # corrupt deflate data
-    ],
-    ids=["crc", "truncated", "magic", "deflate"],
+  "mangle",
+  [
+    # The last 8 bytes are CRC32 and length: break the CRC.
+    lambda z: z[:-8] + bytes([z[-8] ^ 0xFF]) + z[-7:],
+    lambda z: z[: len(z) // 2],  # truncated stream
+    lambda z: b"PK" + z[2:],  # not gzip at all
+    lambda z: z[:12] + bytes(b ^ 0x5A for b in z[12:30]) + z[30:],  # corrupt deflate data
+  ],
+  ids=["crc", "truncated", "magic", "deflate"],
 )
 def test_corrupt_gzip_raises_clearly(tmp_path, mangle):
   corrupt(tmp_path, images_bytes=mangle(_gzip(GOOD_IMAGES)), gz=True)
@@ -324,8 +326,8 @@ def test_missing_idx_file_names_it(tmp_path):
 
 
 @pytest.mark.skipif(
-    not os.path.isfile(os.path.join(DEBIAN, "train-images-idx3-ubyte.gz")),
-    reason="Debian's dataset-fashion-mnist is not installed",
+  not os.path.isfile(os.path.join(DEBIAN, "train-images-idx3-ubyte.gz")),
+  reason="Debian's dataset-fashion-mnist is not installed",
 )
 def test_debian_fashion_mnist(monkeypatch):
   train = data.load_dataset("fashion_mnist", "train", data_dir=DEBIAN, source="idx")
@@ -354,33 +356,33 @@ def test_debian_fashion_mnist(monkeypatch):
 
 def make_dataset(n=100, num_classes=4, **noisy):
   return data.ArrayDataset(
-      images=np.zeros((n, 2, 2, 1), np.uint8),
-      labels=(np.arange(n) % num_classes).astype(np.int32),
-      num_classes=num_classes,
-      name="toy",
-      noisy_label_sets=noisy,
+    images=np.zeros((n, 2, 2, 1), np.uint8),
+    labels=(np.arange(n) % num_classes).astype(np.int32),
+    num_classes=num_classes,
+    name="toy",
+    noisy_label_sets=noisy,
   )
 
 
 @pytest.mark.parametrize(
-    "change,error,match",
-    [
-        ({"images": np.zeros((4, 2, 2, 1), np.float32)}, TypeError, "uint8"),
-        ({"images": np.zeros((4, 2, 2), np.uint8)}, ValueError, r"\[N, H, W, C\]"),
-        ({"images": np.zeros((4, 2, 2, 2), np.uint8)}, ValueError, "C = 1 or 3"),
-        ({"labels": np.zeros(4, np.int64)}, TypeError, "int32"),
-        ({"labels": np.zeros(3, np.int32)}, ValueError, r"shape \(4,\)"),
-        ({"labels": np.full(4, 4, np.int32)}, ValueError, r"\[0, 4\)"),
-        ({"num_classes": 0}, ValueError, "num_classes"),
-        ({"noisy_label_sets": {"worse_label": np.zeros(5, np.int32)}}, ValueError, "worse_label"),
-    ],
+  "change,error,match",
+  [
+    ({"images": np.zeros((4, 2, 2, 1), np.float32)}, TypeError, "uint8"),
+    ({"images": np.zeros((4, 2, 2), np.uint8)}, ValueError, r"\[N, H, W, C\]"),
+    ({"images": np.zeros((4, 2, 2, 2), np.uint8)}, ValueError, "C = 1 or 3"),
+    ({"labels": np.zeros(4, np.int64)}, TypeError, "int32"),
+    ({"labels": np.zeros(3, np.int32)}, ValueError, r"shape \(4,\)"),
+    ({"labels": np.full(4, 4, np.int32)}, ValueError, r"\[0, 4\)"),
+    ({"num_classes": 0}, ValueError, "num_classes"),
+    ({"noisy_label_sets": {"worse_label": np.zeros(5, np.int32)}}, ValueError, "worse_label"),
+  ],
 )
 def test_array_dataset_validates(change, error, match):
   fields = dict(
-      images=np.zeros((4, 2, 2, 1), np.uint8),
-      labels=np.zeros(4, np.int32),
-      num_classes=4,
-      name="toy",
+    images=np.zeros((4, 2, 2, 1), np.uint8),
+    labels=np.zeros(4, np.int32),
+    num_classes=4,
+    name="toy",
   )
   fields.update(change)
   with pytest.raises(error, match=match):

@@ -25,12 +25,12 @@ VARIANTS = pytest.mark.parametrize("variant", [jax.jit, _no_jit], ids=["jit", "n
 #   "b": (0.2, 1) B, (-3, -1) A, (0, 0) none, (4, -1) C
 # A: 2/10, B: 3/10, C: 2/10, none: 3/10.
 PERTURBED = {
-    "w": np.array([[2.0, 0.5, -0.5], [-1.0, 1.0, 1.5]], np.float32),
-    "b": np.array([0.2, -3.0, 0.0, 4.0], np.float32),
+  "w": np.array([[2.0, 0.5, -0.5], [-1.0, 1.0, 1.5]], np.float32),
+  "b": np.array([0.2, -3.0, 0.0, 4.0], np.float32),
 }
 CLEAN = {
-    "w": np.array([[1.0, 1.0, -1.0], [2.0, 0.0, 1.5]], np.float32),
-    "b": np.array([1.0, -1.0, 0.0, -1.0], np.float32),
+  "w": np.array([[1.0, 1.0, -1.0], [2.0, 0.0, 1.5]], np.float32),
+  "b": np.array([1.0, -1.0, 0.0, -1.0], np.float32),
 }
 
 
@@ -58,9 +58,7 @@ def test_gradient_cosine_hand_example(variant):
 @VARIANTS
 def test_gradient_diagnostics_hand_example(variant):
   out = variant(diagnostics.gradient_diagnostics)(PERTURBED, CLEAN)
-  assert set(out) == {
-      "group_A", "group_B", "group_C", "cosine", "clean_grad_norm", "perturbed_grad_norm", "nonfinite"
-  }
+  assert set(out) == {"group_A", "group_B", "group_C", "cosine", "clean_grad_norm", "perturbed_grad_norm", "nonfinite"}
   np.testing.assert_allclose(float(out["group_B"]), 0.3, rtol=1e-6)
   p = np.concatenate([v.ravel() for v in PERTURBED.values()]).astype(np.float64)
   c = np.concatenate([v.ravel() for v in CLEAN.values()]).astype(np.float64)
@@ -113,8 +111,8 @@ def test_fit_counts_hand_example(variant):
 
 
 _ELEMENTS = st.one_of(
-    st.sampled_from([0.0, 1.0, -1.0, 0.5]),
-    st.floats(-10.0, 10.0, width=32, allow_subnormal=False),
+  st.sampled_from([0.0, 1.0, -1.0, 0.5]),
+  st.floats(-10.0, 10.0, width=32, allow_subnormal=False),
 )
 
 
@@ -137,9 +135,9 @@ def test_property_fractions_in_unit_interval_and_match_ratio(pair):
   c = np.concatenate([v.ravel() for v in clean.values()]).astype(np.float64)
   ratio = p / np.where(c == 0, 1.0, c)
   expected = {
-      "A": np.mean((c != 0) & (p != 0) & (ratio > 1)),
-      "B": np.mean((c != 0) & (ratio > 0) & (ratio < 1)),
-      "C": np.mean((c != 0) & (ratio < 0)),
+    "A": np.mean((c != 0) & (p != 0) & (ratio > 1)),
+    "B": np.mean((c != 0) & (ratio > 0) & (ratio < 1)),
+    "C": np.mean((c != 0) & (ratio < 0)),
   }
   values = {g: float(f) for g, f in fractions.items()}
   for g in "ABC":

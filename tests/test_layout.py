@@ -12,7 +12,7 @@ _BLOCKED = ("flax", "tensorflow", "tensorflow_datasets", "orbax", "sklearn", "ma
 
 def test_core_imports_without_the_toolkit_dependencies():
   script = textwrap.dedent(
-      f"""
+    f"""
       import importlib.abc, sys
 
       class Block(importlib.abc.MetaPathFinder):

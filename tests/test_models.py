@@ -8,10 +8,10 @@ import functools
 import math
 import re
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax
 import pytest
 from flax import linen as nn
 
@@ -25,13 +25,13 @@ INPUTS = {"fashion_mnist": (28, 28, 1), "cifar": (32, 32, 3)}
 # resnetv2.py, wideresnet.py) at 10 classes; preact_resnet18 is the common
 # PyTorch PreActResNet18 (11,171,146) plus its final BatchNorm (1,024).
 PARAMETER_COUNTS = {
-    "resnet18": ("11.17", 11_173_962),
-    "resnet34": ("21.28", 21_282_122),
-    "preact_resnet18": ("11.17", 11_172_170),
-    "wrn28_10": ("36.5", 36_479_194),
-    "wrn40_2": ("2.2", 2_243_546),
-    "resnet20": ("0.27", 269_722),
-    "resnet8": (None, 75_290),
+  "resnet18": ("11.17", 11_173_962),
+  "resnet34": ("21.28", 21_282_122),
+  "preact_resnet18": ("11.17", 11_172_170),
+  "wrn28_10": ("36.5", 36_479_194),
+  "wrn40_2": ("2.2", 2_243_546),
+  "resnet20": ("0.27", 269_722),
+  "resnet8": (None, 75_290),
 }
 
 
@@ -83,9 +83,7 @@ def test_output_shapes(name, data):
   variables = _abstract_variables(name, INPUTS[data], num_classes)
   x = jax.ShapeDtypeStruct((2, *INPUTS[data]), jnp.float32)
 
-  train_out, updates = jax.eval_shape(
-      functools.partial(model.apply, train=True, mutable=["batch_stats"]), variables, x
-  )
+  train_out, updates = jax.eval_shape(functools.partial(model.apply, train=True, mutable=["batch_stats"]), variables, x)
   eval_out = jax.eval_shape(functools.partial(model.apply, train=False), variables, x)
 
   for logits in (train_out, eval_out):
@@ -160,18 +158,17 @@ def test_eval_uses_running_stats_and_train_uses_batch_stats(resnet8):
 def test_batchnorm_momentum_matches_pytorch(resnet8):
   model, params, batch_stats = resnet8
   x = _images((2, *INPUTS["cifar"]))
-  _, updates = model.apply(
-      {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
-  )
+  _, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
   stem = jax.lax.conv_general_dilated(
-      x, params["stem_conv"]["kernel"], (1, 1), [(1, 1), (1, 1)],
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    x,
+    params["stem_conv"]["kernel"],
+    (1, 1),
+    [(1, 1), (1, 1)],
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
   )
   # PyTorch's momentum 0.1: new = 0.9 * old + 0.1 * batch, from mean 0, var 1.
   new = updates["batch_stats"]["stem_bn"]
-  np.testing.assert_allclose(
-      new["mean"], 0.1 * stem.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
-  )
+  np.testing.assert_allclose(new["mean"], 0.1 * stem.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(new["var"], 0.9 + 0.1 * stem.var(axis=(0, 1, 2)), rtol=1e-4)
 
 
@@ -206,9 +203,7 @@ def _recording_conv(calls):
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_every_conv_uses_the_given_convolution(name):
   calls = []
-  model = models.create_model(
-      name, NUM_CLASSES, dtype=jnp.bfloat16, conv_general_dilated=_recording_conv(calls)
-  )
+  model = models.create_model(name, NUM_CLASSES, dtype=jnp.bfloat16, conv_general_dilated=_recording_conv(calls))
   variables = _abstract_variables(name, INPUTS["cifar"])
   x = jax.ShapeDtypeStruct((2, *INPUTS["cifar"]), jnp.float32)
   jax.eval_shape(functools.partial(model.apply, train=False), variables, x)
@@ -219,8 +214,8 @@ def test_every_conv_uses_the_given_convolution(name):
   # padded like PyTorch's (padding=1 for 3x3): 'SAME' would pad stride-2
   # convolutions by (0, 1) and shift their windows by a pixel.
   assert set(calls) <= {
-      (bf16, bf16, (3, 3), ((1, 1), (1, 1))),
-      (bf16, bf16, (1, 1), ((0, 0), (0, 0))),
+    (bf16, bf16, (3, 3), ((1, 1), (1, 1))),
+    (bf16, bf16, (1, 1), ((0, 0), (0, 0))),
   }
 
 
@@ -253,8 +248,7 @@ def test_pad_shortcut_keeps_even_pixels_and_centres_the_channels():
 
 
 @pytest.mark.parametrize(
-    "name, fan", [("resnet18", "fan_out"), ("preact_resnet18", "fan_out"),
-                  ("resnet20", "fan_in"), ("wrn28_10", "fan_in")]
+  "name, fan", [("resnet18", "fan_out"), ("preact_resnet18", "fan_out"), ("resnet20", "fan_in"), ("wrn28_10", "fan_in")]
 )
 def test_conv_init_is_he_normal(name, fan):
   model = models.create_model(name, NUM_CLASSES)
@@ -278,7 +272,7 @@ def test_init_model_applies_the_configured_initialisers(resnet8):
 def test_wide_resnet_batchnorm_scales_start_uniform():
   model = models.create_model("wrn40_2", NUM_CLASSES)
   scale = model.bn_scale_init(jax.random.key(2), (4096,))
-  assert 0.0 <= scale.min() and scale.max() < 1.0
+  assert scale.min() >= 0.0 and scale.max() < 1.0
   np.testing.assert_allclose(scale.mean(), 0.5, atol=0.02)
 
 
@@ -310,12 +304,12 @@ def test_bad_num_classes(num_classes):
 
 
 @pytest.mark.parametrize(
-    "name, ok, too_small",
-    [
-        ("resnet18", (8, 8, 3), (7, 8, 3)),
-        ("resnet20", (4, 4, 1), (28, 3, 1)),
-        ("wrn40_2", (128, 4, 4, 3), (128, 3, 3, 3)),
-    ],
+  "name, ok, too_small",
+  [
+    ("resnet18", (8, 8, 3), (7, 8, 3)),
+    ("resnet20", (4, 4, 1), (28, 3, 1)),
+    ("wrn40_2", (128, 4, 4, 3), (128, 3, 3, 3)),
+  ],
 )
 def test_check_input_minimum_size(name, ok, too_small):
   models.check_input(name, ok)
@@ -336,8 +330,9 @@ def test_model_and_init_model_reject_bad_inputs(resnet8):
     model.apply(variables, jnp.zeros((32, 32, 3)), train=False)
   with pytest.raises(ValueError, match=r"at least 8x8.*\(2, 4, 4, 3\)"):
     jax.eval_shape(
-        functools.partial(models.create_model("resnet18", NUM_CLASSES).init, train=False),
-        jax.random.key(0), jax.ShapeDtypeStruct((2, 4, 4, 3), jnp.float32),
+      functools.partial(models.create_model("resnet18", NUM_CLASSES).init, train=False),
+      jax.random.key(0),
+      jax.ShapeDtypeStruct((2, 4, 4, 3), jnp.float32),
     )
   with pytest.raises(ValueError, match=r"at least 4x4"):
     models.init_model(model, jax.random.key(0), (3, 3, 3))

@@ -107,9 +107,7 @@ def test_asymmetric_maps_are_as_documented():
   np.testing.assert_array_equal(noise.asymmetric_map("mnist"), [0, 1, 7, 8, 4, 6, 5, 1, 8, 9])
   # Fashion-MNIST: T-shirt<->Shirt (0, 6), Pullover<->Coat (2, 4),
   # Sandal<->Sneaker (5, 7).
-  np.testing.assert_array_equal(
-      noise.asymmetric_map("fashion_mnist"), [6, 1, 4, 3, 2, 7, 0, 5, 8, 9]
-  )
+  np.testing.assert_array_equal(noise.asymmetric_map("fashion_mnist"), [6, 1, 4, 3, 2, 7, 0, 5, 8, 9])
 
 
 # Coarse label of each CIFAR-100 fine label, as stored in the dataset's own
@@ -126,9 +124,7 @@ CIFAR100_COARSE_OF_FINE = [
 def test_cifar100_superclass_table_matches_the_dataset():
   names = data.DATASETS["cifar100"].class_names
   assert len(names) == 100 and list(names) == sorted(names)  # fine_label_names order
-  coarse = {
-      fine: i for i, members in enumerate(noise.CIFAR100_SUPERCLASSES.values()) for fine in members
-  }
+  coarse = {fine: i for i, members in enumerate(noise.CIFAR100_SUPERCLASSES.values()) for fine in members}
   assert len(coarse) == 100 and set(coarse) == set(names)
   assert [coarse[name] for name in names] == CIFAR100_COARSE_OF_FINE
 
@@ -271,11 +267,11 @@ def test_real_takes_the_given_labels():
 
 
 SEEDED_MODES = [
-    ("symmetric", {}),
-    ("uniform", {}),
-    ("asymmetric", {"dataset": "cifar10"}),
-    ("pair_flip", {}),
-    ("instance", {"images": random_images(2000)}),
+  ("symmetric", {}),
+  ("uniform", {}),
+  ("asymmetric", {"dataset": "cifar10"}),
+  ("pair_flip", {}),
+  ("instance", {"images": random_images(2000)}),
 ]
 
 
@@ -330,13 +326,13 @@ def test_bad_rate_raises_naming_rate(rate):
 
 
 @pytest.mark.parametrize(
-    "mode,rate,extra",
-    [
-        ("symmetric", 0.91, {}),  # above (K-1)/K = 0.9
-        ("asymmetric", 0.51, {"dataset": "cifar10"}),
-        ("pair_flip", 0.6, {}),
-        ("instance", 0.55, {"images": random_images(100)}),
-    ],
+  "mode,rate,extra",
+  [
+    ("symmetric", 0.91, {}),  # above (K-1)/K = 0.9
+    ("asymmetric", 0.51, {"dataset": "cifar10"}),
+    ("pair_flip", 0.6, {}),
+    ("instance", 0.55, {"images": random_images(100)}),
+  ],
 )
 def test_rate_beyond_where_noise_is_defined_raises(mode, rate, extra):
   with pytest.raises(ValueError, match="rate"):
@@ -409,8 +405,6 @@ def test_transition_matrix_counts_and_rows():
   noisy = np.array([0, 0, 0, 2, 1, 0])
   counts = noise.transition_matrix(true, noisy, 3, normalize=False)
   np.testing.assert_array_equal(counts, [[3, 0, 1], [1, 1, 0], [0, 0, 0]])
-  np.testing.assert_allclose(
-      noise.transition_matrix(true, noisy, 3), [[0.75, 0, 0.25], [0.5, 0.5, 0], [0, 0, 0]]
-  )
+  np.testing.assert_allclose(noise.transition_matrix(true, noisy, 3), [[0.75, 0, 0.25], [0.5, 0.5, 0], [0, 0, 0]])
   with pytest.raises(ValueError, match="noisy_labels"):
     noise.transition_matrix(true, noisy[:-1], 3)

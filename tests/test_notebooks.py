@@ -23,19 +23,21 @@ from saner_jax.train import data
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 TINY = {
-    "quickstart.ipynb": dict(train_examples=64, test_examples=64, epochs=1, batch_size=32),
-    "tpu_reproduction.ipynb": dict(
-        dataset="fashion_mnist", epochs=1, runs=["sgd", "saner"],
-        overrides=dict(model="resnet8", train_examples=64, test_examples=64, batch_size=32, eval_batch_size=64),
-    ),
+  "quickstart.ipynb": dict(train_examples=64, test_examples=64, epochs=1, batch_size=32),
+  "tpu_reproduction.ipynb": dict(
+    dataset="fashion_mnist",
+    epochs=1,
+    runs=["sgd", "saner"],
+    overrides=dict(model="resnet8", train_examples=64, test_examples=64, batch_size=32, eval_batch_size=64),
+  ),
 }
 # Both notebooks train on Fashion-MNIST in their tiny form.
 FASHION_MNIST_DIR = pathlib.Path(
-    os.environ.get(data.DATASETS["fashion_mnist"].idx_env_var) or data.DEBIAN_FASHION_MNIST_DIR
+  os.environ.get(data.DATASETS["fashion_mnist"].idx_env_var) or data.DEBIAN_FASHION_MNIST_DIR
 )
 needs_fashion_mnist = pytest.mark.skipif(
-    not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
-    reason=f"no Fashion-MNIST IDX files in {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)",
+  not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
+  reason=f"no Fashion-MNIST IDX files in {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)",
 )
 
 
@@ -63,10 +65,10 @@ def test_notebook_is_committed_clean(path):
       assert cell.outputs == [] and cell.execution_count is None, f"clear the outputs of:\n{cell.source}"
   # The tiny values must override names the notebook defines, or they would do nothing.
   defined = {
-      target.id
-      for node in ast.parse(_parameters_cell(notebook).source).body
-      if isinstance(node, ast.Assign)
-      for target in node.targets
+    target.id
+    for node in ast.parse(_parameters_cell(notebook).source).body
+    if isinstance(node, ast.Assign)
+    for target in node.targets
   }
   assert set(TINY[path.name]) <= defined, set(TINY[path.name]) - defined
 
@@ -77,7 +79,7 @@ def test_notebook_runs_tiny(path, tmp_path, monkeypatch):
   notebook = nbformat.read(path, as_version=4)
   cell = _parameters_cell(notebook)
   cell.source += "\n\n# Injected by tests/test_notebooks.py\n" + "".join(
-      f"{name} = {value!r}\n" for name, value in TINY[path.name].items()
+    f"{name} = {value!r}\n" for name, value in TINY[path.name].items()
   )
   # The kernel inherits this environment: the checkout is importable, so the
   # notebook installs nothing, and JAX stays on the CPU.

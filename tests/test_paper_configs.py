@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from saner_jax.train import data, models
-from saner_jax.train import config as config_lib, loop
+from saner_jax.train import config as config_lib
+from saner_jax.train import data, loop, models
 
 PAPER_DIR = config_lib.PRESET_DIR / "paper"
 PRESETS = sorted(f"paper/{p.stem}" for p in PAPER_DIR.glob("*.yaml"))
@@ -29,9 +29,19 @@ SETTINGS = (
 MODELS = ("resnet18", "resnet34", "wrn28_10")
 # The authors' defaults; every paper preset must use them.
 PAPER_VALUES = dict(
-    epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, lr_schedule="multistep",
-    lr_milestones=(0.5, 0.75), lr_decay=0.1, rho=0.1, optimizer="saner", alpha=0.5,
-    alpha_warmup_epochs=50, augment=True,
+  epochs=200,
+  batch_size=128,
+  lr=0.1,
+  momentum=0.9,
+  weight_decay=5e-4,
+  lr_schedule="multistep",
+  lr_milestones=(0.5, 0.75),
+  lr_decay=0.1,
+  rho=0.1,
+  optimizer="saner",
+  alpha=0.5,
+  alpha_warmup_epochs=50,
+  augment=True,
 )
 CI_SIZES = dict(batch_size=4, train_examples=4, test_examples=4, eval_batch_size=4, epochs=1)
 CI_OUTPUT = dict(checkpoint=False, progress="none")
@@ -54,7 +64,7 @@ def compilation_cache_dir(tmp_path_factory):
 
 
 def test_the_grid_is_complete():
-  assert PRESETS == sorted(f"paper/{s}_{m}" for s in SETTINGS for m in MODELS)
+  assert sorted(f"paper/{s}_{m}" for s in SETTINGS for m in MODELS) == PRESETS
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -27,8 +27,15 @@ from saner_jax.train.config import TrainConfig
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHECKS = REPO / "tests" / "_parallel_checks.py"
 TINY = dict(
-    model="resnet8", epochs=1, batch_size=32, train_examples=64, test_examples=64,
-    eval_batch_size=32, alpha_warmup_epochs=1, progress="none", checkpoint=False,
+  model="resnet8",
+  epochs=1,
+  batch_size=32,
+  train_examples=64,
+  test_examples=64,
+  eval_batch_size=32,
+  alpha_warmup_epochs=1,
+  progress="none",
+  checkpoint=False,
 )
 TIMEOUT_S = 600
 
@@ -69,8 +76,11 @@ def spawn(tmp_path) -> Iterator[Callable[..., Child]]:
     log = tmp_path / f"{name}.log"
     with log.open("w") as out:
       proc = subprocess.Popen(
-          args, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **env},
-          stdout=out, stderr=subprocess.STDOUT,
+        args,
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **env},
+        stdout=out,
+        stderr=subprocess.STDOUT,
       )
     children.append(Child(name, proc, log))
     return children[-1]
@@ -99,8 +109,7 @@ def _finish(*children: Child) -> None:
     if time.monotonic() > deadline:
       running = [child for child, code in zip(children, codes) if code is None]
       pytest.fail(
-          f"still running after {TIMEOUT_S} s:\n"
-          + "\n".join(f"{child.name}:\n{child.output()}" for child in running)
+        f"still running after {TIMEOUT_S} s:\n" + "\n".join(f"{child.name}:\n{child.output()}" for child in running)
       )
     time.sleep(0.5)
 
@@ -110,14 +119,14 @@ def _start_check(spawn, name: str, *args: str) -> Child:
 
 
 @pytest.mark.parametrize(
-    "name",
-    [
-        "synced_equals_single_device",
-        "per_device_equals_m_sharpness_helper",
-        "batchnorm_statistics",
-        "accumulation_over_devices",
-        "trainer_puts_sub_batch_logits_back_in_order",
-    ],
+  "name",
+  [
+    "synced_equals_single_device",
+    "per_device_equals_m_sharpness_helper",
+    "batchnorm_statistics",
+    "accumulation_over_devices",
+    "trainer_puts_sub_batch_logits_back_in_order",
+  ],
 )
 def test_on_eight_devices(name, spawn):
   _finish(_start_check(spawn, name))
@@ -139,21 +148,22 @@ def _start_two_processes(spawn, out_dir: pathlib.Path, idx_dir: pathlib.Path) ->
   port = _free_port()
   flags = [f"--{k}={v}" for k, v in {**TINY, **_data(idx_dir)}.items()]
   return [
-      spawn(
-          f"host{process_id}",
-          [sys.executable, "-m", "saner_jax.train", *flags, "--distributed=true", f"--out_dir={out_dir}"],
-          XLA_FLAGS="--xla_force_host_platform_device_count=2",
-          JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-          JAX_PROCESS_ID=str(process_id),
-      )
-      for process_id in range(2)
+    spawn(
+      f"host{process_id}",
+      [sys.executable, "-m", "saner_jax.train", *flags, "--distributed=true", f"--out_dir={out_dir}"],
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+      JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+      JAX_NUM_PROCESSES="2",
+      JAX_PROCESS_ID=str(process_id),
+    )
+    for process_id in range(2)
   ]
 
 
 def test_trainer_synced_matches_one_device_on_eight_devices_and_on_two_hosts(tmp_path, idx_dir, spawn):
   """Same config, same global batches: synced metrics do not depend on the devices or hosts."""
   eight = _start_check(
-      spawn, "trainer_synced_run", json.dumps({**TINY, **_data(idx_dir), "out_dir": str(tmp_path / "eight")})
+    spawn, "trainer_synced_run", json.dumps({**TINY, **_data(idx_dir), "out_dir": str(tmp_path / "eight")})
   )
   hosts = _start_two_processes(spawn, tmp_path / "hosts", idx_dir)
   one = loop.train(TrainConfig(out_dir=str(tmp_path / "one"), **TINY, **_data(idx_dir)))
@@ -170,12 +180,12 @@ def test_trainer_synced_matches_one_device_on_eight_devices_and_on_two_hosts(tmp
 
 
 @pytest.mark.parametrize(
-    "flags, names",
-    [
-        (["--perturbation_mode", "sideways"], "--perturbation_mode"),
-        (["--grad_accum_steps", "0"], "--grad_accum_steps"),
-        (["--batch_size", "32", "--m_sharpness", "2", "--grad_accum_steps", "3"], "--grad_accum_steps"),
-    ],
+  "flags, names",
+  [
+    (["--perturbation_mode", "sideways"], "--perturbation_mode"),
+    (["--grad_accum_steps", "0"], "--grad_accum_steps"),
+    (["--batch_size", "32", "--m_sharpness", "2", "--grad_accum_steps", "3"], "--grad_accum_steps"),
+  ],
 )
 def test_bad_parallel_flags_name_the_flag(flags, names, capsys, tmp_path):
   assert cli.main(flags + ["--out_dir", str(tmp_path / "run")]) == 2
@@ -202,11 +212,17 @@ def test_sgd_accumulation_equals_the_full_batch_on_identical_images(tmp_path):
     write_idx(tmp_path, prefix, images, rng.integers(0, 10, 64))
   # No augmentation: random crops and flips would make the images differ.
   runs = {
-      k: loop.train(TrainConfig(
-          optimizer="sgd", grad_accum_steps=k, augment=False, out_dir=str(tmp_path / f"k{k}"),
-          **TINY, **_data(tmp_path),
-      ))["final"]
-      for k in (1, 2)
+    k: loop.train(
+      TrainConfig(
+        optimizer="sgd",
+        grad_accum_steps=k,
+        augment=False,
+        out_dir=str(tmp_path / f"k{k}"),
+        **TINY,
+        **_data(tmp_path),
+      )
+    )["final"]
+    for k in (1, 2)
   }
   for key in ("train_loss", "train_acc", "clean_acc", "noisy_memorised", "test_acc"):
     np.testing.assert_allclose(runs[2][key], runs[1][key], rtol=1e-5, err_msg=key)

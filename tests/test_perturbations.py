@@ -30,14 +30,14 @@ RTOL, ATOL = 1e-5, 1e-7
 def _grads(n_steps, seed=0):
   rng = np.random.default_rng(seed)
   return [
-      {"w": rng.normal(size=(2, 3)).astype(np.float32), "b": rng.normal(size=(3,)).astype(np.float32)}
-      for _ in range(n_steps)
+    {"w": rng.normal(size=(2, 3)).astype(np.float32), "b": rng.normal(size=(3,)).astype(np.float32)}
+    for _ in range(n_steps)
   ]
 
 
 PARAMS = {
-    "w": np.array([[0.5, -2.0, 0.0], [1.0, 0.25, -0.75]], np.float32),
-    "b": np.array([0.1, 0.0, -3.0], np.float32),
+  "w": np.array([[0.5, -2.0, 0.0], [1.0, 0.25, -0.75]], np.float32),
+  "b": np.array([0.1, 0.0, -3.0], np.float32),
 }
 
 
@@ -244,11 +244,11 @@ def test_vasso_rho_schedule(variant):
 
 
 ALL = {
-    "sam": lambda rho=0.05: sam(rho),
-    "asam": lambda rho=0.5: asam(rho),
-    "asam_eta": lambda rho=0.5: asam(rho, eta=0.01),
-    "friendly_sam": lambda rho=0.05: friendly_sam(rho),
-    "vasso": lambda rho=0.05: vasso(rho),
+  "sam": lambda rho=0.05: sam(rho),
+  "asam": lambda rho=0.5: asam(rho),
+  "asam_eta": lambda rho=0.5: asam(rho, eta=0.01),
+  "friendly_sam": lambda rho=0.05: friendly_sam(rho),
+  "vasso": lambda rho=0.05: vasso(rho),
 }
 
 
@@ -276,14 +276,14 @@ def test_friendly_sam_direction_cancelling_gives_zero_eps(variant):
 
 
 @pytest.mark.parametrize(
-    "make",
-    [
-        lambda r: sam(r),
-        lambda r: asam(r),
-        lambda r: friendly_sam(r),
-        lambda r: vasso(r),
-    ],
-    ids=["sam", "asam", "friendly_sam", "vasso"],
+  "make",
+  [
+    lambda r: sam(r),
+    lambda r: asam(r),
+    lambda r: friendly_sam(r),
+    lambda r: vasso(r),
+  ],
+  ids=["sam", "asam", "friendly_sam", "vasso"],
 )
 def test_negative_rho(make):
   with pytest.raises(ValueError, match=r"rho must be >= 0.0, got -0.1"):
@@ -295,14 +295,14 @@ def test_negative_rho(make):
 
 
 @pytest.mark.parametrize(
-    "make, match",
-    [
-        (lambda: asam(0.5, eta=-0.01), r"eta must be >= 0.0, got -0.01"),
-        (lambda: friendly_sam(0.05, sigma=-1.0), r"sigma must be >= 0.0, got -1.0"),
-        (lambda: friendly_sam(0.05, lmbda=1.5), r"lmbda must be \[0.0, 1.0\], got 1.5"),
-        (lambda: vasso(0.05, theta=-0.2), r"theta must be \[0.0, 1.0\], got -0.2"),
-        (lambda: vasso(0.05, theta=1.2), r"theta must be \[0.0, 1.0\], got 1.2"),
-    ],
+  "make, match",
+  [
+    (lambda: asam(0.5, eta=-0.01), r"eta must be >= 0.0, got -0.01"),
+    (lambda: friendly_sam(0.05, sigma=-1.0), r"sigma must be >= 0.0, got -1.0"),
+    (lambda: friendly_sam(0.05, lmbda=1.5), r"lmbda must be \[0.0, 1.0\], got 1.5"),
+    (lambda: vasso(0.05, theta=-0.2), r"theta must be \[0.0, 1.0\], got -0.2"),
+    (lambda: vasso(0.05, theta=1.2), r"theta must be \[0.0, 1.0\], got 1.2"),
+  ],
 )
 def test_other_bad_hyperparameters(make, match):
   with pytest.raises(ValueError, match=match):

@@ -5,6 +5,8 @@ parametrisation, the pytest form of ``chex.variants(with_jit, without_jit)``).
 Expected values are written out literally or computed with numpy in float64.
 """
 
+import itertools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -47,17 +49,17 @@ VARIANTS = pytest.mark.parametrize("variant", [jax.jit, _no_jit], ids=["jit", "n
 #  14    0.5    -1e-9      -5e8          C     tiny negative g (authors: A)
 # ---------------------------------------------------------------------------
 PERTURBED = np.array(
-    [2.0, 0.5, -0.5, -3.0, -1.0, 1.0, 1.0, 0.0, 0.0, 1.5, -1.5, -2e-9, 1e-9, -4e-8, 0.5],
-    np.float32,
+  [2.0, 0.5, -0.5, -3.0, -1.0, 1.0, 1.0, 0.0, 0.0, 1.5, -1.5, -2e-9, 1e-9, -4e-8, 0.5],
+  np.float32,
 )
 CLEAN = np.array(
-    [1.0, 1.0, -1.0, -1.0, 2.0, -2.0, 0.0, 1.0, 0.0, 1.5, -1.5, -5e-9, -5e-9, -2e-8, -1e-9],
-    np.float32,
+  [1.0, 1.0, -1.0, -1.0, 2.0, -2.0, 0.0, 1.0, 0.0, 1.5, -1.5, -5e-9, -5e-9, -2e-8, -1e-9],
+  np.float32,
 )
 EXPECTED_MASKS = {
-    "A": np.array([1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0], bool),
-    "B": np.array([0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], bool),
-    "C": np.array([0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0, 1], bool),
+  "A": np.array([1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0], bool),
+  "B": np.array([0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], bool),
+  "C": np.array([0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0, 1], bool),
 }
 
 
@@ -97,14 +99,14 @@ def test_hand_example_is_where_the_authors_rule_goes_wrong():
 
 
 @pytest.mark.parametrize(
-    "dtype, perturbed, clean",
-    [
-        # products 5e-9 (float16) and 5e-51 (float32) underflow to zero, so a
-        # test through g_sam * g > 0 would put these in no group.
-        (jnp.float16, [5e-5, -5e-5, 2e-4, -5e-5], [1e-4, -1e-4, 1e-4, 1e-4]),
-        (jnp.bfloat16, [5e-26, -5e-26, 2e-25, -5e-26], [1e-25, -1e-25, 1e-25, 1e-25]),
-        (jnp.float32, [5e-26, -5e-26, 2e-25, -5e-26], [1e-25, -1e-25, 1e-25, 1e-25]),
-    ],
+  "dtype, perturbed, clean",
+  [
+    # products 5e-9 (float16) and 5e-51 (float32) underflow to zero, so a
+    # test through g_sam * g > 0 would put these in no group.
+    (jnp.float16, [5e-5, -5e-5, 2e-4, -5e-5], [1e-4, -1e-4, 1e-4, 1e-4]),
+    (jnp.bfloat16, [5e-26, -5e-26, 2e-25, -5e-26], [1e-25, -1e-25, 1e-25, 1e-25]),
+    (jnp.float32, [5e-26, -5e-26, 2e-25, -5e-26], [1e-25, -1e-25, 1e-25, 1e-25]),
+  ],
 )
 def test_group_mask_does_not_underflow(dtype, perturbed, clean):
   p = jnp.asarray(perturbed, dtype)
@@ -134,12 +136,10 @@ def test_group_mask_unknown_group():
 def test_saner_hand_example(variant):
   tx = saner(0.5)
   state = tx.init({"g": CLEAN})
-  out, state = variant(lambda u, s, c: tx.update(u, s, clean_grads=c))(
-      {"g": PERTURBED}, state, {"g": CLEAN}
-  )
+  out, state = variant(lambda u, s, c: tx.update(u, s, clean_grads=c))({"g": PERTURBED}, state, {"g": CLEAN})
   expected = np.array(
-      [2.0, 0.25, -0.25, -3.0, -1.0, 1.0, 1.0, 0.0, 0.0, 1.5, -1.5, -1e-9, 1e-9, -4e-8, 0.5],
-      np.float32,
+    [2.0, 0.25, -0.25, -3.0, -1.0, 1.0, 1.0, 0.0, 0.0, 1.5, -1.5, -1e-9, 1e-9, -4e-8, 0.5],
+    np.float32,
   )
   np.testing.assert_array_equal(np.asarray(out["g"]), expected)
   assert int(state.count) == 1
@@ -147,18 +147,16 @@ def test_saner_hand_example(variant):
 
 @VARIANTS
 @pytest.mark.parametrize(
-    "group, expected",
-    [
-        # alpha = 2 amplifies the ablation group; everything else unchanged.
-        ("A", [4.0, 0.5, -0.5, -6.0, -1.0, 1.0, 1.0, 0.0, 0.0, 1.5, -1.5, -2e-9, 1e-9, -8e-8, 0.5]),
-        ("C", [2.0, 0.5, -0.5, -3.0, -2.0, 2.0, 1.0, 0.0, 0.0, 1.5, -1.5, -2e-9, 2e-9, -4e-8, 1.0]),
-    ],
+  "group, expected",
+  [
+    # alpha = 2 amplifies the ablation group; everything else unchanged.
+    ("A", [4.0, 0.5, -0.5, -6.0, -1.0, 1.0, 1.0, 0.0, 0.0, 1.5, -1.5, -2e-9, 1e-9, -8e-8, 0.5]),
+    ("C", [2.0, 0.5, -0.5, -3.0, -2.0, 2.0, 1.0, 0.0, 0.0, 1.5, -1.5, -2e-9, 2e-9, -4e-8, 1.0]),
+  ],
 )
 def test_saner_ablation_groups_allow_alpha_above_one(variant, group, expected):
   tx = saner(2.0, group=group)
-  out, _ = variant(lambda u, s, c: tx.update(u, s, clean_grads=c))(
-      PERTURBED, tx.init(CLEAN), CLEAN
-  )
+  out, _ = variant(lambda u, s, c: tx.update(u, s, clean_grads=c))(PERTURBED, tx.init(CLEAN), CLEAN)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(expected, np.float32))
 
 
@@ -302,7 +300,6 @@ def test_inject_hyperparams_with_schedule(variant):
 
 
 class _TinyNnx(nnx.Module):
-
   def __init__(self, rngs):
     self.linear = nnx.Linear(3, 2, rngs=rngs)
 
@@ -398,7 +395,7 @@ def test_alpha_warmup_reaches_target_at_step_k(variant, alpha):
   assert float(schedule(k)) == float(np.float32(alpha))
   assert float(schedule(10 * k)) == float(np.float32(alpha))
   values = [float(schedule(t)) for t in range(k + 1)]
-  assert all(a > b for a, b in zip(values, values[1:]))  # strictly linear descent
+  assert all(a > b for a, b in itertools.pairwise(values))  # strictly linear descent
 
 
 @VARIANTS
@@ -407,8 +404,11 @@ def test_alpha_warmup_staircase_matches_authors_get_alpha(variant, alpha, epochs
   schedule = variant(alpha_warmup(alpha, epochs_k * steps_per_epoch, steps_per_epoch))
   for epoch in range(epochs_k + 3):  # counted from 0, see alpha_warmup's docstring
     want = _authors_get_alpha(epoch, 1.0, alpha, epochs_k)
-    for step in {epoch * steps_per_epoch, epoch * steps_per_epoch + steps_per_epoch // 2,
-                 (epoch + 1) * steps_per_epoch - 1}:
+    for step in {
+      epoch * steps_per_epoch,
+      epoch * steps_per_epoch + steps_per_epoch // 2,
+      (epoch + 1) * steps_per_epoch - 1,
+    }:
       np.testing.assert_allclose(float(schedule(jnp.int32(step))), want, rtol=1e-6)
 
 
@@ -419,12 +419,12 @@ def test_alpha_warmup_zero_steps_is_constant():
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(alpha=1.5, warmup_steps=5), r"alpha must be \[0.0, 1.0\], got 1.5"),
-        (dict(alpha=0.5, warmup_steps=-1), r"warmup_steps must be >= 0, got -1"),
-        (dict(alpha=0.5, warmup_steps=5, steps_per_epoch=0), r"steps_per_epoch must be > 0, got 0"),
-    ],
+  "kwargs, match",
+  [
+    (dict(alpha=1.5, warmup_steps=5), r"alpha must be \[0.0, 1.0\], got 1.5"),
+    (dict(alpha=0.5, warmup_steps=-1), r"warmup_steps must be >= 0, got -1"),
+    (dict(alpha=0.5, warmup_steps=5, steps_per_epoch=0), r"steps_per_epoch must be > 0, got 0"),
+  ],
 )
 def test_alpha_warmup_bad_input(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -505,9 +505,7 @@ def test_missing_or_mismatched_clean_grads(name):
     tx.update(updates, state, clean_grads={"v": jnp.ones((2, 3))})
   with pytest.raises(ValueError, match=r"clean_grads must have the same tree structure as updates"):
     tx.update(updates, state, clean_grads=[jnp.ones((2, 3))])
-  with pytest.raises(
-      ValueError, match=r"clean_grads\['w'\] has shape \(3,\) but updates\['w'\] has shape \(2, 3\)"
-  ):
+  with pytest.raises(ValueError, match=r"clean_grads\['w'\] has shape \(3,\) but updates\['w'\] has shape \(2, 3\)"):
     tx.update(updates, state, clean_grads={"w": jnp.ones(3)})
 
 
@@ -519,19 +517,19 @@ def test_missing_clean_grads_inside_chain_and_jit():
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(alpha=1.5), r"alpha must be \[0.0, 1.0\], got 1.5"),
-        (dict(alpha=-0.1), r"alpha must be \[0.0, 1.0\], got -0.1"),
-        (dict(alpha=2.0, group="B"), r"alpha must be \[0.0, 1.0\], got 2.0"),
-        (dict(alpha=float("nan")), r"alpha must be \[0.0, 1.0\], got nan"),
-        (dict(alpha=-1.0, group="A"), r"alpha must be >= 0.0, got -1.0"),
-        (dict(alpha=-1.0, group="C"), r"alpha must be >= 0.0, got -1.0"),
-        (dict(alpha=0.5, group="D"), r"unknown group 'D'; expected one of"),
-        (dict(alpha=0.5, group="b"), r"unknown group 'b'; expected one of"),
-        (dict(alpha=optax.constant_schedule(1.5)), r"got 1.5 \(the schedule's value at step 0\)"),
-        (dict(alpha="half"), r"alpha must be a float or an optax schedule"),
-    ],
+  "kwargs, match",
+  [
+    (dict(alpha=1.5), r"alpha must be \[0.0, 1.0\], got 1.5"),
+    (dict(alpha=-0.1), r"alpha must be \[0.0, 1.0\], got -0.1"),
+    (dict(alpha=2.0, group="B"), r"alpha must be \[0.0, 1.0\], got 2.0"),
+    (dict(alpha=float("nan")), r"alpha must be \[0.0, 1.0\], got nan"),
+    (dict(alpha=-1.0, group="A"), r"alpha must be >= 0.0, got -1.0"),
+    (dict(alpha=-1.0, group="C"), r"alpha must be >= 0.0, got -1.0"),
+    (dict(alpha=0.5, group="D"), r"unknown group 'D'; expected one of"),
+    (dict(alpha=0.5, group="b"), r"unknown group 'b'; expected one of"),
+    (dict(alpha=optax.constant_schedule(1.5)), r"got 1.5 \(the schedule's value at step 0\)"),
+    (dict(alpha="half"), r"alpha must be a float or an optax schedule"),
+  ],
 )
 def test_saner_bad_arguments(kwargs, match):
   with pytest.raises((ValueError, TypeError), match=match):

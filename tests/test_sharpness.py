@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from saner_jax import SharpnessAwareGrads, asam, saner, sam, sharpness_aware_grad, vasso
+from saner_jax import SharpnessAwareGrads, asam, sam, saner, sharpness_aware_grad, vasso
 
 
 def _no_jit(fn):
@@ -24,8 +24,8 @@ VARIANTS = pytest.mark.parametrize("variant", [jax.jit, _no_jit], ids=["jit", "n
 
 _RNG = np.random.default_rng(0)
 PARAMS = {
-    "w": _RNG.normal(size=(3, 2)).astype(np.float32),
-    "b": _RNG.normal(size=(2,)).astype(np.float32),
+  "w": _RNG.normal(size=(3, 2)).astype(np.float32),
+  "b": _RNG.normal(size=(2,)).astype(np.float32),
 }
 X = _RNG.normal(size=(8, 3)).astype(np.float32)
 Y = _RNG.normal(size=(8, 2)).astype(np.float32)
@@ -115,7 +115,7 @@ def test_rho_zero_is_the_base_optimizer_exactly(variant):
   p1, s1, ps = PARAMS, tx.init(PARAMS), perturbation.init(PARAMS)
   p2, s2 = PARAMS, base.init(PARAMS)
   for step in range(3):
-    batch = (X[step:step + 4], Y[step:step + 4])
+    batch = (X[step : step + 4], Y[step : step + 4])
     p1, s1, ps = sam_step(p1, s1, ps, batch)
     p2, s2 = sgd_step(p2, s2, batch)
     chex.assert_trees_all_equal(p1, p2)
@@ -128,7 +128,6 @@ def test_rho_zero_is_the_base_optimizer_exactly(variant):
 
 
 class _BnNet(nn.Module):
-
   @nn.compact
   def __call__(self, x, train):
     h = nn.Dense(3, name="dense_in")(x)
@@ -144,9 +143,7 @@ def test_batchnorm_statistics_come_from_the_clean_pass(variant):
 
   def bn_loss(params, batch_stats, batch):
     x, y = batch
-    out, updates = model.apply(
-        {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
-    )
+    out, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
     return jnp.mean((out - y) ** 2), updates["batch_stats"]
 
   rho = 1.0
@@ -189,7 +186,7 @@ def test_m_sharpness_one_is_the_plain_path(variant):
   plain = variant(sharpness_aware_grad(loss_fn, perturbation))(PARAMS, state, (X, Y))
   m1 = variant(sharpness_aware_grad(loss_fn, perturbation, m_sharpness=1))(PARAMS, state, (X, Y))
   chex.assert_trees_all_equal(plain, m1)
-  _, g, g_sam = _np_two_passes(PARAMS, X, Y, 0.2)
+  _, _, g_sam = _np_two_passes(PARAMS, X, Y, 0.2)
   _assert_tree_close(m1.perturbed_grads, g_sam)
 
 
@@ -208,7 +205,7 @@ def test_m_sharpness_is_the_mean_over_sub_batches(variant, m):
   size = len(X) // m
   losses, gs, g_sams = [], [], []
   for i in range(m):
-    loss, g, g_sam = _np_two_passes(PARAMS, X[i * size:(i + 1) * size], Y[i * size:(i + 1) * size], rho)
+    loss, g, g_sam = _np_two_passes(PARAMS, X[i * size : (i + 1) * size], Y[i * size : (i + 1) * size], rho)
     losses.append(loss)
     gs.append(g)
     g_sams.append(g_sam)
@@ -233,7 +230,7 @@ def test_m_sharpness_splits_only_the_batch_argument(variant):
   perturbation = sam(0.2)
   grad_fn = variant(sharpness_aware_grad(loss_with_scale, perturbation, m_sharpness=2, batch_argnum=2))
   out = grad_fn(PARAMS, perturbation.init(PARAMS), jnp.float32(3.0), (X, Y))
-  manual = [_np_two_passes(PARAMS, X[i * 4:(i + 1) * 4], Y[i * 4:(i + 1) * 4], 0.2) for i in range(2)]
+  manual = [_np_two_passes(PARAMS, X[i * 4 : (i + 1) * 4], Y[i * 4 : (i + 1) * 4], 0.2) for i in range(2)]
   np.testing.assert_allclose(float(out.loss), 3.0 * np.mean([r[0] for r in manual]), rtol=1e-5)
   want = {k: 3.0 * np.mean([r[2][k] for r in manual], axis=0) for k in PARAMS}
   _assert_tree_close(out.perturbed_grads, want)

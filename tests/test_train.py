@@ -17,16 +17,24 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import read_metrics as _metrics
-from saner_jax.train import cli, config as config_lib, loop, step as step_lib
+
+from saner_jax.train import cli, loop
+from saner_jax.train import config as config_lib
+from saner_jax.train import step as step_lib
 from saner_jax.train.config import ConfigError, TrainConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIME_KEYS = ("epoch_time_s", "wall_time_s")
 TINY = dict(
-    model="resnet8", epochs=2, batch_size=32, train_examples=96, test_examples=64,
-    eval_batch_size=32, alpha_warmup_epochs=2, progress="none",
+  model="resnet8",
+  epochs=2,
+  batch_size=32,
+  train_examples=96,
+  test_examples=64,
+  eval_batch_size=32,
+  alpha_warmup_epochs=2,
+  progress="none",
 )
 
 
@@ -39,25 +47,25 @@ def _without_times(records):
 
 
 @pytest.mark.parametrize(
-    "flags, names",
-    [
-        (["--optimizer", "adamw"], "--optimizer"),
-        (["--dataset", "imagenet"], "--dataset"),
-        (["--noise_rate", "1.5"], "--noise_rate"),
-        (["--noise_rate", "-0.1"], "--noise_rate"),
-        (["--noise_mode", "sideways"], "--noise_mode"),
-        (["--model", "resnet1000"], "--model"),
-        (["--alpha", "1.5"], "--alpha"),
-        (["--rho", "-0.1"], "--rho"),
-        (["--epochs", "ten"], "--epochs"),
-        (["--optimizer", "sgd", "--saner", "true"], "--saner"),
-        (["--m_sharpness", "3"], "--m_sharpness"),
-        (["--config", "no_such_preset"], "--config"),
-        (["--dataset", "svhn_cropped", "--noise_mode", "asymmetric"], "--noise_mode"),
-        (["--noise_mode", "real"], "--noise_mode"),
-        (["--dataset", "cifar10_n", "--noise_mode", "real", "--noise_label_key", "best_label"], "--noise_label_key"),
-        (["--data_source", "ftp"], "--data_source"),
-    ],
+  "flags, names",
+  [
+    (["--optimizer", "adamw"], "--optimizer"),
+    (["--dataset", "imagenet"], "--dataset"),
+    (["--noise_rate", "1.5"], "--noise_rate"),
+    (["--noise_rate", "-0.1"], "--noise_rate"),
+    (["--noise_mode", "sideways"], "--noise_mode"),
+    (["--model", "resnet1000"], "--model"),
+    (["--alpha", "1.5"], "--alpha"),
+    (["--rho", "-0.1"], "--rho"),
+    (["--epochs", "ten"], "--epochs"),
+    (["--optimizer", "sgd", "--saner", "true"], "--saner"),
+    (["--m_sharpness", "3"], "--m_sharpness"),
+    (["--config", "no_such_preset"], "--config"),
+    (["--dataset", "svhn_cropped", "--noise_mode", "asymmetric"], "--noise_mode"),
+    (["--noise_mode", "real"], "--noise_mode"),
+    (["--dataset", "cifar10_n", "--noise_mode", "real", "--noise_label_key", "best_label"], "--noise_label_key"),
+    (["--data_source", "ftp"], "--data_source"),
+  ],
 )
 def test_bad_flags_name_the_flag(flags, names, capsys, tmp_path):
   assert cli.main(flags + ["--out_dir", str(tmp_path / "never")]) == 2
@@ -168,8 +176,11 @@ def test_cpu_conv_trains_like_xla_convolutions(tmp_path, idx_dir, onednn):
   finals = {}
   for cpu_conv in (False, True):
     cfg = TrainConfig(
-        optimizer="sgd", cpu_conv=cpu_conv, out_dir=str(tmp_path / str(cpu_conv)), data_dir=str(idx_dir),
-        **{**TINY, "epochs": 2},
+      optimizer="sgd",
+      cpu_conv=cpu_conv,
+      out_dir=str(tmp_path / str(cpu_conv)),
+      data_dir=str(idx_dir),
+      **{**TINY, "epochs": 2},
     )
     finals[cpu_conv] = loop.train(cfg)["final"]
   np.testing.assert_allclose(finals[True]["train_loss"], finals[False]["train_loss"], rtol=1e-4)
@@ -178,7 +189,9 @@ def test_cpu_conv_trains_like_xla_convolutions(tmp_path, idx_dir, onednn):
 
 
 def test_resume_without_a_checkpoint_refuses_to_drop_the_logs(tmp_path, idx_dir):
-  cfg = TrainConfig(optimizer="sgd", out_dir=str(tmp_path), data_dir=str(idx_dir), checkpoint=False, **{**TINY, "epochs": 1})
+  cfg = TrainConfig(
+    optimizer="sgd", out_dir=str(tmp_path), data_dir=str(idx_dir), checkpoint=False, **{**TINY, "epochs": 1}
+  )
   loop.train(cfg)
   logged = (tmp_path / "metrics.jsonl").read_text()
   with pytest.raises(ConfigError, match="no checkpoint"):
@@ -194,8 +207,12 @@ def _cli(idx_dir, out_dir, *extra):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   flags = [f"--{k}={v}" for k, v in {**TINY, "epochs": 4, "data_dir": idx_dir}.items()]
   return subprocess.Popen(
-      [sys.executable, "-m", "saner_jax.train", *flags, f"--out_dir={out_dir}", *extra],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    [sys.executable, "-m", "saner_jax.train", *flags, f"--out_dir={out_dir}", *extra],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
   )
 
 
@@ -248,10 +265,9 @@ def test_same_seed_same_run_and_kill_resume_loses_nothing(tmp_path, idx_dir):
 
   # The finished runs are collected, not rerun, by compare.
   summaries = cli.compare(
-      cli._compare_parser().parse_args(
-          ["--runs", "saner", "--collect_only", "--out_dir", str(tmp_path), "--model", "resnet8",
-           "--epochs", "4"]
-      )
+    cli._compare_parser().parse_args(
+      ["--runs", "saner", "--collect_only", "--out_dir", str(tmp_path), "--model", "resnet8", "--epochs", "4"]
+    )
   )
   assert summaries["saner"][0]["best_test_acc"] == max(r["test_acc"] for r in _metrics(straight))
   assert "| saner | 1 |" in (tmp_path / "compare.md").read_text()
@@ -262,7 +278,7 @@ def test_resume_refuses_a_changed_config(tmp_path, idx_dir):
   cfg = TrainConfig(optimizer="sgd", out_dir=str(tmp_path), data_dir=str(idx_dir), **{**TINY, "epochs": 1})
   loop.train(cfg)
   changed = TrainConfig(
-      optimizer="sgd", out_dir=str(tmp_path), data_dir=str(idx_dir), **{**TINY, "epochs": 1, "lr": 0.5}
+    optimizer="sgd", out_dir=str(tmp_path), data_dir=str(idx_dir), **{**TINY, "epochs": 1, "lr": 0.5}
   )
   with pytest.raises(ConfigError, match="lr"):
     loop.train(changed, resume=True)

@@ -29,9 +29,9 @@ __all__ = ["NativeBuildError", "cache_dir", "load_onednn_conv"]
 SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
 # FFI target name -> the handler symbol the source exports.
 ONEDNN_CONV_TARGETS = {
-    "saner_onednn_conv_forward": "SanerOnednnConvForward",
-    "saner_onednn_conv_backward_data": "SanerOnednnConvBackwardData",
-    "saner_onednn_conv_backward_weights": "SanerOnednnConvBackwardWeights",
+  "saner_onednn_conv_forward": "SanerOnednnConvForward",
+  "saner_onednn_conv_backward_data": "SanerOnednnConvBackwardData",
+  "saner_onednn_conv_backward_weights": "SanerOnednnConvBackwardWeights",
 }
 _INSTALL_HINT = "on Debian or Ubuntu: apt-get install g++ libdnnl-dev"
 
@@ -53,8 +53,17 @@ def _compile_command(output: pathlib.Path) -> list[str]:
   compiler = shlex.split(os.environ.get("CXX", "g++"))
   # -isystem: jaxlib's headers are not ours to warn about.
   return [
-      *compiler, "-O2", "-std=c++17", "-fPIC", "-shared", "-isystem", jax.ffi.include_dir(),
-      str(SOURCE), "-o", str(output), "-ldnnl",
+    *compiler,
+    "-O2",
+    "-std=c++17",
+    "-fPIC",
+    "-shared",
+    "-isystem",
+    jax.ffi.include_dir(),
+    str(SOURCE),
+    "-o",
+    str(output),
+    "-ldnnl",
   ]
 
 
@@ -72,10 +81,12 @@ def _build(library: pathlib.Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
       missing_onednn = "dnnl.hpp" in result.stderr or "-ldnnl" in result.stderr
-      hint = f"oneDNN 2.x headers and library were not found ({_INSTALL_HINT})" if missing_onednn else "the compiler failed"
+      hint = (
+        f"oneDNN 2.x headers and library were not found ({_INSTALL_HINT})" if missing_onednn else "the compiler failed"
+      )
       raise NativeBuildError(
-          f"saner_jax.cpu_conv could not build its oneDNN kernels: {hint}.\n"
-          f"command: {shlex.join(command)}\n{result.stderr.strip()[-2000:]}"
+        f"saner_jax.cpu_conv could not build its oneDNN kernels: {hint}.\n"
+        f"command: {shlex.join(command)}\n{result.stderr.strip()[-2000:]}"
       )
     os.replace(partial, library)
   finally:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,18 +34,18 @@ def _ones_or_none(dilation: Sequence[int] | None) -> bool:
 
 
 def is_supported(
-    lhs_shape: Sequence[int],
-    rhs_shape: Sequence[int],
-    window_strides: Sequence[int],
-    padding: str | Sequence[tuple[int, int]],
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers: Any = None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
-    preferred_element_type: Any = None,
-    lhs_dtype: Any = jnp.float32,
-    rhs_dtype: Any = jnp.float32,
+  lhs_shape: Sequence[int],
+  rhs_shape: Sequence[int],
+  window_strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: Any = None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  preferred_element_type: Any = None,
+  lhs_dtype: Any = jnp.float32,
+  rhs_dtype: Any = jnp.float32,
 ) -> bool:
   """Whether :func:`conv_general_dilated` takes its CPU path for these arguments.
 
@@ -91,17 +92,17 @@ def _explicit_padding(spatial, kernel, strides, padding) -> tuple[tuple[int, int
 
 
 def conv_general_dilated(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    window_strides: Sequence[int],
-    padding: str | Sequence[tuple[int, int]],
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers: Any = None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
-    precision: Any = None,
-    preferred_element_type: Any = None,
+  lhs: jax.Array,
+  rhs: jax.Array,
+  window_strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: Any = None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  precision: Any = None,
+  preferred_element_type: Any = None,
 ) -> jax.Array:
   """``jax.lax.conv_general_dilated``, computed by oneDNN on the CPU.
 
@@ -113,21 +114,30 @@ def conv_general_dilated(
   the stock op. See the module docstring for the limits.
   """
   stock = functools.partial(
-      lax.conv_general_dilated,
-      window_strides=window_strides,
-      padding=padding,
-      lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count,
-      batch_group_count=batch_group_count,
-      precision=precision,
-      preferred_element_type=preferred_element_type,
+    lax.conv_general_dilated,
+    window_strides=window_strides,
+    padding=padding,
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    feature_group_count=feature_group_count,
+    batch_group_count=batch_group_count,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
   )
   if not is_supported(
-      jnp.shape(lhs), jnp.shape(rhs), window_strides, padding, lhs_dilation, rhs_dilation,
-      dimension_numbers, feature_group_count, batch_group_count, preferred_element_type,
-      jnp.result_type(lhs), jnp.result_type(rhs),
+    jnp.shape(lhs),
+    jnp.shape(rhs),
+    window_strides,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dimension_numbers,
+    feature_group_count,
+    batch_group_count,
+    preferred_element_type,
+    jnp.result_type(lhs),
+    jnp.result_type(rhs),
   ):
     return stock(lhs, rhs)
   try:
@@ -151,15 +161,14 @@ def _call(target: str, out_shape: Sequence[int], *operands, strides, pads) -> ja
 
 
 def _output_shape(x_shape, w_shape, strides, pads) -> tuple[int, ...]:
-  spatial = (
-      (size + lo + hi - k) // s + 1 for size, k, s, (lo, hi) in zip(x_shape[1:3], w_shape[:2], strides, pads)
-  )
+  spatial = ((size + lo + hi - k) // s + 1 for size, k, s, (lo, hi) in zip(x_shape[1:3], w_shape[:2], strides, pads))
   return (x_shape[0], *spatial, w_shape[3])
 
 
 def _forward(x, w, strides, pads):
-  return _call("saner_onednn_conv_forward", _output_shape(x.shape, w.shape, strides, pads), x, w,
-               strides=strides, pads=pads)
+  return _call(
+    "saner_onednn_conv_forward", _output_shape(x.shape, w.shape, strides, pads), x, w, strides=strides, pads=pads
+  )
 
 
 _onednn_conv = jax.custom_vjp(_forward, nondiff_argnums=(2, 3))

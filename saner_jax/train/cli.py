@@ -20,15 +20,15 @@ import pathlib
 import shlex
 import sys
 
-from saner_jax.train import data
 from saner_jax.train import config as config_lib
+from saner_jax.train import data
 from saner_jax.train.config import ConfigError
 
 
 def _train_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="python -m saner_jax.train",
-      description="Train a Flax ResNet with SGD, SAM-family optimizers and SANER on noisy labels.",
+    prog="python -m saner_jax.train",
+    description="Train a Flax ResNet with SGD, SAM-family optimizers and SANER on noisy labels.",
   )
   config_lib.add_flags(parser)
   parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its last checkpoint")
@@ -37,11 +37,15 @@ def _train_parser() -> argparse.ArgumentParser:
 
 def _compare_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="python -m saner_jax.train compare",
-      description="Run or collect several optimizers (x seeds) and compare them on one figure and table.",
+    prog="python -m saner_jax.train compare",
+    description="Run or collect several optimizers (x seeds) and compare them on one figure and table.",
   )
-  parser.add_argument("--runs", nargs="+", default=["sgd", "sam", "saner"],
-                      help="optimizers, e.g. sgd sam saner asam asam+saner (default: sgd sam saner)")
+  parser.add_argument(
+    "--runs",
+    nargs="+",
+    default=["sgd", "sam", "saner"],
+    help="optimizers, e.g. sgd sam saner asam asam+saner (default: sgd sam saner)",
+  )
   parser.add_argument("--seeds", nargs="+", type=int, default=[0])
   parser.add_argument("--collect_only", action="store_true", help="only collect finished runs under --out_dir")
   config_lib.add_flags(parser)
@@ -54,18 +58,18 @@ def run_config(name: str, seed: int, base: config_lib.TrainConfig, out_dir: path
   if suffix not in ("", "saner"):
     raise ConfigError(f"--runs: {name!r} is not an optimizer or OPTIMIZER+saner")
   return config_lib.from_mapping(
-      {
-          "optimizer": optimizer,
-          "saner": suffix == "saner",
-          "seed": seed,
-          "out_dir": str(out_dir / f"{name}_seed{seed}"),
-      },
-      base,
+    {
+      "optimizer": optimizer,
+      "saner": suffix == "saner",
+      "seed": seed,
+      "out_dir": str(out_dir / f"{name}_seed{seed}"),
+    },
+    base,
   ).validate()
 
 
 def run_or_collect(
-    base: config_lib.TrainConfig, runs: list[str], seeds: list[int], collect_only: bool = False
+  base: config_lib.TrainConfig, runs: list[str], seeds: list[int], collect_only: bool = False
 ) -> tuple[dict, dict]:
   """Trains (or resumes) each run x seed under ``base.out_dir`` unless finished.
 
@@ -85,7 +89,7 @@ def run_or_collect(
           raise ConfigError(f"--collect_only: {run_dir} has no finished run")
         loop.train(cfg, resume=(run_dir / "config.yaml").exists())
       summaries[name].append(json.loads((run_dir / "summary.json").read_text()))
-      histories[name].append([json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()])
+      histories[name].append([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()])
   return summaries, histories
 
 
@@ -98,7 +102,7 @@ def write_comparison(base: config_lib.TrainConfig, summaries: dict, histories: d
   report.plot_compare(histories, out_dir / "compare.png", title=title)
   table = report.markdown_table(summaries)
   (out_dir / "compare.md").write_text(
-      f"# {title}\n\n{table}\nCommand: `{command}`\n\ngit revision: {report.git_revision()}\n\n![curves](compare.png)\n"
+    f"# {title}\n\n{table}\nCommand: `{command}`\n\ngit revision: {report.git_revision()}\n\n![curves](compare.png)\n"
   )
   return table
 

@@ -119,7 +119,7 @@ class TrainConfig:
       return "saner"
     return f"{self.optimizer}+saner" if self.saner else self.optimizer
 
-  def validate(self) -> "TrainConfig":
+  def validate(self) -> TrainConfig:
     """Checks each field; raises ConfigError naming the flag."""
     from saner_jax.train import data, models, noise  # the training layer's own deps
 
@@ -146,7 +146,10 @@ class TrainConfig:
     if self.noise_mode not in ("none", "real"):
       highest = noise.max_rate(self.noise_mode, info.num_classes)
       if self.noise_rate > highest:
-        fail("noise_rate", f"{self.noise_mode} noise on {info.num_classes} classes is defined up to {highest:.3g}, got {self.noise_rate}")
+        fail(
+          "noise_rate",
+          f"{self.noise_mode} noise on {info.num_classes} classes is defined up to {highest:.3g}, got {self.noise_rate}",
+        )
     if self.noise_mode == "asymmetric":
       try:
         noise.asymmetric_map(self.dataset)
@@ -178,9 +181,9 @@ class TrainConfig:
       fail("m_sharpness", f"must divide batch_size {self.batch_size}, got {self.m_sharpness}")
     if self.batch_size % (self.m_sharpness * self.grad_accum_steps):
       fail(
-          "grad_accum_steps",
-          f"m_sharpness x grad_accum_steps = {self.m_sharpness} x {self.grad_accum_steps} "
-          f"must divide batch_size {self.batch_size}",
+        "grad_accum_steps",
+        f"m_sharpness x grad_accum_steps = {self.m_sharpness} x {self.grad_accum_steps} "
+        f"must divide batch_size {self.batch_size}",
       )
     if any(not 0.0 < m < 1.0 for m in self.lr_milestones):
       fail("lr_milestones", f"must be fractions of training in (0, 1), got {self.lr_milestones}")

@@ -143,11 +143,11 @@ CIFAR-N needs a manual download. On a machine with network access:
 
 def _cifar_n_manual(tfds_name: str, size: int, short: str) -> str:
   return _CIFAR_N_MANUAL.format(
-      tfds_name=tfds_name,
-      side_info=f"side_info_cifar{size}N.csv",
-      human_npy=f"CIFAR-{size}_human_ordered.npy",
-      human_csv=f"CIFAR-{size}_human_annotations.csv",
-      order_npy=f"image_order_{short}.npy",
+    tfds_name=tfds_name,
+    side_info=f"side_info_cifar{size}N.csv",
+    human_npy=f"CIFAR-{size}_human_ordered.npy",
+    human_csv=f"CIFAR-{size}_human_annotations.csv",
+    order_npy=f"image_order_{short}.npy",
   )
 
 
@@ -215,9 +215,7 @@ def get_spec(name: str) -> DatasetSpec:
   try:
     return DATASETS[name]
   except (KeyError, TypeError):
-    raise ValueError(
-        f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}"
-    ) from None
+    raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}") from None
 
 
 def _describe(value: object) -> str:
@@ -226,16 +224,11 @@ def _describe(value: object) -> str:
 
 def _check_labels(what: str, labels: object, n: int, num_classes: int) -> None:
   if not isinstance(labels, np.ndarray) or labels.dtype != np.int32:
-    raise TypeError(
-        f"{what} must be an int32 numpy array (use .astype(np.int32)), got {_describe(labels)}"
-    )
+    raise TypeError(f"{what} must be an int32 numpy array (use .astype(np.int32)), got {_describe(labels)}")
   if labels.shape != (n,):
     raise ValueError(f"{what} must have shape ({n},) to match images, got {labels.shape}")
   if n and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(
-        f"{what} must lie in [0, {num_classes}), got values in "
-        f"[{labels.min()}, {labels.max()}]"
-    )
+    raise ValueError(f"{what} must lie in [0, {num_classes}), got values in [{labels.min()}, {labels.max()}]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,18 +251,13 @@ class ArrayDataset:
   labels: np.ndarray
   num_classes: int
   name: str
-  noisy_label_sets: Mapping[str, np.ndarray] = dataclasses.field(
-      default_factory=lambda: types.MappingProxyType({})
-  )
+  noisy_label_sets: Mapping[str, np.ndarray] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
 
   def __post_init__(self):
     if not isinstance(self.images, np.ndarray) or self.images.dtype != np.uint8:
       raise TypeError(f"images must be a uint8 numpy array, got {_describe(self.images)}")
     if self.images.ndim != 4 or self.images.shape[-1] not in (1, 3):
-      raise ValueError(
-          "images must have shape [N, H, W, C] with C = 1 or 3, got "
-          f"{self.images.shape}"
-      )
+      raise ValueError(f"images must have shape [N, H, W, C] with C = 1 or 3, got {self.images.shape}")
     if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, (int, np.integer)):
       raise TypeError(f"num_classes must be an int, got {self.num_classes!r}")
     if self.num_classes < 1:
@@ -279,9 +267,7 @@ class ArrayDataset:
     for key, noisy in self.noisy_label_sets.items():
       _check_labels(f"noisy_label_sets[{key!r}]", noisy, n, self.num_classes)
     # Frozen, so the mapping must not be mutable behind the dataclass's back.
-    object.__setattr__(
-        self, "noisy_label_sets", types.MappingProxyType(dict(self.noisy_label_sets))
-    )
+    object.__setattr__(self, "noisy_label_sets", types.MappingProxyType(dict(self.noisy_label_sets)))
 
   def __len__(self) -> int:
     return self.images.shape[0]
@@ -292,11 +278,11 @@ class ArrayDataset:
     if idx.ndim != 1 or not (idx.size == 0 or np.issubdtype(idx.dtype, np.integer)):
       raise ValueError(f"indices must be a 1-D integer array, got {idx.dtype} {idx.shape}")
     return ArrayDataset(
-        images=self.images[idx],
-        labels=self.labels[idx],
-        num_classes=self.num_classes,
-        name=self.name,
-        noisy_label_sets={k: v[idx] for k, v in self.noisy_label_sets.items()},
+      images=self.images[idx],
+      labels=self.labels[idx],
+      num_classes=self.num_classes,
+      name=self.name,
+      noisy_label_sets={k: v[idx] for k, v in self.noisy_label_sets.items()},
     )
 
 
@@ -316,9 +302,7 @@ def _idx_paths(directory: str | os.PathLike, split: str) -> tuple[str, str]:
     candidates = (stem, stem + ".gz")
     path = next((p for p in candidates if os.path.isfile(p)), None)
     if path is None:
-      raise DatasetNotFoundError(
-          f"IDX file missing: neither {candidates[0]} nor {candidates[1]} exists"
-      )
+      raise DatasetNotFoundError(f"IDX file missing: neither {candidates[0]} nor {candidates[1]} exists")
     found.append(path)
   return found[0], found[1]
 
@@ -344,13 +328,11 @@ def _parse_idx(path: str, expected_ndim: int) -> np.ndarray:
   zero, dtype_code, ndim = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
   if zero != 0 or ndim != expected_ndim:
     raise IdxFormatError(
-        f"{path}: bad magic number 0x{raw[:4].hex()}; expected 0x0000{_IDX_UBYTE:02x}"
-        f"{expected_ndim:02x} (unsigned bytes, {expected_ndim} dimensions)"
+      f"{path}: bad magic number 0x{raw[:4].hex()}; expected 0x0000{_IDX_UBYTE:02x}"
+      f"{expected_ndim:02x} (unsigned bytes, {expected_ndim} dimensions)"
     )
   if dtype_code != _IDX_UBYTE:
-    raise IdxFormatError(
-        f"{path}: dtype code 0x{dtype_code:02x}, expected 0x{_IDX_UBYTE:02x} (unsigned byte)"
-    )
+    raise IdxFormatError(f"{path}: dtype code 0x{dtype_code:02x}, expected 0x{_IDX_UBYTE:02x} (unsigned byte)")
   header = 4 + 4 * ndim
   if len(raw) < header:
     raise IdxFormatError(f"{path}: truncated header ({len(raw)} of {header} bytes)")
@@ -358,19 +340,19 @@ def _parse_idx(path: str, expected_ndim: int) -> np.ndarray:
   payload = len(raw) - header
   if payload != int(np.prod(dims)):
     raise IdxFormatError(
-        f"{path}: header declares dimensions {dims} ({int(np.prod(dims))} bytes) but "
-        f"the payload has {payload} bytes (truncated or trailing data)"
+      f"{path}: header declares dimensions {dims} ({int(np.prod(dims))} bytes) but "
+      f"the payload has {payload} bytes (truncated or trailing data)"
     )
   return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
 
 
 def load_idx(
-    directory: str | os.PathLike,
-    split: Split,
-    *,
-    name: str = "idx",
-    num_classes: int = 10,
-    max_examples: int | None = None,
+  directory: str | os.PathLike,
+  split: Split,
+  *,
+  name: str = "idx",
+  num_classes: int = 10,
+  max_examples: int | None = None,
 ) -> ArrayDataset:
   """Reads an MNIST-format IDX split (MNIST, Fashion-MNIST, ...) from a directory.
 
@@ -400,20 +382,17 @@ def load_idx(
   images = _parse_idx(images_path, 3)
   labels = _parse_idx(labels_path, 1)
   if images.shape[0] != labels.shape[0]:
-    raise IdxFormatError(
-        f"{images_path} has {images.shape[0]} images but {labels_path} has "
-        f"{labels.shape[0]} labels"
-    )
+    raise IdxFormatError(f"{images_path} has {images.shape[0]} images but {labels_path} has {labels.shape[0]} labels")
   if labels.size and labels.max() >= num_classes:
     raise IdxFormatError(f"{labels_path}: label {labels.max()} is not in [0, {num_classes})")
   if max_examples is not None:
     images, labels = images[:max_examples], labels[:max_examples]
   # np.frombuffer views are read-only; copy into ordinary owned arrays.
   return ArrayDataset(
-      images=images[..., None].copy(),
-      labels=labels.astype(np.int32),
-      num_classes=num_classes,
-      name=name,
+    images=images[..., None].copy(),
+    labels=labels.astype(np.int32),
+    num_classes=num_classes,
+    name=name,
   )
 
 
@@ -425,19 +404,17 @@ def _tfds_how_to(spec: DatasetSpec) -> str:
   if spec.manual_download:
     return spec.manual_download
   return (
-      "To get it, on a machine with network access (TFDS preparation needs TensorFlow):\n"
-      "  pip install tensorflow-datasets tensorflow-cpu\n"
-      f"  tfds build {spec.tfds_name} --file_format=array_record --data_dir=DATA_DIR\n"
-      f"then copy DATA_DIR/{spec.tfds_name} here, into the TFDS data directory "
-      "(~/tensorflow_datasets or $TFDS_DATA_DIR) or a folder passed as data_dir.\n"
-      "array_record is required: tfds.data_source cannot read the default tfrecord "
-      "format without TensorFlow."
+    "To get it, on a machine with network access (TFDS preparation needs TensorFlow):\n"
+    "  pip install tensorflow-datasets tensorflow-cpu\n"
+    f"  tfds build {spec.tfds_name} --file_format=array_record --data_dir=DATA_DIR\n"
+    f"then copy DATA_DIR/{spec.tfds_name} here, into the TFDS data directory "
+    "(~/tensorflow_datasets or $TFDS_DATA_DIR) or a folder passed as data_dir.\n"
+    "array_record is required: tfds.data_source cannot read the default tfrecord "
+    "format without TensorFlow."
   )
 
 
-def _tfds_unavailable(
-    spec: DatasetSpec, data_dir: str | None, cause: Exception
-) -> DatasetNotFoundError | None:
+def _tfds_unavailable(spec: DatasetSpec, data_dir: str | None, cause: Exception) -> DatasetNotFoundError | None:
   """Explains why TFDS could not open the dataset, or None if it is not missing.
 
   TFDS reports an unprepared dataset in several ways (an empty split dict,
@@ -451,32 +428,21 @@ def _tfds_unavailable(
     if file_format in tfds.core.FileFormat.with_random_access():
       return None
     problem = (
-        f"TFDS dataset {spec.tfds_name} is prepared at {builder.data_dir} in the "
-        f"{getattr(file_format, 'value', file_format)} format, which tfds.data_source "
-        "cannot read; prepare it again with --file_format=array_record."
+      f"TFDS dataset {spec.tfds_name} is prepared at {builder.data_dir} in the "
+      f"{getattr(file_format, 'value', file_format)} format, which tfds.data_source "
+      "cannot read; prepare it again with --file_format=array_record."
     )
   else:
-    problem = (
-        f"TFDS dataset {spec.tfds_name} is not prepared at {builder.data_dir}; "
-        "nothing is downloaded."
-    )
-  hint = (
-      f"\nOr read IDX files with source='idx' (data_dir or ${spec.idx_env_var})."
-      if spec.has_idx
-      else ""
-  )
-  return DatasetNotFoundError(
-      f"{problem}\n{_tfds_how_to(spec)}{hint}\n(TFDS said: {type(cause).__name__}: {cause})"
-  )
+    problem = f"TFDS dataset {spec.tfds_name} is not prepared at {builder.data_dir}; nothing is downloaded."
+  hint = f"\nOr read IDX files with source='idx' (data_dir or ${spec.idx_env_var})." if spec.has_idx else ""
+  return DatasetNotFoundError(f"{problem}\n{_tfds_how_to(spec)}{hint}\n(TFDS said: {type(cause).__name__}: {cause})")
 
 
 def _stack_int32(values: list) -> np.ndarray:
   return np.asarray(values, dtype=np.int64).astype(np.int32)
 
 
-def _load_tfds(
-    spec: DatasetSpec, split: str, data_dir: str | None, max_examples: int | None
-) -> ArrayDataset:
+def _load_tfds(spec: DatasetSpec, split: str, data_dir: str | None, max_examples: int | None) -> ArrayDataset:
   import tensorflow_datasets as tfds
 
   try:
@@ -500,19 +466,18 @@ def _load_tfds(
     chunk = np.stack([row["image"] for row in rows])
     if chunk.shape[1:] != spec.image_shape or chunk.dtype != np.uint8:
       raise ValueError(
-          f"{spec.tfds_name}: expected uint8 images of shape {spec.image_shape}, "
-          f"got {chunk.dtype} {chunk.shape[1:]}"
+        f"{spec.tfds_name}: expected uint8 images of shape {spec.image_shape}, got {chunk.dtype} {chunk.shape[1:]}"
       )
     images[start:stop] = chunk
     labels[start:stop] = _stack_int32([row["label"] for row in rows])
     for key in label_keys:
       noisy[key][start:stop] = _stack_int32([row[key] for row in rows])
   return ArrayDataset(
-      images=images,
-      labels=labels,
-      num_classes=spec.num_classes,
-      name=spec.name,
-      noisy_label_sets=noisy,
+    images=images,
+    labels=labels,
+    num_classes=spec.num_classes,
+    name=spec.name,
+    noisy_label_sets=noisy,
   )
 
 
@@ -527,9 +492,7 @@ def _check_split(split: str) -> None:
 
 def _check_max_examples(max_examples: int | None) -> None:
   if max_examples is not None and (
-      isinstance(max_examples, bool)
-      or not isinstance(max_examples, (int, np.integer))
-      or max_examples < 1
+    isinstance(max_examples, bool) or not isinstance(max_examples, (int, np.integer)) or max_examples < 1
   ):
     raise ValueError(f"max_examples must be None or an int >= 1, got {max_examples!r}")
 
@@ -542,12 +505,12 @@ def _idx_dir(spec: DatasetSpec, data_dir: str | None) -> str | None:
 
 
 def load_dataset(
-    name: str,
-    split: Split,
-    *,
-    data_dir: str | os.PathLike | None = None,
-    source: Source = "auto",
-    max_examples: int | None = None,
+  name: str,
+  split: Split,
+  *,
+  data_dir: str | os.PathLike | None = None,
+  source: Source = "auto",
+  max_examples: int | None = None,
 ) -> ArrayDataset:
   """Loads one split of a named dataset into host numpy arrays.
 
@@ -591,21 +554,15 @@ def load_dataset(
     raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
   _check_max_examples(max_examples)
   if source == "idx" and not spec.has_idx:
-    raise ValueError(
-        f"{name} has no IDX source; only {[s.name for s in DATASETS.values() if s.has_idx]} do"
-    )
+    raise ValueError(f"{name} has no IDX source; only {[s.name for s in DATASETS.values() if s.has_idx]} do")
   data_dir = None if data_dir is None else os.fspath(data_dir)
 
   def from_idx() -> ArrayDataset:
     directory = _idx_dir(spec, data_dir)
     if directory is None:
-      raise DatasetNotFoundError(
-          f"no IDX directory for {name}: pass data_dir or set ${spec.idx_env_var}"
-      )
+      raise DatasetNotFoundError(f"no IDX directory for {name}: pass data_dir or set ${spec.idx_env_var}")
     _log.info("reading %s/%s from IDX files in %s", name, split, directory)
-    return load_idx(
-        directory, split, name=name, num_classes=spec.num_classes, max_examples=max_examples
-    )
+    return load_idx(directory, split, name=name, num_classes=spec.num_classes, max_examples=max_examples)
 
   if source == "idx":
     return from_idx()
@@ -618,8 +575,7 @@ def load_dataset(
       return from_idx()
     except DatasetNotFoundError as idx_error:
       raise DatasetNotFoundError(
-          f"{name}/{split} is available from neither source.\n"
-          f"TFDS: {tfds_error}\nIDX: {idx_error}"
+        f"{name}/{split} is available from neither source.\nTFDS: {tfds_error}\nIDX: {idx_error}"
       ) from idx_error
   _log.info("read %s/%s from TFDS (%d examples)", name, split, len(dataset))
   return dataset
@@ -630,7 +586,7 @@ def load_dataset(
 
 
 def holdout_indices(
-    labels: np.ndarray, fraction: float, seed: int, *, stratify: bool = True
+  labels: np.ndarray, fraction: float, seed: int, *, stratify: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
   """Deterministic (train, validation) index split of ``len(labels)`` examples.
 
@@ -658,9 +614,7 @@ def holdout_indices(
   n = labels.shape[0]
   n_val = round(fraction * n)
   if not 0 < n_val < n:
-    raise ValueError(
-        f"fraction {fraction} of {n} examples leaves an empty train or validation part"
-    )
+    raise ValueError(f"fraction {fraction} of {n} examples leaves an empty train or validation part")
   rng = np.random.default_rng(seed)
   if not stratify:
     val = rng.permutation(n)[:n_val]
@@ -682,7 +636,7 @@ def holdout_indices(
 
 
 def holdout_split(
-    dataset: ArrayDataset, fraction: float, seed: int, *, stratify: bool = True
+  dataset: ArrayDataset, fraction: float, seed: int, *, stratify: bool = True
 ) -> tuple[ArrayDataset, ArrayDataset]:
   """Splits off a deterministic validation set, e.g. to tune rho on held-out data.
 

@@ -34,10 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from saner_jax import parallel
-from saner_jax.train import config as config_lib, pipeline, report, step as step_lib
+from saner_jax.train import config as config_lib
+from saner_jax.train import pipeline, report
+from saner_jax.train import step as step_lib
 from saner_jax.train.config import ConfigError, TrainConfig
 
 # Keys a resumed run may change without changing the result.
@@ -66,20 +69,19 @@ def _device_mesh(config: TrainConfig) -> Mesh:
   devices = mesh.size
   if config.batch_size % devices:
     raise ConfigError(
-        f"--batch_size: {config.batch_size} does not split over the {devices} devices; "
-        f"use a multiple of {devices}"
+      f"--batch_size: {config.batch_size} does not split over the {devices} devices; use a multiple of {devices}"
     )
   if config.cpu_conv and devices > 1:
     raise ConfigError(
-        f"--cpu_conv: its oneDNN convolutions are custom calls, which XLA cannot split over the {devices} "
-        "devices (it would gather every batch onto each); use it on one CPU device"
+      f"--cpu_conv: its oneDNN convolutions are custom calls, which XLA cannot split over the {devices} "
+      "devices (it would gather every batch onto each); use it on one CPU device"
     )
   per_device = config.batch_size // devices
   if config.perturbation_mode == "per_device" and per_device % (config.m_sharpness * config.grad_accum_steps):
     raise ConfigError(
-        f"--batch_size: perturbation_mode per_device splits each device's {per_device} examples into "
-        f"m_sharpness x grad_accum_steps = {config.m_sharpness * config.grad_accum_steps} parts; "
-        f"use a batch_size that is a multiple of {devices * config.m_sharpness * config.grad_accum_steps}"
+      f"--batch_size: perturbation_mode per_device splits each device's {per_device} examples into "
+      f"m_sharpness x grad_accum_steps = {config.m_sharpness * config.grad_accum_steps} parts; "
+      f"use a batch_size that is a multiple of {devices * config.m_sharpness * config.grad_accum_steps}"
     )
   return mesh
 
@@ -117,19 +119,19 @@ def prepare_data(config: TrainConfig, sharding: NamedSharding | None = None) -> 
   if config.noise_mode == "real":
     if config.noise_label_key not in train.noisy_label_sets:
       raise ConfigError(
-          f"--noise_label_key: {config.noise_label_key!r} is not a label set of "
-          f"{config.dataset}; it has {sorted(train.noisy_label_sets)}"
+        f"--noise_label_key: {config.noise_label_key!r} is not a label set of "
+        f"{config.dataset}; it has {sorted(train.noisy_label_sets)}"
       )
     real_labels = train.noisy_label_sets[config.noise_label_key][train_idx]
   noisy = noise.inject_noise(
-      train.labels[train_idx],
-      num_classes=train.num_classes,
-      mode=config.noise_mode,
-      rate=config.noise_rate,
-      seed=config.seed,
-      dataset=config.dataset,
-      images=train.images[train_idx],
-      real_labels=real_labels,
+    train.labels[train_idx],
+    num_classes=train.num_classes,
+    mode=config.noise_mode,
+    rate=config.noise_rate,
+    seed=config.seed,
+    dataset=config.dataset,
+    images=train.images[train_idx],
+    real_labels=real_labels,
   )
   if config.batch_size > len(train_idx):
     raise ConfigError(f"--batch_size: {config.batch_size} exceeds the {len(train_idx)} training examples")
@@ -141,35 +143,34 @@ def prepare_data(config: TrainConfig, sharding: NamedSharding | None = None) -> 
   test_images = np.concatenate([test_images, np.zeros((pad, *test_images.shape[1:]), np.uint8)])
   test_labels = np.concatenate([test_labels, np.zeros(pad, np.int32)])
   return PreparedData(
-      train=pipeline.to_device(
-          train.images[train_idx], noisy.labels, noisy.true_labels, noisy.noise_mask, sharding=sharding
-      ),
-      test=pipeline.to_device(test_images, test_labels, sharding=sharding),
-      test_valid=pipeline.place(valid, sharding),
-      num_classes=train.num_classes,
-      image_shape=tuple(train.images.shape[1:]),
-      realised_noise_rate=float(noisy.rate),
-      info=info,
+    train=pipeline.to_device(
+      train.images[train_idx], noisy.labels, noisy.true_labels, noisy.noise_mask, sharding=sharding
+    ),
+    test=pipeline.to_device(test_images, test_labels, sharding=sharding),
+    test_valid=pipeline.place(valid, sharding),
+    num_classes=train.num_classes,
+    image_shape=tuple(train.images.shape[1:]),
+    realised_noise_rate=float(noisy.rate),
+    info=info,
   )
 
 
-def _epoch_record(
-    epoch: int, sums: dict[str, float], extra: dict[str, Any], two_pass: bool
-) -> dict[str, Any]:
+def _epoch_record(epoch: int, sums: dict[str, float], extra: dict[str, Any], two_pass: bool) -> dict[str, Any]:
   def ratio(num, den):  # None, not NaN, when nothing was counted (e.g. no noisy samples)
     return sums[num] / sums[den] if sums[den] else None
 
   record = {
-      "epoch": epoch,
-      "train_loss": ratio("loss_sum", "examples"),
-      "train_acc": ratio("correct", "examples"),
-      "clean_acc": ratio("clean_correct", "clean"),
-      "noisy_memorised": ratio("noisy_memorised", "noisy"),
-      "noisy_true": ratio("noisy_true", "noisy"),
+    "epoch": epoch,
+    "train_loss": ratio("loss_sum", "examples"),
+    "train_acc": ratio("correct", "examples"),
+    "clean_acc": ratio("clean_correct", "clean"),
+    "noisy_memorised": ratio("noisy_memorised", "noisy"),
+    "noisy_true": ratio("noisy_true", "noisy"),
   }
   record["fit_gap"] = (
-      None if None in (record["clean_acc"], record["noisy_memorised"])
-      else record["clean_acc"] - record["noisy_memorised"]
+    None
+    if None in (record["clean_acc"], record["noisy_memorised"])
+    else record["clean_acc"] - record["noisy_memorised"]
   )
   for key in ("group_A", "group_B", "group_C", "cosine"):
     record[key] = sums[key] / sums["steps"] if two_pass else None
@@ -214,8 +215,8 @@ def _checkpoint_manager(out_dir: pathlib.Path):
   import orbax.checkpoint as ocp
 
   return ocp.CheckpointManager(
-      (out_dir / "checkpoints").absolute(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+    (out_dir / "checkpoints").absolute(),
+    options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
   )
 
 
@@ -230,13 +231,11 @@ def _check_resumable(out_dir: pathlib.Path, config: TrainConfig) -> None:
   # compares as its default.
   saved = config_lib.from_mapping(yaml.safe_load((out_dir / "config.yaml").read_text())).to_dict()
   current = config.to_dict()
-  changed = sorted(
-      k for k in current if k not in _RESUME_FREE_KEYS and saved.get(k) != current[k]
-  )
+  changed = sorted(k for k in current if k not in _RESUME_FREE_KEYS and saved.get(k) != current[k])
   if changed:
     raise ConfigError(
-        f"--resume: {out_dir} was started with another config; differing keys: "
-        + ", ".join(f"{k} ({saved.get(k)!r} -> {current[k]!r})" for k in changed)
+      f"--resume: {out_dir} was started with another config; differing keys: "
+      + ", ".join(f"{k} ({saved.get(k)!r} -> {current[k]!r})" for k in changed)
     )
 
 
@@ -252,7 +251,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
   out_dir = pathlib.Path(config.out_dir)
   has_run = (out_dir / "config.yaml").exists()
   if has_run and not resume:
-    raise ConfigError(f"--out_dir: {out_dir} already holds a run; pass --resume to continue it or choose another --out_dir")
+    raise ConfigError(
+      f"--out_dir: {out_dir} already holds a run; pass --resume to continue it or choose another --out_dir"
+    )
   if resume and has_run:
     _check_resumable(out_dir, config)
   if jax.process_count() > 1:  # every process has looked at out_dir before process 0 writes to it
@@ -272,25 +273,29 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     from saner_jax import cpu_conv
 
     conv = cpu_conv.conv_general_dilated
-  model = models.create_model(
-      config.model, prepared.num_classes, dtype=config.compute_dtype, conv_general_dilated=conv
-  )
+  model = models.create_model(config.model, prepared.num_classes, dtype=config.compute_dtype, conv_general_dilated=conv)
   optimizer = step_lib.build_optimizer(config, steps_per_epoch)
   # Made by a jitted function, so that on several hosts they are global arrays.
   init_key, shuffle_key, augment_key = jax.jit(
-      lambda: jax.random.split(jax.random.key(config.seed), 3), out_shardings=replicated
+    lambda: jax.random.split(jax.random.key(config.seed), 3), out_shardings=replicated
   )()
   state = pipeline.place(step_lib.init_state(model, optimizer, init_key, prepared.image_shape), replicated)
 
   # Replicated outputs keep the state where the next step (and orbax's
   # restore, which copies the shardings of ``state``) expects it.
   train_step = jax.jit(
-      step_lib.make_train_step(
-          model, optimizer, config, mean=info.mean, std=info.std, flip=info.flip,
-          crop_padding=info.crop_padding, mesh=mesh,
-      ),
-      donate_argnums=(0, 1),
-      out_shardings=replicated,
+    step_lib.make_train_step(
+      model,
+      optimizer,
+      config,
+      mean=info.mean,
+      std=info.std,
+      flip=info.flip,
+      crop_padding=info.crop_padding,
+      mesh=mesh,
+    ),
+    donate_argnums=(0, 1),
+    out_shardings=replicated,
   )
   eval_step = jax.jit(step_lib.make_eval_step(model, config, mean=info.mean, std=info.std, mesh=mesh))
   permute = jax.jit(pipeline.epoch_permutation, static_argnums=2, out_shardings=replicated)
@@ -302,11 +307,11 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     import orbax.checkpoint as ocp
 
     restored = manager.restore(
-        manager.latest_step(),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)),
-            meta=ocp.args.JsonRestore(),
-        ),
+      manager.latest_step(),
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)),
+        meta=ocp.args.JsonRestore(),
+      ),
     )
     state = restored.state
     history = restored.meta["history"]
@@ -317,8 +322,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
       print(f"resumed {out_dir} after epoch {start_epoch - 1}", flush=True)
   elif resume and (out_dir / "metrics.jsonl").exists() and (out_dir / "metrics.jsonl").stat().st_size:
     raise ConfigError(
-        f"--resume: {out_dir} has logged epochs but no checkpoint to resume from "
-        "(was it run with --checkpoint false?); start a new --out_dir"
+      f"--resume: {out_dir} has logged epochs but no checkpoint to resume from "
+      "(was it run with --checkpoint false?); start a new --out_dir"
     )
   logs = _Logs(out_dir) if primary else None
   if logs is not None:
@@ -327,10 +332,10 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
   mode = _progress_mode(config) if primary else "none"
   if primary:
     print(
-        f"{config.run_name}: {config.model} on {config.dataset} ({prepared.train.size} train, "
-        f"{config.noise_description}, realised {prepared.realised_noise_rate:.2%}), "
-        f"{config.epochs} epochs x {steps_per_epoch} steps on {mesh.size} device(s)",
-        flush=True,
+      f"{config.run_name}: {config.model} on {config.dataset} ({prepared.train.size} train, "
+      f"{config.noise_description}, realised {prepared.realised_noise_rate:.2%}), "
+      f"{config.epochs} epochs x {steps_per_epoch} steps on {mesh.size} device(s)",
+      flush=True,
     )
   for epoch in range(start_epoch, config.epochs + 1):
     t_epoch = time.perf_counter()
@@ -350,45 +355,47 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     sums = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if sums["nonfinite"] or not math.isfinite(sums["loss_sum"]):
       raise FloatingPointError(
-          f"epoch {epoch}: non-finite loss, gradients or weights ({int(sums['nonfinite'])} values); "
-          f"the checkpoint of epoch {epoch - 1} is kept; start a new --out_dir with a lower --lr or --rho"
+        f"epoch {epoch}: non-finite loss, gradients or weights ({int(sums['nonfinite'])} values); "
+        f"the checkpoint of epoch {epoch - 1} is kept; start a new --out_dir with a lower --lr or --rho"
       )
     correct = 0
     for start in range(0, prepared.test.size, config.eval_batch_size):
       sl = slice(start, start + config.eval_batch_size)
       correct += eval_step(
-          state.params, state.batch_stats, prepared.test.images[sl], prepared.test.labels[sl],
-          prepared.test_valid[sl],
+        state.params,
+        state.batch_stats,
+        prepared.test.images[sl],
+        prepared.test.labels[sl],
+        prepared.test_valid[sl],
       )
     test_acc = float(correct) / float(jnp.sum(prepared.test_valid))
     best_test = max(best_test, test_acc)
     last_step = int(state.step) - 1
     record = _epoch_record(
-        epoch,
-        sums,
-        two_pass=optimizer.perturbation is not None,
-        extra={
-            "test_acc": test_acc,
-            "best_test_acc": best_test,
-            "lr": float(optimizer.lr(last_step)),
-            "alpha": float(optimizer.alpha(last_step)) if optimizer.alpha else None,
-            "epoch_time_s": time.perf_counter() - t_epoch,
-            "wall_time_s": wall_offset + time.perf_counter() - t_start,
-        },
+      epoch,
+      sums,
+      two_pass=optimizer.perturbation is not None,
+      extra={
+        "test_acc": test_acc,
+        "best_test_acc": best_test,
+        "lr": float(optimizer.lr(last_step)),
+        "alpha": float(optimizer.alpha(last_step)) if optimizer.alpha else None,
+        "epoch_time_s": time.perf_counter() - t_epoch,
+        "wall_time_s": wall_offset + time.perf_counter() - t_start,
+      },
     )
     history.append(record)
     if manager is not None:
       import orbax.checkpoint as ocp
 
       manager.save(
-          epoch,
-          args=ocp.args.Composite(
-              state=ocp.args.StandardSave(state),
-              meta=ocp.args.JsonSave(
-                  {"epoch": epoch, "best_test_acc": best_test, "wall_time_s": record["wall_time_s"],
-                   "history": history}
-              ),
+        epoch,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          meta=ocp.args.JsonSave(
+            {"epoch": epoch, "best_test_acc": best_test, "wall_time_s": record["wall_time_s"], "history": history}
           ),
+        ),
       )
       manager.wait_until_finished()
     if logs is not None:
@@ -397,19 +404,19 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
       print(report.epoch_line(record, config.epochs), flush=True)
 
   summary = {
-      "run": config.run_name,
-      "config": config.to_dict(),
-      "realised_noise_rate": prepared.realised_noise_rate,
-      "train_examples": prepared.train.size,
-      "final": history[-1] if history else None,
-      "best_test_acc": best_test,
-      "last_test_acc": history[-1]["test_acc"] if history else None,
-      "mean_group_B": (
-          float(np.mean([r["group_B"] for r in history])) if history and history[0]["group_B"] is not None else None
-      ),
-      "git_revision": report.git_revision(),
-      "jax_backend": jax.default_backend(),
-      "devices": mesh.size,
+    "run": config.run_name,
+    "config": config.to_dict(),
+    "realised_noise_rate": prepared.realised_noise_rate,
+    "train_examples": prepared.train.size,
+    "final": history[-1] if history else None,
+    "best_test_acc": best_test,
+    "last_test_acc": history[-1]["test_acc"] if history else None,
+    "mean_group_B": (
+      float(np.mean([r["group_B"] for r in history])) if history and history[0]["group_B"] is not None else None
+    ),
+    "git_revision": report.git_revision(),
+    "jax_backend": jax.default_backend(),
+    "devices": mesh.size,
   }
   if primary:
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))

@@ -62,7 +62,8 @@ from __future__ import annotations
 import functools
 import numbers
 import types
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -89,16 +90,16 @@ def _check_shape(what: str, shape: Sequence[int], min_size: int) -> None:
   sizes_ok = all(isinstance(d, numbers.Integral) and d > 0 for d in shape)
   if len(shape) not in (3, 4) or not sizes_ok:
     raise ValueError(
-        f"{what} takes images of shape (H, W, C) or (N, H, W, C) with positive "
-        f"sizes (channels last; a grayscale image needs a channel axis of 1), "
-        f"got {shape}"
+      f"{what} takes images of shape (H, W, C) or (N, H, W, C) with positive "
+      f"sizes (channels last; a grayscale image needs a channel axis of 1), "
+      f"got {shape}"
     )
   height, width = shape[-3:-1]
   if min(height, width) < min_size:
     raise ValueError(
-        f"{what} needs images of at least {min_size}x{min_size} pixels (its "
-        f"total stride, so that no stride-2 layer reads a 1-pixel map), got "
-        f"shape {shape}"
+      f"{what} needs images of at least {min_size}x{min_size} pixels (its "
+      f"total stride, so that no stride-2 layer reads a 1-pixel map), got "
+      f"shape {shape}"
     )
 
 
@@ -130,18 +131,14 @@ class BasicBlock(nn.Module):
     residual = x
     if self.strides != 1 or x.shape[-1] != self.features:
       if self.shortcut == "projection":
-        residual = self.conv(
-            self.features, (1, 1), self.strides, padding=0, name="shortcut_conv"
-        )(x)
+        residual = self.conv(self.features, (1, 1), self.strides, padding=0, name="shortcut_conv")(x)
         residual = self.norm(name="shortcut_bn")(residual)
       elif self.shortcut == "pad":
         # Pixels 0, 2, 4, ...: the ones the stride-2 3x3 convolution (padded
         # by one) is centred on, so both branches stay aligned.
         residual = x[:, :: self.strides, :: self.strides, :]
         extra = self.features - x.shape[-1]
-        residual = jnp.pad(
-            residual, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2))
-        )
+        residual = jnp.pad(residual, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
       else:
         raise ValueError(f"shortcut must be 'projection' or 'pad', got {self.shortcut!r}")
     return nn.relu(y + residual)
@@ -174,9 +171,7 @@ class PreActBlock(nn.Module):
     y = nn.relu(self.norm(name="bn1")(x))
     residual = x
     if self.strides != 1 or x.shape[-1] != self.features:
-      residual = self.conv(
-          self.features, (1, 1), self.strides, padding=0, name="shortcut_conv"
-      )(y)
+      residual = self.conv(self.features, (1, 1), self.strides, padding=0, name="shortcut_conv")(y)
     y = self.conv(self.features, (3, 3), self.strides, padding=1, name="conv1")(y)
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
     y = nn.relu(self.norm(name="bn2")(y))
@@ -202,37 +197,33 @@ class _Network(nn.Module):
     # conv_general_dilated_cls, a factory) but honours it; it takes the plain
     # function that callers hand to create_model.
     conv = functools.partial(
-        nn.Conv,
-        use_bias=False,
-        dtype=self.dtype,
-        kernel_init=self.conv_init,
-        conv_general_dilated=self.conv_general_dilated,
+      nn.Conv,
+      use_bias=False,
+      dtype=self.dtype,
+      kernel_init=self.conv_init,
+      conv_general_dilated=self.conv_general_dilated,
     )
     # BatchNorm computes its statistics and normalises in float32 whatever
     # the input dtype (the float32 statistics promote the arithmetic); its
     # dtype is only the output's.
     norm = functools.partial(
-        nn.BatchNorm,
-        use_running_average=not train,
-        momentum=0.9,
-        epsilon=1e-5,
-        dtype=self.dtype,
-        scale_init=self.bn_scale_init,
+      nn.BatchNorm,
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=self.dtype,
+      scale_init=self.bn_scale_init,
     )
     return conv, norm
 
   def _check(self, x: jax.Array) -> None:
     if x.ndim != 4:
-      raise ValueError(
-          f"{type(self).__name__} takes a batch of images (N, H, W, C), got shape {x.shape}"
-      )
+      raise ValueError(f"{type(self).__name__} takes a batch of images (N, H, W, C), got shape {x.shape}")
     _check_shape(type(self).__name__, x.shape, self.min_input_size)
 
   def _head(self, x: jax.Array) -> jax.Array:
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(
-        self.num_classes, dtype=self.dtype, kernel_init=self.dense_init, name="head"
-    )(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=self.dense_init, name="head")(x)
     return x.astype(jnp.float32)
 
 
@@ -330,54 +321,52 @@ class PreActResNet(_Network):
 def _wide_resnet(depth: int, widen_factor: int, **kwargs) -> PreActResNet:
   """WideResNet-depth-k: (depth - 4) / 6 blocks per stage, widths 16k, 32k, 64k."""
   return PreActResNet(
-      stem_width=16,
-      stage_sizes=((depth - 4) // 6,) * 3,
-      stage_widths=(16 * widen_factor, 32 * widen_factor, 64 * widen_factor),
-      # wideresnet.py: kaiming_normal_ (fan_in) convolutions, U(0, 1) BatchNorm
-      # scales, PyTorch's default Linear kernel.
-      conv_init=HE_FAN_IN,
-      bn_scale_init=UNIFORM_01,
-      **kwargs,
+    stem_width=16,
+    stage_sizes=((depth - 4) // 6,) * 3,
+    stage_widths=(16 * widen_factor, 32 * widen_factor, 64 * widen_factor),
+    # wideresnet.py: kaiming_normal_ (fan_in) convolutions, U(0, 1) BatchNorm
+    # scales, PyTorch's default Linear kernel.
+    conv_init=HE_FAN_IN,
+    bn_scale_init=UNIFORM_01,
+    **kwargs,
   )
 
 
 # He et al.'s CIFAR ResNets as in resnetv2.py: option-A shortcuts and
 # kaiming_normal_ (fan_in) for convolutions and the classifier alike.
 _CIFAR_RESNET = functools.partial(
-    ResNet,
-    stage_widths=(16, 32, 64),
-    shortcut="pad",
-    conv_init=HE_FAN_IN,
-    dense_init=HE_FAN_IN,
+  ResNet,
+  stage_widths=(16, 32, 64),
+  shortcut="pad",
+  conv_init=HE_FAN_IN,
+  dense_init=HE_FAN_IN,
 )
 _WIDTHS_64_512 = (64, 128, 256, 512)
 
-MODELS: Mapping[str, Callable[..., nn.Module]] = types.MappingProxyType({
+MODELS: Mapping[str, Callable[..., nn.Module]] = types.MappingProxyType(
+  {
     "resnet8": functools.partial(_CIFAR_RESNET, stage_sizes=(1, 1, 1)),
     "resnet20": functools.partial(_CIFAR_RESNET, stage_sizes=(3, 3, 3)),
     # resnet.py: projection shortcuts, kaiming_normal_(mode="fan_out")
     # convolutions and PyTorch's default Linear kernel: ResNet's defaults.
-    "resnet18": functools.partial(
-        ResNet, stage_sizes=(2, 2, 2, 2), stage_widths=_WIDTHS_64_512
-    ),
-    "resnet34": functools.partial(
-        ResNet, stage_sizes=(3, 4, 6, 3), stage_widths=_WIDTHS_64_512
-    ),
+    "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), stage_widths=_WIDTHS_64_512),
+    "resnet34": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), stage_widths=_WIDTHS_64_512),
     "preact_resnet18": functools.partial(
-        PreActResNet, stem_width=64, stage_sizes=(2, 2, 2, 2), stage_widths=_WIDTHS_64_512
+      PreActResNet, stem_width=64, stage_sizes=(2, 2, 2, 2), stage_widths=_WIDTHS_64_512
     ),
     "wrn28_10": functools.partial(_wide_resnet, 28, 10),
     "wrn40_2": functools.partial(_wide_resnet, 40, 2),
-})
+  }
+)
 """Model name -> factory taking ``num_classes``, ``dtype`` and ``conv_general_dilated``."""
 
 
 def create_model(
-    name: str,
-    num_classes: int,
-    *,
-    dtype: Any = jnp.float32,
-    conv_general_dilated: ConvFn | None = None,
+  name: str,
+  num_classes: int,
+  *,
+  dtype: Any = jnp.float32,
+  conv_general_dilated: ConvFn | None = None,
 ) -> nn.Module:
   """Builds a model of :data:`MODELS` by name.
 
@@ -404,9 +393,7 @@ def create_model(
     raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
   if not isinstance(num_classes, numbers.Integral) or num_classes < 1:
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-  return MODELS[name](
-      num_classes=num_classes, dtype=dtype, conv_general_dilated=conv_general_dilated
-  )
+  return MODELS[name](num_classes=num_classes, dtype=dtype, conv_general_dilated=conv_general_dilated)
 
 
 def check_input(name: str, input_shape: Sequence[int]) -> None:
@@ -427,9 +414,7 @@ def check_input(name: str, input_shape: Sequence[int]) -> None:
   _check_shape(f"model {name!r}", input_shape, model.min_input_size)
 
 
-def init_model(
-    model: nn.Module, rng: jax.Array, input_shape: Sequence[int]
-) -> tuple[Any, Any]:
+def init_model(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> tuple[Any, Any]:
   """Initialises a model from one dummy image, compiled.
 
   Args:

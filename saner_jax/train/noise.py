@@ -128,8 +128,8 @@ def asymmetric_map(dataset: str) -> np.ndarray:
   if base not in ASYMMETRIC_MAPS:
     known = sorted([*ASYMMETRIC_MAPS, *_MAP_ALIASES])
     raise ValueError(
-        f"no asymmetric noise map for dataset {dataset!r}; maps exist for {known}. "
-        "Use mode='pair_flip' or 'symmetric', or pass dataset= with one of those."
+      f"no asymmetric noise map for dataset {dataset!r}; maps exist for {known}. "
+      "Use mode='pair_flip' or 'symmetric', or pass dataset= with one of those."
     )
   names = data.DATASETS[base].class_names
   index = {name: i for i, name in enumerate(names)}
@@ -168,8 +168,8 @@ class NoisyLabels:
         raise TypeError(f"{name} must be a 1-D {np.dtype(dtype)} numpy array")
     if not self.labels.shape == self.true_labels.shape == self.noise_mask.shape:
       raise ValueError(
-          f"labels {self.labels.shape}, true_labels {self.true_labels.shape} and "
-          f"noise_mask {self.noise_mask.shape} must have the same shape"
+        f"labels {self.labels.shape}, true_labels {self.true_labels.shape} and "
+        f"noise_mask {self.noise_mask.shape} must have the same shape"
       )
     if not np.array_equal(self.noise_mask, self.labels != self.true_labels):
       raise ValueError("noise_mask must equal labels != true_labels")
@@ -190,20 +190,20 @@ class NoisyLabels:
     """One line for logs: mode, nominal and realised rates, counts."""
     nominal = "n/a" if self.nominal_rate is None else f"{self.nominal_rate:g}"
     return (
-        f"{self.mode} label noise: nominal rate {nominal}, realised rate {self.rate:.4f} "
-        f"({int(self.noise_mask.sum())} of {self.labels.size} labels differ from the true ones)"
+      f"{self.mode} label noise: nominal rate {nominal}, realised rate {self.rate:.4f} "
+      f"({int(self.noise_mask.sum())} of {self.labels.size} labels differ from the true ones)"
     )
 
 
 def _make(labels: np.ndarray, true: np.ndarray, mode: str, nominal: float | None) -> NoisyLabels:
   mask = labels != true
   return NoisyLabels(
-      labels=labels,
-      true_labels=true,
-      noise_mask=mask,
-      rate=float(mask.mean()) if mask.size else 0.0,
-      mode=mode,
-      nominal_rate=nominal,
+    labels=labels,
+    true_labels=true,
+    noise_mask=mask,
+    rate=float(mask.mean()) if mask.size else 0.0,
+    mode=mode,
+    nominal_rate=nominal,
   )
 
 
@@ -230,9 +230,7 @@ def _as_labels(name: str, values, n: int | None, num_classes: int) -> np.ndarray
   if array.size and not np.issubdtype(array.dtype, np.integer):
     raise TypeError(f"{name} must hold integers, got {array.dtype}")
   if array.size and (array.min() < 0 or array.max() >= num_classes):
-    raise ValueError(
-        f"{name} must lie in [0, {num_classes}), got values in [{array.min()}, {array.max()}]"
-    )
+    raise ValueError(f"{name} must lie in [0, {num_classes}), got values in [{array.min()}, {array.max()}]")
   return array.astype(np.int32)
 
 
@@ -249,8 +247,8 @@ def _check_rate(mode: str, rate, num_classes: int) -> float:
   if value > bound:
     hint = " (for random labels use mode='uniform', rate=1)" if mode == "symmetric" else ""
     raise ValueError(
-        f"rate {value} is too high for mode {mode!r} with {num_classes} classes: above "
-        f"{bound:g} the true class is no longer the most likely label{hint}"
+      f"rate {value} is too high for mode {mode!r} with {num_classes} classes: above "
+      f"{bound:g} the true class is no longer the most likely label{hint}"
     )
   return value
 
@@ -331,15 +329,15 @@ def _instance(true, images, num_classes, rate, rng):
 
 
 def inject_noise(
-    labels: np.ndarray | Sequence[int],
-    *,
-    num_classes: int,
-    mode: str,
-    rate: float | None = None,
-    seed: int = 0,
-    dataset: str | None = None,
-    images: np.ndarray | None = None,
-    real_labels: np.ndarray | None = None,
+  labels: np.ndarray | Sequence[int],
+  *,
+  num_classes: int,
+  mode: str,
+  rate: float | None = None,
+  seed: int = 0,
+  dataset: str | None = None,
+  images: np.ndarray | None = None,
+  real_labels: np.ndarray | None = None,
 ) -> NoisyLabels:
   """Corrupts labels with seeded noise and reports the realised rate.
 
@@ -399,8 +397,7 @@ def inject_noise(
       target = asymmetric_map(dataset)
       if target.shape[0] != num_classes:
         raise ValueError(
-            f"the asymmetric map of {dataset!r} has {target.shape[0]} classes, "
-            f"num_classes is {num_classes}"
+          f"the asymmetric map of {dataset!r} has {target.shape[0]} classes, num_classes is {num_classes}"
         )
       noisy = _class_map(true, target, value, rng)
     else:
@@ -416,11 +413,11 @@ def inject_noise(
 
 
 def transition_matrix(
-    true_labels: np.ndarray,
-    noisy_labels: np.ndarray,
-    num_classes: int,
-    *,
-    normalize: bool = True,
+  true_labels: np.ndarray,
+  noisy_labels: np.ndarray,
+  num_classes: int,
+  *,
+  normalize: bool = True,
 ) -> np.ndarray:
   """Empirical noise transition matrix ``T[i, j] = P(noisy = j | true = i)``.
 
@@ -435,9 +432,11 @@ def transition_matrix(
   """
   true = _as_labels("true_labels", true_labels, None, num_classes)
   noisy = _as_labels("noisy_labels", noisy_labels, true.shape[0], num_classes)
-  counts = np.bincount(
-      true.astype(np.int64) * num_classes + noisy, minlength=num_classes * num_classes
-  ).reshape(num_classes, num_classes).astype(np.float64)
+  counts = (
+    np.bincount(true.astype(np.int64) * num_classes + noisy, minlength=num_classes * num_classes)
+    .reshape(num_classes, num_classes)
+    .astype(np.float64)
+  )
   if not normalize:
     return counts
   totals = counts.sum(axis=1, keepdims=True)

@@ -57,10 +57,10 @@ def to_device(images, labels, true_labels=None, noise_mask=None, sharding=None) 
   true_labels = labels if true_labels is None else true_labels
   noise_mask = np.zeros(len(labels), bool) if noise_mask is None else noise_mask
   arrays = (
-      np.asarray(images, np.uint8),
-      np.asarray(labels, np.int32),
-      np.asarray(true_labels, np.int32),
-      np.asarray(noise_mask, bool),
+    np.asarray(images, np.uint8),
+    np.asarray(labels, np.int32),
+    np.asarray(true_labels, np.int32),
+    np.asarray(noise_mask, bool),
   )
   return DeviceData(*place(arrays, sharding))
 
@@ -85,9 +85,9 @@ def random_crop_flip(key: jax.Array, images: jax.Array, padding: int, flip: bool
   if padding:
     padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * padding + 1)
-    images = jax.vmap(
-        lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))
-    )(padded, offsets)
+    images = jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1])))(
+      padded, offsets
+    )
   if flip:
     mirrored = jax.random.bernoulli(flip_key, 0.5, (n,))
     images = jnp.where(mirrored[:, None, None, None], images[:, :, ::-1, :], images)

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import pathlib
 import subprocess
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 # What the figures show, panel by panel: (metric key, title).
 PANELS = (
-    ("test_acc", "test accuracy"),
-    ("clean_acc", "clean train samples: fit to their label"),
-    ("noisy_memorised", "noisy train samples: fit to the WRONG label"),
-    ("noisy_true", "noisy train samples: fit to the true label"),
-    ("group_B", "group B: share of coordinates SAM shrank"),
+  ("test_acc", "test accuracy"),
+  ("clean_acc", "clean train samples: fit to their label"),
+  ("noisy_memorised", "noisy train samples: fit to the WRONG label"),
+  ("noisy_true", "noisy train samples: fit to the true label"),
+  ("group_B", "group B: share of coordinates SAM shrank"),
 )
 
 
@@ -22,10 +23,11 @@ def git_revision() -> str | None:
   try:
     root = pathlib.Path(__file__).resolve().parents[2]
     rev = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+      ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
     ).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                           capture_output=True, text=True, check=True).stdout.strip()
+    dirty = subprocess.run(
+      ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
     return rev + ("+dirty" if dirty else "")
   except (OSError, subprocess.CalledProcessError):
     return None
@@ -38,11 +40,11 @@ def _pct(value) -> str:
 def epoch_line(record: dict[str, Any], epochs: int) -> str:
   groups = "" if record.get("group_B") is None else f" | B {_pct(record['group_B'])}%"
   return (
-      f"epoch {record['epoch']:>3}/{epochs} | loss {record['train_loss']:.3f} | "
-      f"train {_pct(record['train_acc'])}% | clean {_pct(record['clean_acc'])}% | "
-      f"noisy->wrong {_pct(record['noisy_memorised'])}% | noisy->true {_pct(record['noisy_true'])}% | "
-      f"test {_pct(record['test_acc'])}% (best {_pct(record['best_test_acc'])}%){groups} | "
-      f"{record['epoch_time_s']:.1f}s"
+    f"epoch {record['epoch']:>3}/{epochs} | loss {record['train_loss']:.3f} | "
+    f"train {_pct(record['train_acc'])}% | clean {_pct(record['clean_acc'])}% | "
+    f"noisy->wrong {_pct(record['noisy_memorised'])}% | noisy->true {_pct(record['noisy_true'])}% | "
+    f"test {_pct(record['test_acc'])}% (best {_pct(record['best_test_acc'])}%){groups} | "
+    f"{record['epoch_time_s']:.1f}s"
   )
 
 
@@ -92,12 +94,12 @@ def plot_compare(runs: dict[str, list[list[dict[str, Any]]]], path: pathlib.Path
 
 
 TABLE_COLUMNS = (
-    ("best_test_acc", "best test %"),
-    ("last_test_acc", "last test %"),
-    ("noisy_memorised", "noisy->wrong % (final)"),
-    ("clean_acc", "clean fit % (final)"),
-    ("fit_gap", "clean-noisy gap pts (final)"),
-    ("mean_group_B", "group B % (mean)"),
+  ("best_test_acc", "best test %"),
+  ("last_test_acc", "last test %"),
+  ("noisy_memorised", "noisy->wrong % (final)"),
+  ("clean_acc", "clean fit % (final)"),
+  ("fit_gap", "clean-noisy gap pts (final)"),
+  ("mean_group_B", "group B % (mean)"),
 )
 
 

@@ -14,13 +14,15 @@ config's ``perturbation_mode``. On one device the constraints are no-ops.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import saner_jax
 from saner_jax import diagnostics, parallel
@@ -69,12 +71,12 @@ def lr_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
 def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
   """The optax chain and perturbation of a config (authors' order: reweight, then L2)."""
   perturbations = {
-      "sgd": lambda: None,
-      "sam": lambda: saner_jax.sam(config.rho),
-      "gsam": lambda: saner_jax.sam(config.rho),
-      "asam": lambda: saner_jax.asam(config.rho, config.asam_eta),
-      "friendly_sam": lambda: saner_jax.friendly_sam(config.rho, config.fsam_sigma, config.fsam_lmbda),
-      "vasso": lambda: saner_jax.vasso(config.rho, config.vasso_theta),
+    "sgd": lambda: None,
+    "sam": lambda: saner_jax.sam(config.rho),
+    "gsam": lambda: saner_jax.sam(config.rho),
+    "asam": lambda: saner_jax.asam(config.rho, config.asam_eta),
+    "friendly_sam": lambda: saner_jax.friendly_sam(config.rho, config.fsam_sigma, config.fsam_lmbda),
+    "vasso": lambda: saner_jax.vasso(config.rho, config.vasso_theta),
   }
   perturbation = perturbations[config.perturbation]()
   lr = lr_schedule(config, steps_per_epoch)
@@ -84,9 +86,7 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
   alpha = None
   if config.uses_saner:
     if config.saner_group == "B":
-      warmup = saner_jax.alpha_warmup(
-          config.alpha, config.alpha_warmup_epochs * steps_per_epoch, steps_per_epoch
-      )
+      warmup = saner_jax.alpha_warmup(config.alpha, config.alpha_warmup_epochs * steps_per_epoch, steps_per_epoch)
       # The authors number epochs from 1 (get_alpha(epoch=1) in the first
       # epoch), so their alpha is one epoch further along than ours.
       alpha = lambda count: warmup(count + steps_per_epoch)
@@ -108,17 +108,29 @@ def init_state(model: nn.Module, optimizer: Optimizer, key: jax.Array, image_sha
   params, batch_stats = models.init_model(model, key, image_shape)
   perturbation_state = optimizer.perturbation.init(params) if optimizer.perturbation else ()
   return TrainState(
-      step=jnp.zeros([], jnp.int32),
-      params=params,
-      batch_stats=batch_stats,
-      opt_state=optimizer.tx.init(params),
-      perturbation_state=perturbation_state,
+    step=jnp.zeros([], jnp.int32),
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=optimizer.tx.init(params),
+    perturbation_state=perturbation_state,
   )
 
 
 METRIC_KEYS = (
-    "loss_sum", "examples", "correct", "clean", "clean_correct", "noisy", "noisy_memorised",
-    "noisy_true", "group_A", "group_B", "group_C", "cosine", "nonfinite", "steps",
+  "loss_sum",
+  "examples",
+  "correct",
+  "clean",
+  "clean_correct",
+  "noisy",
+  "noisy_memorised",
+  "noisy_true",
+  "group_A",
+  "group_B",
+  "group_C",
+  "cosine",
+  "nonfinite",
+  "steps",
 )
 
 
@@ -145,15 +157,15 @@ def _merge_sub_batches(batch_stats, logits, stacked_axes: int, strided: bool):
 
 
 def make_train_step(
-    model: nn.Module,
-    optimizer: Optimizer,
-    config: TrainConfig,
-    *,
-    mean,
-    std,
-    flip: bool,
-    crop_padding: int,
-    mesh: Mesh | None = None,
+  model: nn.Module,
+  optimizer: Optimizer,
+  config: TrainConfig,
+  *,
+  mean,
+  std,
+  flip: bool,
+  crop_padding: int,
+  mesh: Mesh | None = None,
 ) -> Callable:
   """``step(state, metrics, data, permutation, batch_index, key) -> (state, metrics)``.
 
@@ -167,7 +179,7 @@ def make_train_step(
   def loss_fn(params, batch_stats, batch):
     images, labels = batch
     logits, updates = model.apply(
-        {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+      {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
     )
     return cross_entropy(logits, labels), (updates["batch_stats"], logits)
 
@@ -175,13 +187,19 @@ def make_train_step(
   if optimizer.perturbation is None:
     two_pass = None
     value_and_grad = saner_jax.accumulated_value_and_grad(
-        loss_fn, config.grad_accum_steps, has_aux=True, batch_argnum=2
+      loss_fn, config.grad_accum_steps, has_aux=True, batch_argnum=2
     )
     stacked_axes = int(accumulating)
   else:
     two_pass = parallel.sharded_sharpness_aware_grad(
-        loss_fn, optimizer.perturbation, mesh, mode=config.perturbation_mode, has_aux=True,
-        m_sharpness=config.m_sharpness, accumulation_steps=config.grad_accum_steps, batch_argnum=2,
+      loss_fn,
+      optimizer.perturbation,
+      mesh,
+      mode=config.perturbation_mode,
+      has_aux=True,
+      m_sharpness=config.m_sharpness,
+      accumulation_steps=config.grad_accum_steps,
+      batch_argnum=2,
     )
     sub_batched = config.m_sharpness > 1 or config.perturbation_mode == "per_device"
     stacked_axes = int(sub_batched) + int(accumulating)
@@ -196,9 +214,7 @@ def make_train_step(
     images = pipeline.normalize(images, mean, std, config.compute_dtype)
 
     if two_pass is None:
-      (loss, (batch_stats, logits)), grads = value_and_grad(
-          state.params, state.batch_stats, (images, batch.labels)
-      )
+      (loss, (batch_stats, logits)), grads = value_and_grad(state.params, state.batch_stats, (images, batch.labels))
       updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
       perturbation_state = state.perturbation_state
       gradient_stats = {"nonfinite": _count_nonfinite(grads)}
@@ -207,7 +223,7 @@ def make_train_step(
       loss = result.loss
       batch_stats, logits = result.aux
       updates, opt_state = optimizer.tx.update(
-          result.perturbed_grads, state.opt_state, state.params, clean_grads=result.clean_grads
+        result.perturbed_grads, state.opt_state, state.params, clean_grads=result.clean_grads
       )
       perturbation_state = result.perturbation_state
       gradient_stats = diagnostics.gradient_diagnostics(result.perturbed_grads, result.clean_grads)
@@ -216,24 +232,24 @@ def make_train_step(
     predictions = jnp.argmax(logits, axis=-1)
     fits = diagnostics.fit_counts(predictions, batch.labels, batch.true_labels, batch.noise_mask)
     step_metrics = {
-        "loss_sum": loss * batch_size,
-        "examples": batch_size,
-        "correct": jnp.sum(predictions == batch.labels),
-        "steps": 1,
-        **fits,
-        **{k: v for k, v in gradient_stats.items() if k in METRIC_KEYS},
+      "loss_sum": loss * batch_size,
+      "examples": batch_size,
+      "correct": jnp.sum(predictions == batch.labels),
+      "steps": 1,
+      **fits,
+      **{k: v for k, v in gradient_stats.items() if k in METRIC_KEYS},
     }
     new_state = TrainState(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-        perturbation_state=perturbation_state,
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, updates),
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+      perturbation_state=perturbation_state,
     )
     # Finite gradients can still step the weights to inf: count those too, so
     # the loop never checkpoints a broken state.
     step_metrics["nonfinite"] = step_metrics.get("nonfinite", 0) + _count_nonfinite(
-        (new_state.params, new_state.batch_stats)
+      (new_state.params, new_state.batch_stats)
     )
     metrics = {k: metrics[k] + jnp.asarray(step_metrics.get(k, 0), jnp.float32) for k in metrics}
     return new_state, metrics
