@@ -1,0 +1,103 @@
+"""Seed statistics of a set of runs: mean, std and paired 95% confidence intervals.
+
+Reads ``<out_dir>/<run>_seed<k>/summary.json`` (the layout ``python -m
+saner_jax.train compare`` writes) and prints a markdown report:
+
+- per run, the mean and sample standard deviation over seeds of the best test
+  accuracy, the last test accuracy and the final memorisation (the share of
+  noisy training samples predicted as their wrong, given label);
+- per pair of runs, the difference paired by seed (``B - A`` on the seeds both
+  finished), its mean, standard deviation and a two-sided 95% confidence
+  interval from Student's t with ``n - 1`` degrees of freedom.
+
+A confidence interval that contains 0 means the seeds cannot tell the two runs
+apart on that metric.
+
+    python benchmarks/seed_statistics.py benchmarks/results/fashion_mnist/headline/sym40 \
+        --pairs sam:saner sgd:sam
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import sys
+
+import numpy as np
+from scipy import stats
+
+METRICS = {
+  "best test %": lambda s: 100 * s["best_test_acc"],
+  "last test %": lambda s: 100 * s["last_test_acc"],
+  "memorised %": lambda s: 100 * s["final"]["noisy_memorised"],
+}
+_RUN_DIR = re.compile(r"^(?P<run>.+)_seed(?P<seed>\d+)$")
+
+
+def load(out_dir: pathlib.Path) -> dict[str, dict[int, dict]]:
+  """{run: {seed: summary}} for every finished run under ``out_dir``."""
+  runs: dict[str, dict[int, dict]] = {}
+  for summary in sorted(out_dir.glob("*_seed*/summary.json")):
+    match = _RUN_DIR.match(summary.parent.name)
+    if match:
+      runs.setdefault(match["run"], {})[int(match["seed"])] = json.loads(summary.read_text())
+  return runs
+
+
+def paired(a: dict[int, dict], b: dict[int, dict], metric) -> tuple[int, float, float, float, float]:
+  """(n, mean, std, ci_low, ci_high) of metric(b) - metric(a) over the seeds both have."""
+  seeds = sorted(set(a) & set(b))
+  diff = np.array([metric(b[s]) - metric(a[s]) for s in seeds])
+  n = len(diff)
+  if n < 2:
+    return n, float(diff.mean()) if n else float("nan"), float("nan"), float("nan"), float("nan")
+  mean, std = float(diff.mean()), float(diff.std(ddof=1))
+  half = float(stats.t.ppf(0.975, n - 1)) * std / np.sqrt(n)
+  return n, mean, std, mean - half, mean + half
+
+
+def report(out_dir: pathlib.Path, pairs: list[tuple[str, str]]) -> str:
+  runs = load(out_dir)
+  if not runs:
+    raise SystemExit(f"error: no finished runs (<run>_seed<k>/summary.json) under {out_dir}")
+  lines = ["| run | seeds | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+  for name, by_seed in runs.items():
+    cells = []
+    for metric in METRICS.values():
+      values = np.array([metric(s) for s in by_seed.values()])
+      std = values.std(ddof=1) if len(values) > 1 else float("nan")
+      cells.append(f"{values.mean():.2f} ± {std:.2f}")
+    lines.append(f"| {name} | {len(by_seed)} | " + " | ".join(cells) + " |")
+  lines += ["", "| difference (paired by seed) | seeds | metric | mean | std | 95% CI |", "|---|---|---|---|---|---|"]
+  for a, b in pairs:
+    if a not in runs or b not in runs:
+      continue
+    for label, metric in METRICS.items():
+      n, mean, std, low, high = paired(runs[a], runs[b], metric)
+      lines.append(f"| {b} − {a} | {n} | {label} | {mean:+.2f} | {std:.2f} | [{low:+.2f}, {high:+.2f}] |")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("out_dir", type=pathlib.Path, help="a compare output directory")
+  parser.add_argument(
+    "--pairs", nargs="+", default=["sam:saner", "sgd:sam"], help="A:B pairs; the report gives B - A paired by seed"
+  )
+  args = parser.parse_args(argv)
+  pairs = []
+  for pair in args.pairs:
+    a, sep, b = pair.partition(":")
+    if not sep or not a or not b:
+      parser.error(f"--pairs: {pair!r} is not A:B (for example sam:saner)")
+    pairs.append((a, b))
+  if not args.out_dir.is_dir():
+    parser.error(f"{args.out_dir} is not a directory")
+  print(report(args.out_dir, pairs))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
