@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import logging
 import os
 import time
 from unittest import mock
@@ -134,13 +135,17 @@ def test_missing_tfds_dataset_fails_fast_with_how_to(name, tmp_path):
   assert isinstance(info.value, FileNotFoundError)
 
 
-def test_missing_everywhere_reports_both_sources(tmp_path):
-  with pytest.raises(data.DatasetNotFoundError) as info:
+def test_missing_everywhere_reports_both_sources(tmp_path, caplog):
+  with caplog.at_level(logging.INFO), pytest.raises(data.DatasetNotFoundError) as info:
     data.load_dataset("mnist", "train", data_dir=tmp_path)
   message = str(info.value)
   assert "neither source" in message
   assert "tfds build mnist" in message
   assert "train-images-idx3-ubyte" in message
+  # TFDS's own text claims a tfrecord copy is "already prepared" where none is,
+  # and it warns about each version folder it probes, none of which exists.
+  assert "already prepared" not in message
+  assert not [r for r in caplog.records if "Variant folder" in r.getMessage()]
 
 
 def test_source_tfds_does_not_fall_back_to_idx(tmp_path):

@@ -19,6 +19,7 @@ import json
 import pathlib
 import shlex
 import sys
+import traceback
 
 from saner_jax.train import config as config_lib
 from saner_jax.train import data
@@ -32,7 +33,12 @@ def _train_parser() -> argparse.ArgumentParser:
   )
   config_lib.add_flags(parser)
   parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its last checkpoint")
+  _add_debug_flag(parser)
   return parser
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--debug", action="store_true", help="print the full traceback with an error (for bug reports)")
 
 
 def _compare_parser() -> argparse.ArgumentParser:
@@ -49,6 +55,7 @@ def _compare_parser() -> argparse.ArgumentParser:
   parser.add_argument("--seeds", nargs="+", type=int, default=[0])
   parser.add_argument("--collect_only", action="store_true", help="only collect finished runs under --out_dir")
   config_lib.add_flags(parser)
+  _add_debug_flag(parser)
   return parser
 
 
@@ -117,22 +124,39 @@ def compare(args: argparse.Namespace) -> dict:
   return summaries
 
 
+def _report(error: BaseException, debug: bool, message: str | None = None) -> None:
+  """One ``error:`` line for the user's own mistakes; the traceback too with --debug."""
+  if debug:
+    traceback.print_exception(error)
+  print(f"error: {message or error}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+  """Runs the command; returns the exit status (2 for a bad flag or config, 1 for other user errors).
+
+  Errors that are the user's (flags, configs, data, an out_dir in use, a run
+  that diverged, no usable checkpoint) print one line; anything else is a
+  bug and raises with its traceback.
+  """
+  from saner_jax.train import loop
+
   argv = sys.argv[1:] if argv is None else argv
+  debug = "--debug" in argv
   try:
     if argv[:1] == ["compare"]:
       compare(_compare_parser().parse_args(argv[1:]))
     else:
-      from saner_jax.train import loop
-
       args = _train_parser().parse_args(argv[1:] if argv[:1] == ["train"] else argv)
       loop.train(config_lib.from_args(args), resume=args.resume)
   except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
+    _report(e, debug)
     return 2
   except (data.DatasetNotFoundError, data.IdxFormatError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    _report(e, debug)
     return 1
+  except KeyboardInterrupt as e:
+    _report(e, debug, "interrupted before training began; no checkpoint was written")
+    return 130
   return 0
 
 

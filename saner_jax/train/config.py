@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import pathlib
 import typing
 from typing import Any
@@ -140,6 +141,11 @@ class TrainConfig:
     one_of("data_source", data.SOURCES)
     one_of("progress", ("auto", "bar", "lines", "none"))
     one_of("perturbation_mode", PERTURBATION_MODES)
+    for field in _FLOAT_FIELDS:  # nan passes every comparison below, inf some of them
+      if not math.isfinite(getattr(self, field)):
+        fail(field, f"must be a finite number, got {getattr(self, field)}")
+    if not 0 <= self.seed < 2**32:
+      fail("seed", f"must be in [0, 2**32), got {self.seed}")
     if not 0.0 <= self.noise_rate <= 1.0:
       fail("noise_rate", f"must be in [0, 1], got {self.noise_rate}")
     info = data.DATASETS[self.dataset]
@@ -187,10 +193,13 @@ class TrainConfig:
       )
     if any(not 0.0 < m < 1.0 for m in self.lr_milestones):
       fail("lr_milestones", f"must be fractions of training in (0, 1), got {self.lr_milestones}")
-    for field in ("train_examples", "test_examples"):
+    for field, split in (("train_examples", "train"), ("test_examples", "test")):
       value = getattr(self, field)
-      if value is not None and value < 1:
-        fail(field, f"must be >= 1, got {value}")
+      if value is not None and not 1 <= value <= info.sizes[split]:
+        fail(field, f"must be in [1, {info.sizes[split]}], the size of {self.dataset}'s {split} split; got {value}")
+    train_size = self.train_examples or info.sizes["train"]
+    if self.batch_size > train_size:
+      fail("batch_size", f"{self.batch_size} exceeds the {train_size} training examples")
     try:
       models.check_input(self.model, info.image_shape)
     except ValueError as e:
@@ -205,6 +214,7 @@ class TrainConfig:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = typing.get_type_hints(TrainConfig)
+_FLOAT_FIELDS = tuple(name for name, hint in _TYPES.items() if hint is float)
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -219,7 +229,10 @@ def _coerce(name: str, value: Any) -> Any:
     raise ConfigError(f"--{name}: may not be empty")
   try:
     if typing.get_origin(hint) is tuple or typing.get_origin(base) is tuple:
-      items = value.split(",") if isinstance(value, str) else value
+      if isinstance(value, str):
+        items = value.split(",")
+      else:  # a YAML list, or one number (`lr_milestones: 0.5`)
+        items = value if isinstance(value, (list, tuple)) else [value]
       return tuple(float(v) for v in items)
     if base is bool:
       if isinstance(value, bool):

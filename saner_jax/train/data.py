@@ -15,6 +15,7 @@ to IDX files for the datasets that have them. See docs/data_and_noise.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import logging
@@ -63,6 +64,8 @@ class DatasetSpec:
     mean: per-channel mean of the training images scaled to [0, 1].
     std: per-channel standard deviation, same scale.
     class_names: the class of each label index.
+    sizes: examples in the published train and test splits, so that a
+      config can be checked before anything loads.
     noisy_label_keys: TFDS features holding human noisy labels (CIFAR-N).
     manual_download: how to fetch the files TFDS cannot download itself.
     idx_env_var: environment variable naming a directory of IDX files.
@@ -79,6 +82,7 @@ class DatasetSpec:
   mean: tuple[float, ...]
   std: tuple[float, ...]
   class_names: tuple[str, ...]
+  sizes: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"train": 50_000, "test": 10_000})
   noisy_label_keys: tuple[str, ...] = ()
   manual_download: str | None = None
   idx_env_var: str | None = None
@@ -170,7 +174,7 @@ DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType({
             name="fashion_mnist", tfds_name="fashion_mnist", num_classes=10,
             image_shape=(28, 28, 1), flip=True, crop_padding=2,
             mean=(0.2860,), std=(0.3530,),
-            class_names=_FASHION_MNIST_CLASSES,
+            class_names=_FASHION_MNIST_CLASSES, sizes={"train": 60_000, "test": 10_000},
             idx_env_var="SANER_JAX_FASHION_MNIST_DIR",
             default_idx_dir=DEBIAN_FASHION_MNIST_DIR,
         ),
@@ -178,14 +182,14 @@ DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType({
             name="mnist", tfds_name="mnist", num_classes=10,
             image_shape=(28, 28, 1), flip=False, crop_padding=2,
             mean=(0.1307,), std=(0.3081,),
-            class_names=_DIGITS,
+            class_names=_DIGITS, sizes={"train": 60_000, "test": 10_000},
             idx_env_var="SANER_JAX_MNIST_DIR",
         ),
         DatasetSpec(
             name="svhn_cropped", tfds_name="svhn_cropped", num_classes=10,
             image_shape=(32, 32, 3), flip=False, crop_padding=4,
             mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970),
-            class_names=_DIGITS,
+            class_names=_DIGITS, sizes={"train": 73_257, "test": 26_032},
         ),
         DatasetSpec(
             name="cifar10_n", tfds_name="cifar10_n", num_classes=10,
@@ -414,11 +418,35 @@ def _tfds_how_to(spec: DatasetSpec) -> str:
   )
 
 
-def _tfds_unavailable(spec: DatasetSpec, data_dir: str | None, cause: Exception) -> DatasetNotFoundError | None:
+class _WithoutVariantFolderWarnings(logging.Filter):
+  """Drops TFDS's "Variant folder X has no dataset_info.json" warnings.
+
+  TFDS logs one for each version folder it probes, existing or not, up to a
+  dozen for one missing dataset; the error raised then says what is missing.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Variant folder")
+
+
+@contextlib.contextmanager
+def _quiet_tfds_probe():
+  absl_logger = logging.getLogger("absl")
+  quiet = _WithoutVariantFolderWarnings()
+  absl_logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
+def _tfds_unavailable(spec: DatasetSpec, data_dir: str | None) -> DatasetNotFoundError | None:
   """Explains why TFDS could not open the dataset, or None if it is not missing.
 
   TFDS reports an unprepared dataset in several ways (an empty split dict,
-  "tfrecord format is not supported", ...), so the builder is asked directly.
+  "tfrecord format is not supported", which also claims a prepared copy that
+  is not there, ...), so the builder is asked directly and TFDS's own message
+  is left to the exception chain.
   """
   import tensorflow_datasets as tfds
 
@@ -435,7 +463,7 @@ def _tfds_unavailable(spec: DatasetSpec, data_dir: str | None, cause: Exception)
   else:
     problem = f"TFDS dataset {spec.tfds_name} is not prepared at {builder.data_dir}; nothing is downloaded."
   hint = f"\nOr read IDX files with source='idx' (data_dir or ${spec.idx_env_var})." if spec.has_idx else ""
-  return DatasetNotFoundError(f"{problem}\n{_tfds_how_to(spec)}{hint}\n(TFDS said: {type(cause).__name__}: {cause})")
+  return DatasetNotFoundError(f"{problem}\n{_tfds_how_to(spec)}{hint}")
 
 
 def _stack_int32(values: list) -> np.ndarray:
@@ -445,13 +473,14 @@ def _stack_int32(values: list) -> np.ndarray:
 def _load_tfds(spec: DatasetSpec, split: str, data_dir: str | None, max_examples: int | None) -> ArrayDataset:
   import tensorflow_datasets as tfds
 
-  try:
-    source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
-  except Exception as e:
-    missing = _tfds_unavailable(spec, data_dir, e)
-    if missing is None:
-      raise
-    raise missing from e
+  with _quiet_tfds_probe():
+    try:
+      source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:
+      missing = _tfds_unavailable(spec, data_dir)
+      if missing is None:
+        raise
+      raise missing from e
   n = len(source) if max_examples is None else min(len(source), max_examples)
   # CIFAR-N's test split stores -1 for the human labels: it has none.
   label_keys = spec.noisy_label_keys if split == "train" else ()
