@@ -46,8 +46,9 @@ def check_scalar_range(
 
 def check_same_structure(name: str, tree: Any, reference: Any, reference_name: str = "updates") -> None:
   """Raises ValueError naming the first leaf where two pytrees disagree."""
-  tree_def = jax.tree_util.tree_structure(tree)
-  ref_def = jax.tree_util.tree_structure(reference)
+  # Any: jaxlib ships PyTreeDef without a stub, so mypy cannot see its __eq__.
+  tree_def: Any = jax.tree_util.tree_structure(tree)
+  ref_def: Any = jax.tree_util.tree_structure(reference)
   if tree_def != ref_def:
     raise ValueError(
       f"{name} must have the same tree structure as {reference_name}; got\n"

@@ -6,6 +6,10 @@ meant to run inside the jitted train step on every step.
 
 from __future__ import annotations
 
+import functools
+import operator
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -14,15 +18,15 @@ from saner_jax import _validation
 from saner_jax.saner import GROUPS, group_mask
 
 
-def _float32(tree):
+def _float32(tree: optax.Updates) -> optax.Updates:
   return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
 
-def _leaves_sum(fn, *trees) -> jax.Array:
-  return sum(jnp.sum(fn(*leaves)) for leaves in zip(*map(jax.tree.leaves, trees)))
+def _leaves_sum(fn: Callable[..., jax.Array], *trees: optax.Updates) -> jax.Array:
+  return functools.reduce(operator.add, (jnp.sum(fn(*leaves)) for leaves in zip(*map(jax.tree.leaves, trees))))
 
 
-def group_fractions(perturbed_grads, clean_grads) -> dict[str, jax.Array]:
+def group_fractions(perturbed_grads: optax.Updates, clean_grads: optax.Updates) -> dict[str, jax.Array]:
   """Fraction of all coordinates in each of SANER's groups A, B and C.
 
   The three need not sum to one: coordinates with a zero gradient, equal
@@ -38,7 +42,7 @@ def group_fractions(perturbed_grads, clean_grads) -> dict[str, jax.Array]:
   }
 
 
-def gradient_cosine(a, b) -> jax.Array:
+def gradient_cosine(a: optax.Updates, b: optax.Updates) -> jax.Array:
   """Cosine similarity of two gradient pytrees, in float32; 0 if either is 0.
 
   NaN when either holds a NaN or inf, so a broken step is not reported as
@@ -49,7 +53,7 @@ def gradient_cosine(a, b) -> jax.Array:
   return jnp.where(denominator == 0, 0.0, optax.tree.vdot(a32, b32) / denominator)
 
 
-def gradient_diagnostics(perturbed_grads, clean_grads) -> dict[str, jax.Array]:
+def gradient_diagnostics(perturbed_grads: optax.Updates, clean_grads: optax.Updates) -> dict[str, jax.Array]:
   """Group fractions, cosine(g, g_sam), both norms and a non-finite count.
 
   ``nonfinite`` counts the coordinates where either gradient is NaN or inf;
@@ -67,7 +71,13 @@ def gradient_diagnostics(perturbed_grads, clean_grads) -> dict[str, jax.Array]:
   }
 
 
-def fit_counts(predictions, labels, true_labels, noise_mask, valid=None) -> dict[str, jax.Array]:
+def fit_counts(
+  predictions: jax.Array,
+  labels: jax.Array,
+  true_labels: jax.Array,
+  noise_mask: jax.Array,
+  valid: jax.Array | None = None,
+) -> dict[str, jax.Array]:
   """Counts, over one batch, of how the model fits clean and noisy samples.
 
   Args:

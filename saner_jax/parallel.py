@@ -134,7 +134,7 @@ def sharded_sharpness_aware_grad(
   devices = mesh.shape[axis_name]
   index = batch_argnum - 1
 
-  def batch_of(args):
+  def batch_of(args: tuple[Any, ...]) -> Any:
     if index >= len(args):
       raise ValueError(f"batch_argnum={batch_argnum} but loss_fn got only {len(args)} arguments after params")
     for leaf in jax.tree.leaves(args[index]):
@@ -144,21 +144,28 @@ def sharded_sharpness_aware_grad(
         )
     return args[index]
 
-  def with_batch(args, batch):
+  def with_batch(args: tuple[Any, ...], batch: Any) -> tuple[Any, ...]:
     return (*args[:index], batch, *args[index + 1 :])
 
   if mode == "synced":
     split = NamedSharding(mesh, P(axis_name))
 
-    def synced(params, perturbation_state, *args, **kwargs) -> SharpnessAwareGrads:
+    def synced(
+      params: optax.Params, perturbation_state: optax.OptState, *args: Any, **kwargs: Any
+    ) -> SharpnessAwareGrads:
       batch = jax.lax.with_sharding_constraint(batch_of(args), split)
       return local_grad_fn(params, perturbation_state, *with_batch(args, batch), **kwargs)
 
     return synced
 
-  def one_device(params, perturbation_state, args, kwargs):
+  def one_device(
+    params: optax.Params, perturbation_state: optax.OptState, args: tuple[Any, ...], kwargs: dict[str, Any]
+  ) -> SharpnessAwareGrads:
     out = local_grad_fn(params, perturbation_state, *args, **kwargs)
-    mean = lambda tree: jax.lax.pmean(tree, axis_name)
+
+    def mean(tree: Any) -> Any:
+      return jax.lax.pmean(tree, axis_name)
+
     # A leading sub-batch axis, so that stacking the shards along it gives
     # the helper's layout for n * m_sharpness sub-batches.
     aux = out.aux if m_sharpness > 1 else jax.tree.map(lambda x: x[None], out.aux)
@@ -170,7 +177,9 @@ def sharded_sharpness_aware_grad(
     )
     return SharpnessAwareGrads(mean(out.clean_grads), mean(out.perturbed_grads), mean(out.loss), aux, state)
 
-  def per_device(params, perturbation_state, *args, **kwargs) -> SharpnessAwareGrads:
+  def per_device(
+    params: optax.Params, perturbation_state: optax.OptState, *args: Any, **kwargs: Any
+  ) -> SharpnessAwareGrads:
     batch_of(args)
     arg_specs = tuple(P(axis_name) if i == index else P() for i in range(len(args)))
     # Without replication checks shard_map treats the replicated params as
@@ -182,7 +191,8 @@ def sharded_sharpness_aware_grad(
       one_device,
       mesh=mesh,
       in_specs=(P(), P(), arg_specs, P()),
-      out_specs=SharpnessAwareGrads(P(), P(), P(), P(axis_name), P()),
+      # _make: a pytree of specs in the outputs' structure, not of arrays.
+      out_specs=SharpnessAwareGrads._make((P(), P(), P(), P(axis_name), P())),
       check_vma=False,
     )(params, perturbation_state, args, kwargs)
 

@@ -42,7 +42,7 @@ class EmaPerturbationState(NamedTuple):
   average: optax.Updates
 
 
-def _scaled_to_radius(direction, rho, scale=None):
+def _scaled_to_radius(direction: optax.Updates, rho: jax.Array, scale: optax.Params | None = None) -> optax.Updates:
   r"""Returns :math:`\rho\, s^2 d / (\lVert s d \rVert_2 + 10^{-12})`.
 
   With ``scale`` None, ``s`` is 1 and this is SAM's normalised ascent.
@@ -59,7 +59,7 @@ def _scaled_to_radius(direction, rho, scale=None):
   return jax.tree.map(lambda s, d: (factor * s * s * d).astype(d.dtype), scale, direction)
 
 
-def _init_count(params) -> PerturbationState:
+def _init_count(params: optax.Params) -> PerturbationState:
   del params
   return PerturbationState(count=jnp.zeros([], jnp.int32))
 
@@ -78,7 +78,9 @@ def sam(rho: optax.ScalarOrSchedule = 0.05) -> optax.GradientTransformation:
   """
   _validation.check_scalar_range("rho", rho, 0.0)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates, state: PerturbationState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, PerturbationState]:
     del params
     eps = _scaled_to_radius(updates, _validation.resolve(rho, state.count))
     return eps, PerturbationState(optax.safe_increment(state.count))
@@ -110,7 +112,9 @@ def asam(rho: optax.ScalarOrSchedule = 0.5, eta: float = 0.0) -> optax.GradientT
   _validation.check_scalar_range("rho", rho, 0.0)
   _validation.check_scalar_range("eta", eta, 0.0)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates, state: PerturbationState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, PerturbationState]:
     if params is None:
       raise ValueError("asam needs params: call update(grads, state, params)")
     _validation.check_same_structure("params", params, updates, "grads")
@@ -121,7 +125,7 @@ def asam(rho: optax.ScalarOrSchedule = 0.5, eta: float = 0.0) -> optax.GradientT
   return optax.GradientTransformation(_init_count, update_fn)
 
 
-def _init_average(params) -> EmaPerturbationState:
+def _init_average(params: optax.Params) -> EmaPerturbationState:
   return EmaPerturbationState(count=jnp.zeros([], jnp.int32), average=optax.tree.zeros_like(params))
 
 
@@ -155,7 +159,9 @@ def friendly_sam(
   _validation.check_scalar_range("sigma", sigma, 0.0)
   _validation.check_scalar_range("lmbda", lmbda, 0.0, 1.0)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates, state: EmaPerturbationState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, EmaPerturbationState]:
     del params
     first = state.count == 0
     sig = _validation.resolve(sigma, state.count)
@@ -192,7 +198,9 @@ def vasso(rho: optax.ScalarOrSchedule = 0.05, theta: float = 0.2) -> optax.Gradi
   _validation.check_scalar_range("rho", rho, 0.0)
   _validation.check_scalar_range("theta", theta, 0.0, 1.0)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates, state: EmaPerturbationState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, EmaPerturbationState]:
     del params
     first = state.count == 0
     average = jax.tree.map(

@@ -15,7 +15,7 @@ any optax optimizer::
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import chex
 import jax
@@ -63,7 +63,7 @@ def group_mask(perturbed: jax.Array, clean: jax.Array, group: Group) -> jax.Arra
   return ((perturbed > 0) & (clean < 0)) | ((perturbed < 0) & (clean > 0))
 
 
-def _require_clean_grads(name: str, updates, clean_grads) -> None:
+def _require_clean_grads(name: str, updates: optax.Updates, clean_grads: optax.Updates | None) -> None:
   if clean_grads is None:
     raise ValueError(
       f"{name} needs the clean-point gradients: call tx.update(perturbed_grads, state, params, clean_grads=clean_grads)"
@@ -117,11 +117,18 @@ def saner(alpha: optax.ScalarOrSchedule = 0.5, group: Group = "B") -> optax.Grad
   _check_group(group)
   _validation.check_scalar_range("alpha", alpha, 0.0, 1.0 if group == "B" else float("inf"))
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> SanerState:
     del params
     return SanerState(count=jnp.zeros([], jnp.int32))
 
-  def update_fn(updates, state, params=None, *, clean_grads=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: SanerState,
+    params: optax.Params | None = None,
+    *,
+    clean_grads: optax.Updates | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, SanerState]:
     del params, extra_args
     _require_clean_grads("saner", updates, clean_grads)
     factor = _validation.resolve(alpha, state.count)
@@ -167,7 +174,7 @@ def alpha_warmup(alpha: float, warmup_steps: int, steps_per_epoch: int | None = 
   if warmup_steps == 0:
     return optax.constant_schedule(alpha)
 
-  def schedule(count):
+  def schedule(count: chex.Numeric) -> jax.Array:
     step = jnp.asarray(count)
     if steps_per_epoch is not None:  # in the count's own (integer) type: exact
       step = jnp.floor_divide(step, steps_per_epoch) * steps_per_epoch
@@ -207,14 +214,24 @@ def gsam(alpha: optax.ScalarOrSchedule = 0.01) -> optax.GradientTransformationEx
   """
   _validation.check_scalar_range("alpha", alpha, 0.0)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> GsamState:
     del params
     return GsamState(count=jnp.zeros([], jnp.int32))
 
-  def update_fn(updates, state, params=None, *, clean_grads=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: GsamState,
+    params: optax.Params | None = None,
+    *,
+    clean_grads: optax.Updates | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, GsamState]:
     del params, extra_args
     _require_clean_grads("gsam", updates, clean_grads)
-    f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
+
+    def f32(tree: optax.Updates) -> optax.Updates:
+      return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
     clean_norm = optax.tree.norm(f32(clean_grads))
     perturbed_norm = optax.tree.norm(f32(updates))
     inner = optax.tree.vdot(f32(clean_grads), f32(updates))

@@ -57,7 +57,7 @@ def _check_batch_argnum(batch_argnum: int) -> None:
     raise ValueError(f"batch_argnum must be >= 1 (0 is params), got {batch_argnum}")
 
 
-def _batch_index(batch_argnum: int, args: tuple) -> int:
+def _batch_index(batch_argnum: int, args: tuple[Any, ...]) -> int:
   if batch_argnum - 1 >= len(args):
     raise ValueError(f"batch_argnum={batch_argnum} but loss_fn got only {len(args)} arguments after params")
   return batch_argnum - 1
@@ -110,26 +110,26 @@ def accumulated_value_and_grad(
   if k == 1:
     return value_and_grad
 
-  def split(x):
+  def split(x: jax.Array) -> jax.Array:
     if x.shape[0] % k:
       raise ValueError(f"batch size {x.shape[0]} is not divisible by accumulation_steps={k}")
     return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
 
-  def accumulated(params, *args, **kwargs):
+  def accumulated(params: optax.Params, *args: Any, **kwargs: Any) -> Any:
     index = _batch_index(batch_argnum, args)
     micro_batches = jax.tree.map(split, args[index])
 
-    def on(micro_batch):
+    def on(micro_batch: Any) -> Any:
       return value_and_grad(params, *args[:index], micro_batch, *args[index + 1 :], **kwargs)
 
-    def wide(x):  # a sum of k float16/bfloat16 terms would lose digits
+    def wide(x: jax.ShapeDtypeStruct) -> Any:  # a sum of k float16/bfloat16 terms would lose digits
       return jnp.promote_types(x.dtype, jnp.float32)
 
     shapes = jax.eval_shape(on, jax.tree.map(lambda x: x[0], micro_batches))
     value_shape, grad_shapes = (shapes[0][0] if has_aux else shapes[0]), shapes[1]
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, wide(s)), (value_shape, grad_shapes))
 
-    def body(total, micro_batch):
+    def body(total: Any, micro_batch: Any) -> tuple[Any, Any]:
       out, grads = on(micro_batch)
       value, aux = out if has_aux else (out, None)
       total = jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, (value, grads))
@@ -198,35 +198,42 @@ def sharpness_aware_grad(
     raise ValueError(f"m_sharpness must be an integer >= 1, got {m_sharpness!r}")
   _check_batch_argnum(batch_argnum)
 
-  def with_aux(params, *args, **kwargs):
+  def with_aux(params: optax.Params, *args: Any, **kwargs: Any) -> tuple[jax.Array, Any]:
     out = loss_fn(params, *args, **kwargs)
     return out if has_aux else (out, None)
 
   value_and_grad = accumulated_value_and_grad(with_aux, accumulation_steps, has_aux=True, batch_argnum=batch_argnum)
 
-  def two_passes(params, perturbation_state, args, kwargs):
+  def two_passes(
+    params: optax.Params, perturbation_state: optax.OptState, args: tuple[Any, ...], kwargs: dict[str, Any]
+  ) -> SharpnessAwareGrads:
     (loss, aux), clean = value_and_grad(params, *args, **kwargs)
     eps, new_state = perturbation.update(clean, perturbation_state, params)
     _, perturbed = value_and_grad(optax.apply_updates(params, eps), *args, **kwargs)
     return SharpnessAwareGrads(clean, perturbed, loss, aux, new_state)
 
-  def grad_fn(params, perturbation_state, *args, **kwargs) -> SharpnessAwareGrads:
+  def grad_fn(
+    params: optax.Params, perturbation_state: optax.OptState, *args: Any, **kwargs: Any
+  ) -> SharpnessAwareGrads:
     if m_sharpness == 1:
       return two_passes(params, perturbation_state, args, kwargs)
     index = _batch_index(batch_argnum, args)
     batch = args[index]
 
-    def split(x):
+    def split(x: jax.Array) -> jax.Array:
       if x.shape[0] % m_sharpness:
         raise ValueError(f"batch size {x.shape[0]} is not divisible by m_sharpness={m_sharpness}")
       return x.reshape(m_sharpness, x.shape[0] // m_sharpness, *x.shape[1:])
 
-    def one_sub_batch(sub_batch):
+    def one_sub_batch(sub_batch: Any) -> SharpnessAwareGrads:
       sub_args = (*args[:index], sub_batch, *args[index + 1 :])
       return two_passes(params, perturbation_state, sub_args, kwargs)
 
     per_sub_batch = jax.vmap(one_sub_batch)(jax.tree.map(split, batch))
-    mean = lambda tree: jax.tree.map(lambda x: x.mean(axis=0), tree)
+
+    def mean(tree: Any) -> Any:
+      return jax.tree.map(lambda x: x.mean(axis=0), tree)
+
     return SharpnessAwareGrads(
       clean_grads=mean(per_sub_batch.clean_grads),
       perturbed_grads=mean(per_sub_batch.perturbed_grads),

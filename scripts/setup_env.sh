@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv and installs saner_jax with the training and test extras.
+# Creates .venv and installs saner_jax with the extras in $SANER_JAX_EXTRAS
+# (default train,test: what the main job and the tests need).
 # Sourced by the main-job and test scripts, so a fresh machine needs nothing else.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -8,4 +9,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q -e ".[train,test]"
+python -m pip install -q -e ".[${SANER_JAX_EXTRAS:-train,test}]"

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Sets up the environment and runs the test suite; pytest's exit code is ours
-# (5, "no tests ran", included).
+# Sets up the environment, then runs lint, format check, types and the test
+# suite; any failure fails the script, and pytest's exit code is ours (5,
+# "no tests ran", included). Arguments go to the test-suite pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Only some tests read the real data or build the oneDNN kernels, and they
 # skip, saying why, without them: a failed install is a warning here.
 bash scripts/ensure_system_packages.sh ||
   echo "warning: Debian's dataset-fashion-mnist, g++ or libdnnl-dev could not be installed" >&2
+SANER_JAX_EXTRAS=dev  # the lint, type and docs tools too
 . scripts/setup_env.sh
 export JAX_PLATFORMS=cpu
+step() { echo "== $*" >&2; "$@"; }
+step ruff check .
+step ruff format --check .
+step mypy
 # Everything runs, the paper-scale configs marked slow included (about
 # 10 minutes on 2 cores); pass -m "not slow" for a quicker local run.
-python -m pytest -n 2 "$@"
+step python -m pytest -n 2 "$@"
