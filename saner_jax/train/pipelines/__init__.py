@@ -1,0 +1,27 @@
+"""Noise-robust training pipelines that run with any optimizer of the SAM family.
+
+The SANER paper (arXiv 2411.17132, Table 7) runs five of them with
+SGD, SAM and SANER: hard bootstrapping, Co-teaching, DivideMix, progressive
+label correction (PLC) and Joint Optimization. Each module holds the
+pipeline's pure, jit-able pieces (losses, selections, label updates) with
+the authors' defaults; the trainer (``python -m saner_jax.train --pipeline
+NAME``) runs them. docs/pipelines.md gives the maths and the references.
+"""
+
+from saner_jax.train.pipelines import bootstrap, co_teaching, common, dividemix, joint_optimization, plc
+
+# "none" is the plain trainer.
+PIPELINES = ("none", "bootstrap", "co_teaching", "dividemix", "plc", "joint_optimization")
+# Pipelines that train two networks side by side.
+TWO_NETWORKS = ("co_teaching", "dividemix")
+
+__all__ = [
+  "PIPELINES",
+  "TWO_NETWORKS",
+  "bootstrap",
+  "co_teaching",
+  "common",
+  "dividemix",
+  "joint_optimization",
+  "plc",
+]
