@@ -31,6 +31,14 @@ def group_fractions(perturbed_grads: optax.Updates, clean_grads: optax.Updates) 
 
   The three need not sum to one: coordinates with a zero gradient, equal
   gradients or a NaN belong to no group.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from saner_jax import diagnostics
+    >>> g_sam = {"w": jnp.array([0.5, 2.0, -1.0, 0.0])}
+    >>> g = {"w": jnp.ones(4)}
+    >>> {k: float(v) for k, v in diagnostics.group_fractions(g_sam, g).items()}
+    {'A': 0.25, 'B': 0.25, 'C': 0.25}
   """
   _validation.check_same_structure("perturbed_grads", perturbed_grads, clean_grads, "clean_grads")
   total = sum(x.size for x in jax.tree.leaves(clean_grads))
@@ -47,6 +55,12 @@ def gradient_cosine(a: optax.Updates, b: optax.Updates) -> jax.Array:
 
   NaN when either holds a NaN or inf, so a broken step is not reported as
   orthogonal.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from saner_jax import diagnostics
+    >>> print(diagnostics.gradient_cosine(jnp.array([1.0, 0.0]), jnp.array([1.0, 1.0])))
+    0.70710677
   """
   a32, b32 = _float32(a), _float32(b)
   denominator = optax.tree.norm(a32) * optax.tree.norm(b32)
@@ -60,6 +74,17 @@ def gradient_diagnostics(perturbed_grads: optax.Updates, clean_grads: optax.Upda
   a training loop should stop, or skip the step, when it is not zero. A NaN
   coordinate is in no group (an inf one is grouped by its sign and size), and
   either makes the cosine NaN and a norm NaN or inf. Norms are in float32.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from saner_jax import diagnostics
+    >>> g_sam = {"w": jnp.array([0.5, 2.0, -1.0, jnp.nan])}
+    >>> g = {"w": jnp.ones(4)}
+    >>> report = diagnostics.gradient_diagnostics(g_sam, g)
+    >>> sorted(report)
+    ['clean_grad_norm', 'cosine', 'group_A', 'group_B', 'group_C', 'nonfinite', 'perturbed_grad_norm']
+    >>> int(report["nonfinite"]), float(report["group_B"]), float(report["clean_grad_norm"])
+    (1, 0.25, 2.0)
   """
   fractions = group_fractions(perturbed_grads, clean_grads)
   return {
@@ -79,6 +104,21 @@ def fit_counts(
   valid: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
   """Counts, over one batch, of how the model fits clean and noisy samples.
+
+  Examples:
+    Samples 2 and 3 are noisy (true label 0); the model memorised sample 2's
+    wrong label and predicted sample 3's true one:
+
+    >>> import jax.numpy as jnp
+    >>> from saner_jax import diagnostics
+    >>> counts = diagnostics.fit_counts(
+    ...   predictions=jnp.array([0, 1, 2, 0]),
+    ...   labels=jnp.array([0, 0, 2, 1]),
+    ...   true_labels=jnp.array([0, 1, 0, 0]),
+    ...   noise_mask=jnp.array([False, False, True, True]),
+    ... )
+    >>> {k: int(v) for k, v in counts.items()}
+    {'clean': 2, 'clean_correct': 1, 'noisy': 2, 'noisy_memorised': 1, 'noisy_true': 1}
 
   Args:
     predictions: predicted classes, shape ``[batch]``.

@@ -72,7 +72,15 @@ PERTURBATION_MODES = ("synced", "per_device")
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = "data") -> Mesh:
-  """A one-axis mesh over ``devices``, by default every device of every process."""
+  """A one-axis mesh over ``devices``, by default every device of every process.
+
+  Examples:
+    >>> import jax
+    >>> import saner_jax
+    >>> mesh = saner_jax.data_mesh()
+    >>> mesh.axis_names, mesh.size == jax.device_count()
+    (('data',), True)
+  """
   devices = jax.devices() if devices is None else devices
   return Mesh(np.asarray(devices), (axis_name,))
 
@@ -94,6 +102,24 @@ def sharded_sharpness_aware_grad(
   Call the returned function inside :func:`jax.jit` with replicated params,
   perturbation state and non-batch arguments; the batch may arrive in any
   sharding, it is split over ``axis_name`` here.
+
+  Examples:
+    On any number of devices, the synced mode equals the single-device
+    helper on the global batch:
+
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import saner_jax
+    >>> def loss_fn(params, batch):
+    ...   return jnp.mean((batch @ params) ** 2)
+    >>> params, batch = jnp.ones(3), jnp.arange(24.0).reshape(8, 3) / 24
+    >>> sam = saner_jax.sam(rho=0.1)
+    >>> mesh = saner_jax.data_mesh(jax.devices()[:1])
+    >>> sharded = saner_jax.sharded_sharpness_aware_grad(loss_fn, sam, mesh)
+    >>> out = jax.jit(sharded)(params, sam.init(params), batch)
+    >>> ref = saner_jax.sharpness_aware_grad(loss_fn, sam)(params, sam.init(params), batch)
+    >>> bool(jnp.allclose(out.perturbed_grads, ref.perturbed_grads))
+    True
 
   Args:
     loss_fn, perturbation, has_aux, batch_argnum: as for

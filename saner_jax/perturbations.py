@@ -70,6 +70,17 @@ def sam(rho: optax.ScalarOrSchedule = 0.05) -> optax.GradientTransformation:
   Foret, Kleiner, Mobahi and Neyshabur, "Sharpness-Aware Minimization for
   Efficiently Improving Generalization", ICLR 2021, arXiv 2010.01412.
 
+  Examples:
+    The perturbation has length ``rho`` along the gradient:
+
+    >>> import jax.numpy as jnp
+    >>> import saner_jax
+    >>> grads = {"w": jnp.array([3.0, 4.0])}  # norm 5
+    >>> tx = saner_jax.sam(rho=0.5)
+    >>> eps, state = tx.update(grads, tx.init(grads))
+    >>> print(eps["w"])
+    [0.3 0.4]
+
   Args:
     rho: radius of the neighbourhood, a float >= 0 or a schedule.
 
@@ -100,6 +111,19 @@ def asam(rho: optax.ScalarOrSchedule = 0.5, eta: float = 0.0) -> optax.GradientT
   arXiv 2102.11600. ``eta = 0`` (the default) is the ``adaptive=True`` path of
   the SANER authors' code; the ASAM paper uses ``eta = 0.01``. ASAM radii are
   larger than SAM's (the paper uses 0.5 to 2.0 on CIFAR).
+
+  Examples:
+    With ``|w| = (1, 2)`` and ``g = (4, 1.5)``, :math:`T_w g = (4, 3)` has norm 5
+    and :math:`T_w^2 g = (4, 6)`:
+
+    >>> import jax.numpy as jnp
+    >>> import saner_jax
+    >>> params = {"w": jnp.array([1.0, 2.0])}
+    >>> grads = {"w": jnp.array([4.0, 1.5])}
+    >>> tx = saner_jax.asam(rho=0.5)
+    >>> eps, state = tx.update(grads, tx.init(params), params)
+    >>> print(eps["w"])
+    [0.4 0.6]
 
   Args:
     rho: radius, a float >= 0 or a schedule.
@@ -147,6 +171,20 @@ def friendly_sam(
   authors' code (optimizer/fsam.py). Li, Zhou, Yan and Shen, "Friendly
   Sharpness-Aware Minimization", CVPR 2024, arXiv 2403.12350.
 
+  Examples:
+    The second step ascends on :math:`g_2 - \sigma m_1 = (3, 8) - (3, 4)`:
+
+    >>> import jax.numpy as jnp
+    >>> import saner_jax
+    >>> tx = saner_jax.friendly_sam(rho=5.0, sigma=1.0)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> eps, state = tx.update(jnp.array([3.0, 4.0]), state)
+    >>> print(eps)
+    [3. 4.]
+    >>> eps, state = tx.update(jnp.array([3.0, 8.0]), state)
+    >>> print(eps)
+    [0. 5.]
+
   Args:
     rho: radius, a float >= 0 or a schedule.
     sigma: weight of the trend removed, a float >= 0 or a schedule.
@@ -187,6 +225,18 @@ def vasso(rho: optax.ScalarOrSchedule = 0.05, theta: float = 0.2) -> optax.Gradi
   Li and Giannakis, "Enhancing Sharpness-Aware Optimization Through Variance
   Suppression", NeurIPS 2023, arXiv 2309.15639; first-step convention from
   the SANER authors' optimizer/vasso.py.
+
+  Examples:
+    With ``theta = 0.5`` the second direction is the mean of both gradients:
+
+    >>> import jax.numpy as jnp
+    >>> import saner_jax
+    >>> tx = saner_jax.vasso(rho=1.0, theta=0.5)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> eps, state = tx.update(jnp.array([3.0, 4.0]), state)
+    >>> eps, state = tx.update(jnp.array([-3.0, 12.0]), state)  # d = (0, 8)
+    >>> print(eps)
+    [0. 1.]
 
   Args:
     rho: radius, a float >= 0 or a schedule.

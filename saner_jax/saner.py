@@ -52,6 +52,16 @@ def group_mask(perturbed: jax.Array, clean: jax.Array, group: Group) -> jax.Arra
   on the wrong side; comparing signs cannot. Signs are compared directly
   rather than through the product :math:`g^{SAM} g`, which underflows to zero
   for small float16 gradients (``1e-4 * 5e-5``) or tiny float32 ones.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import saner_jax
+    >>> g_sam = jnp.array([0.5, 2.0, -1.0, 0.0])  # ratios 0.5, 2, -1, 0
+    >>> g = jnp.ones(4)
+    >>> print(saner_jax.group_mask(g_sam, g, "B"))
+    [ True False False False]
+    >>> print(saner_jax.group_mask(g_sam, g, "C"))
+    [False False  True False]
   """
   _check_group(group)
   both_positive = (perturbed > 0) & (clean > 0)
@@ -96,6 +106,27 @@ def saner(alpha: optax.ScalarOrSchedule = 0.5, group: Group = "B") -> optax.Grad
   The authors apply weight decay after the reweighting; chain
   ``optax.add_decayed_weights`` after this transform to do the same. They warm
   alpha up from 1 over the first epochs: pass :func:`alpha_warmup`.
+
+  Examples:
+    Only the first coordinate is in group B (ratio 0.5); A, C and the zero
+    pass through:
+
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import saner_jax
+    >>> g_sam = jnp.array([0.5, 2.0, -1.0, 0.0])
+    >>> g = jnp.ones(4)
+    >>> tx = saner_jax.saner(alpha=0.5)
+    >>> updates, state = tx.update(g_sam, tx.init(g_sam), clean_grads=g)
+    >>> print(updates)
+    [ 0.25  2.   -1.    0.  ]
+
+    In a chain, the extra argument reaches it through ``update``:
+
+    >>> tx = optax.chain(saner_jax.saner(0.5), optax.sgd(learning_rate=1.0))
+    >>> updates, state = tx.update(g_sam, tx.init(g_sam), clean_grads=g)
+    >>> print(updates)
+    [-0.25 -2.    1.   -0.  ]
 
   Args:
     alpha: factor for the chosen group, a float or a schedule evaluated on
@@ -158,6 +189,15 @@ def alpha_warmup(alpha: float, warmup_steps: int, steps_per_epoch: int | None = 
   From step ``k`` on the schedule returns ``alpha`` itself, not the rounded
   ``1 - (1 - alpha)``.
 
+  Examples:
+    >>> import saner_jax
+    >>> schedule = saner_jax.alpha_warmup(0.5, warmup_steps=4)
+    >>> [float(schedule(t)) for t in range(6)]
+    [1.0, 0.875, 0.75, 0.625, 0.5, 0.5]
+    >>> per_epoch = saner_jax.alpha_warmup(0.5, warmup_steps=4, steps_per_epoch=2)
+    >>> [float(per_epoch(t)) for t in range(6)]
+    [1.0, 1.0, 0.75, 0.75, 0.5, 0.5]
+
   Args:
     alpha: target factor in [0, 1].
     warmup_steps: ``k``, the steps until the target is reached, >= 0.
@@ -204,6 +244,18 @@ def gsam(alpha: optax.ScalarOrSchedule = 0.01) -> optax.GradientTransformationEx
   2022, arXiv 2203.08065; the ``1e-12`` guards follow the SANER authors'
   optimizer/gsam.py. Chain it before :func:`saner` for their GSANER: the
   SANER mask is then taken between ``d`` and ``g``.
+
+  Examples:
+    With ``g = (1, 0)`` and ``g_sam = (1, 1)`` the part of ``g`` orthogonal
+    to ``g_sam`` is ``(0.5, -0.5)``:
+
+    >>> import jax.numpy as jnp
+    >>> import saner_jax
+    >>> tx = saner_jax.gsam(alpha=1.0)
+    >>> g_sam, g = jnp.array([1.0, 1.0]), jnp.array([1.0, 0.0])
+    >>> updates, state = tx.update(g_sam, tx.init(g), clean_grads=g)
+    >>> print(updates)
+    [0.5 1.5]
 
   Args:
     alpha: weight of the orthogonal part, a float >= 0 or a schedule.

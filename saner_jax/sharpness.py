@@ -90,6 +90,21 @@ def accumulated_value_and_grad(
   blocks then has every micro-batch spread over all devices, and the split
   moves no data between them.
 
+  Examples:
+    Two micro-batches give the full batch's mean loss and gradient:
+
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import saner_jax
+    >>> def loss(w, x):
+    ...   return jnp.mean((x * w - 1.0) ** 2)
+    >>> x = jnp.array([1.0, 2.0, 3.0, 4.0])
+    >>> value, grad = saner_jax.accumulated_value_and_grad(loss, 2)(2.0, x)
+    >>> print(value, grad)
+    21.0 25.0
+    >>> print(*jax.value_and_grad(loss)(2.0, x))
+    21.0 25.0
+
   Args:
     fun: ``fun(params, *args, **kwargs)``, a scalar or ``(scalar, aux)``.
     accumulation_steps: ``k``, which must divide the batch size; 1 returns
@@ -152,6 +167,22 @@ def sharpness_aware_grad(
   batch_argnum: int = 1,
 ) -> Callable[..., SharpnessAwareGrads]:
   r"""Builds the two-pass gradient function of a sharpness-aware method.
+
+  Examples:
+    For :math:`L(w) = \lVert w \rVert^2 / 2` the gradient is :math:`w`
+    itself, so SAM's second pass sees :math:`w + \rho w / \lVert w \rVert`:
+
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import saner_jax
+    >>> def loss_fn(params, batch):
+    ...   return 0.5 * jnp.sum(params["w"] ** 2) * batch.mean()
+    >>> params = {"w": jnp.array([3.0, 4.0])}
+    >>> perturbation = saner_jax.sam(rho=0.5)
+    >>> grad_fn = jax.jit(saner_jax.sharpness_aware_grad(loss_fn, perturbation))
+    >>> out = grad_fn(params, perturbation.init(params), jnp.ones(8))
+    >>> print(out.loss, out.clean_grads["w"], out.perturbed_grads["w"])
+    12.5 [3. 4.] [3.3 4.4]
 
   Args:
     loss_fn: ``loss_fn(params, *args, **kwargs)`` returning a scalar loss, or

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up the environment, then runs lint, format check, types and the test
-# suite; any failure fails the script, and pytest's exit code is ours (5,
+# Sets up the environment, then runs lint, format check, types, doctests and
+# the test suite; any failure fails the script, and pytest's exit code is ours (5,
 # "no tests ran", included). Arguments go to the test-suite pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,6 +15,9 @@ step() { echo "== $*" >&2; "$@"; }
 step ruff check .
 step ruff format --check .
 step mypy
+# The examples in the core's docstrings.
+step python -m pytest -q -p no:xdist --doctest-modules \
+  saner_jax/{perturbations,saner,sharpness,parallel,diagnostics}.py
 # Everything runs, the paper-scale configs marked slow included (about
 # 10 minutes on 2 cores); pass -m "not slow" for a quicker local run.
 step python -m pytest -n 2 "$@"
