@@ -13,7 +13,7 @@ The package has three tiers:
 from saner_jax import diagnostics, parallel
 from saner_jax.parallel import data_mesh, sharded_sharpness_aware_grad
 from saner_jax.perturbations import asam, friendly_sam, sam, vasso
-from saner_jax.saner import alpha_warmup, group_mask, gsam, saner
+from saner_jax.saner import alpha_warmup, group_mask, gsam, saner, substitute_groups
 from saner_jax.sharpness import SharpnessAwareGrads, accumulated_value_and_grad, sharpness_aware_grad
 
 __version__ = "0.2.0"
@@ -33,5 +33,6 @@ __all__ = [
   "saner",
   "sharded_sharpness_aware_grad",
   "sharpness_aware_grad",
+  "substitute_groups",
   "vasso",
 ]

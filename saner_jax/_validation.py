@@ -62,3 +62,12 @@ def check_same_structure(name: str, tree: Any, reference: Any, reference_name: s
         f"{reference_name}{jax.tree_util.keystr(path)} has shape "
         f"{jnp.shape(ref_leaf)}"
       )
+
+
+def widened(tree: Any) -> Any:
+  """Each leaf in ``promote_types(dtype, float32)``: float16/bfloat16 to float32, float64 kept.
+
+  Norms, inner products and cosines are taken in this dtype, so they never
+  lose digits to a low-precision gradient nor drop float64 to float32.
+  """
+  return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)

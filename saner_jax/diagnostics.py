@@ -18,10 +18,6 @@ from saner_jax import _validation
 from saner_jax.saner import GROUPS, group_mask
 
 
-def _float32(tree: optax.Updates) -> optax.Updates:
-  return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
-
-
 def _leaves_sum(fn: Callable[..., jax.Array], *trees: optax.Updates) -> jax.Array:
   return functools.reduce(operator.add, (jnp.sum(fn(*leaves)) for leaves in zip(*map(jax.tree.leaves, trees))))
 
@@ -51,7 +47,10 @@ def group_fractions(perturbed_grads: optax.Updates, clean_grads: optax.Updates) 
 
 
 def gradient_cosine(a: optax.Updates, b: optax.Updates) -> jax.Array:
-  """Cosine similarity of two gradient pytrees, in float32; 0 if either is 0.
+  """Cosine similarity of two gradient pytrees; 0 if either is 0.
+
+  Taken in the gradients' dtype promoted to at least float32 (float64 stays
+  float64).
 
   NaN when either holds a NaN or inf, so a broken step is not reported as
   orthogonal.
@@ -62,7 +61,7 @@ def gradient_cosine(a: optax.Updates, b: optax.Updates) -> jax.Array:
     >>> print(diagnostics.gradient_cosine(jnp.array([1.0, 0.0]), jnp.array([1.0, 1.0])))
     0.70710677
   """
-  a32, b32 = _float32(a), _float32(b)
+  a32, b32 = _validation.widened(a), _validation.widened(b)
   denominator = optax.tree.norm(a32) * optax.tree.norm(b32)
   return jnp.where(denominator == 0, 0.0, optax.tree.vdot(a32, b32) / denominator)
 
@@ -73,7 +72,8 @@ def gradient_diagnostics(perturbed_grads: optax.Updates, clean_grads: optax.Upda
   ``nonfinite`` counts the coordinates where either gradient is NaN or inf;
   a training loop should stop, or skip the step, when it is not zero. A NaN
   coordinate is in no group (an inf one is grouped by its sign and size), and
-  either makes the cosine NaN and a norm NaN or inf. Norms are in float32.
+  either makes the cosine NaN and a norm NaN or inf. Norms are in at least
+  float32 (float64 gradients keep float64).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -90,8 +90,8 @@ def gradient_diagnostics(perturbed_grads: optax.Updates, clean_grads: optax.Upda
   return {
     **{f"group_{g}": fraction for g, fraction in fractions.items()},
     "cosine": gradient_cosine(clean_grads, perturbed_grads),
-    "clean_grad_norm": optax.tree.norm(_float32(clean_grads)),
-    "perturbed_grad_norm": optax.tree.norm(_float32(perturbed_grads)),
+    "clean_grad_norm": optax.tree.norm(_validation.widened(clean_grads)),
+    "perturbed_grad_norm": optax.tree.norm(_validation.widened(perturbed_grads)),
     "nonfinite": _leaves_sum(lambda p, c: ~(jnp.isfinite(p) & jnp.isfinite(c)), perturbed_grads, clean_grads),
   }
 

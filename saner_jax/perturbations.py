@@ -46,13 +46,14 @@ def _scaled_to_radius(direction: optax.Updates, rho: jax.Array, scale: optax.Par
   r"""Returns :math:`\rho\, s^2 d / (\lVert s d \rVert_2 + 10^{-12})`.
 
   With ``scale`` None, ``s`` is 1 and this is SAM's normalised ascent.
-  Norms are taken in float32 whatever the gradients' dtype.
+  The norm is taken in the gradients' dtype promoted to at least float32:
+  float16 and bfloat16 norms in float32, float64 ones in float64.
   """
   if scale is None:
     weighted = direction
   else:
     weighted = jax.tree.map(lambda s, d: s * d, scale, direction)
-  norm = optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), weighted))
+  norm = optax.tree.norm(_validation.widened(weighted))
   factor = rho / (norm + _NORM_EPS)
   if scale is None:
     return jax.tree.map(lambda d: (factor * d).astype(d.dtype), direction)

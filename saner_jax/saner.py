@@ -15,7 +15,9 @@ any optax optimizer::
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+import contextlib
+import functools
+from typing import Any, Literal, NamedTuple, cast
 
 import chex
 import jax
@@ -73,12 +75,28 @@ def group_mask(perturbed: jax.Array, clean: jax.Array, group: Group) -> jax.Arra
   return ((perturbed > 0) & (clean < 0)) | ((perturbed < 0) & (clean > 0))
 
 
-def _require_clean_grads(name: str, updates: optax.Updates, clean_grads: optax.Updates | None) -> None:
+def _is_masked(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def _require_clean_grads(name: str, updates: optax.Updates, clean_grads: optax.Updates | None) -> optax.Updates:
+  """``clean_grads`` masked like ``updates``, after checking that they match.
+
+  Inside ``optax.masked`` and ``optax.multi_transform`` the updates arrive
+  with ``optax.MaskedNode`` in place of the parameters (or whole subtrees)
+  left out, while extra arguments pass through whole; masking the clean
+  gradients the same way lets the transforms run on the chosen parameters.
+  """
   if clean_grads is None:
     raise ValueError(
       f"{name} needs the clean-point gradients: call tx.update(perturbed_grads, state, params, clean_grads=clean_grads)"
     )
+  clean_def: Any = jax.tree.structure(clean_grads)
+  if clean_def != jax.tree.structure(updates):
+    with contextlib.suppress(ValueError):  # not a masked copy: the check below names the mismatch
+      clean_grads = jax.tree.map(lambda u, g: u if _is_masked(u) else g, updates, clean_grads, is_leaf=_is_masked)
   _validation.check_same_structure("clean_grads", clean_grads, updates)
+  return clean_grads
 
 
 class SanerState(NamedTuple):
@@ -161,7 +179,7 @@ def saner(alpha: optax.ScalarOrSchedule = 0.5, group: Group = "B") -> optax.Grad
     **extra_args: Any,
   ) -> tuple[optax.Updates, SanerState]:
     del params, extra_args
-    _require_clean_grads("saner", updates, clean_grads)
+    clean_grads = _require_clean_grads("saner", updates, clean_grads)
     factor = _validation.resolve(alpha, state.count)
     reweighted = jax.tree.map(
       lambda u, g: jnp.where(group_mask(u, g, group), factor * u, u).astype(u.dtype),
@@ -169,6 +187,95 @@ def saner(alpha: optax.ScalarOrSchedule = 0.5, group: Group = "B") -> optax.Grad
       clean_grads,
     )
     return reweighted, SanerState(optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_groups(groups: str, outside: bool) -> tuple[Group, ...]:
+  if not isinstance(groups, str):
+    raise TypeError(f"groups must be a string of letters from 'ABC' such as 'B' or 'AB', got {groups!r}")
+  unknown = sorted(set(groups) - set(GROUPS))
+  if unknown:
+    raise ValueError(
+      f"unknown group letter(s) {unknown} in groups={groups!r}; use letters from 'ABC', e.g. 'B' or 'AB'"
+    )
+  if outside and not groups:
+    raise ValueError("outside=True with empty groups gives the clean gradient everywhere (SGD); name a group, e.g. 'B'")
+  return cast("tuple[Group, ...]", tuple(sorted(set(groups))))
+
+
+def substitute_groups(groups: str, *, outside: bool = False) -> optax.GradientTransformationExtraArgs:
+  r"""The paper's mechanism ablations: the clean gradient on chosen groups.
+
+  With :math:`G` the union of the named groups (sign-safe :func:`group_mask`
+  between :math:`g^{SAM}` and :math:`g`),
+
+  .. math::
+     d_i = \begin{cases} g_i & i \in G \\ g^{SAM}_i & \text{otherwise}
+       \end{cases}
+     \qquad\text{or, with } \texttt{outside=True},\qquad
+     d_i = \begin{cases} g^{SAM}_i & i \in G \\ g_i & \text{otherwise.}
+       \end{cases}
+
+  The first is the SANER authors' ``SAMWO`` (optimizer/samwo.py), which the
+  paper calls SGD-GrX: SAM, except that group X is given SGD's gradient;
+  ``groups="AB"`` is their ``ratio > 0``. The second is their ``SAMONLY``
+  (optimizer/samonly.py): SAM's gradient on group X only, and the clean
+  gradient everywhere else, including the coordinates in no group. Luong,
+  Nguyen, Tran and Tran, arXiv 2411.17132, Figures 2-4.
+
+  Where the two gradients are equal the choice does not matter; where one is
+  zero the coordinate is in no group, and the authors' ``g + 1e-8`` ratio may
+  place it differently (see :func:`group_mask`).
+
+  Examples:
+    Group B (``0 < g_sam / g < 1``) is the middle coordinate:
+
+    >>> import jax.numpy as jnp
+    >>> import saner_jax
+    >>> g_sam, g = jnp.array([2.0, 0.5, -1.0]), jnp.array([1.0, 1.0, 2.0])
+    >>> tx = saner_jax.substitute_groups("B")
+    >>> print(tx.update(g_sam, tx.init(g), clean_grads=g)[0])
+    [ 2.  1. -1.]
+    >>> tx = saner_jax.substitute_groups("B", outside=True)
+    >>> print(tx.update(g_sam, tx.init(g), clean_grads=g)[0])
+    [1.  0.5 2. ]
+
+  Args:
+    groups: letters from "ABC", e.g. "B" or "AB"; "" (with ``outside=False``)
+      substitutes nothing, which is SAM.
+    outside: substitute every coordinate NOT in ``groups`` instead.
+
+  Returns:
+    A stateless transform whose ``update(perturbed_grads, state, params=None,
+    *, clean_grads)`` returns ``d``; chain weight decay and the base optimizer
+    after it, as for :func:`saner`.
+  """
+  chosen = _check_groups(groups, outside)
+
+  def in_groups(u: jax.Array, g: jax.Array) -> jax.Array:
+    return functools.reduce(jnp.logical_or, (group_mask(u, g, x) for x in chosen), jnp.zeros(jnp.shape(u), bool))
+
+  def update_fn(
+    updates: optax.Updates,
+    state: optax.EmptyState,
+    params: optax.Params | None = None,
+    *,
+    clean_grads: optax.Updates | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.EmptyState]:
+    del params, extra_args
+    clean_grads = _require_clean_grads("substitute_groups", updates, clean_grads)
+
+    def pick(u: jax.Array, g: jax.Array) -> jax.Array:
+      take_clean = ~in_groups(u, g) if outside else in_groups(u, g)
+      return jnp.where(take_clean, g.astype(u.dtype), u)
+
+    return jax.tree.map(pick, updates, clean_grads), state
+
+  def init_fn(params: optax.Params) -> optax.EmptyState:
+    del params
+    return optax.EmptyState()
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -218,7 +325,7 @@ def alpha_warmup(alpha: float, warmup_steps: int, steps_per_epoch: int | None = 
     step = jnp.asarray(count)
     if steps_per_epoch is not None:  # in the count's own (integer) type: exact
       step = jnp.floor_divide(step, steps_per_epoch) * steps_per_epoch
-    step = step.astype(jnp.float32)
+    step = step.astype(jax.dtypes.canonicalize_dtype(jnp.float64))  # float64 under x64
     progress = jnp.minimum(step / warmup_steps, 1.0)
     return jnp.where(progress >= 1.0, alpha, 1.0 - (1.0 - alpha) * progress)
 
@@ -244,6 +351,9 @@ def gsam(alpha: optax.ScalarOrSchedule = 0.01) -> optax.GradientTransformationEx
   2022, arXiv 2203.08065; the ``1e-12`` guards follow the SANER authors'
   optimizer/gsam.py. Chain it before :func:`saner` for their GSANER: the
   SANER mask is then taken between ``d`` and ``g``.
+
+  Norms and the inner product are taken in the gradients' dtype promoted to
+  at least float32 (float64 stays float64).
 
   Examples:
     With ``g = (1, 0)`` and ``g_sam = (1, 1)`` the part of ``g`` orthogonal
@@ -279,14 +389,11 @@ def gsam(alpha: optax.ScalarOrSchedule = 0.01) -> optax.GradientTransformationEx
     **extra_args: Any,
   ) -> tuple[optax.Updates, GsamState]:
     del params, extra_args
-    _require_clean_grads("gsam", updates, clean_grads)
-
-    def f32(tree: optax.Updates) -> optax.Updates:
-      return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
-
-    clean_norm = optax.tree.norm(f32(clean_grads))
-    perturbed_norm = optax.tree.norm(f32(updates))
-    inner = optax.tree.vdot(f32(clean_grads), f32(updates))
+    clean_grads = _require_clean_grads("gsam", updates, clean_grads)
+    wide_clean, wide_perturbed = _validation.widened(clean_grads), _validation.widened(updates)
+    clean_norm = optax.tree.norm(wide_clean)
+    perturbed_norm = optax.tree.norm(wide_perturbed)
+    inner = optax.tree.vdot(wide_clean, wide_perturbed)
     cosine = inner / (clean_norm * perturbed_norm + 1e-12)
     parallel = cosine * clean_norm / (perturbed_norm + 1e-12)
     weight = _validation.resolve(alpha, state.count)

@@ -50,7 +50,7 @@ def _compare_parser() -> argparse.ArgumentParser:
     "--runs",
     nargs="+",
     default=["sgd", "sam", "saner"],
-    help="optimizers, e.g. sgd sam saner asam asam+saner (default: sgd sam saner)",
+    help="optimizers, e.g. sgd sam saner asam+saner saner_head sam+grB sam+onlyB (default: sgd sam saner)",
   )
   parser.add_argument("--seeds", nargs="+", type=int, default=[0])
   parser.add_argument("--collect_only", action="store_true", help="only collect finished runs under --out_dir")
@@ -60,17 +60,10 @@ def _compare_parser() -> argparse.ArgumentParser:
 
 
 def run_config(name: str, seed: int, base: config_lib.TrainConfig, out_dir: pathlib.Path) -> config_lib.TrainConfig:
-  """The config of one comparison entry; ``name`` is an optimizer, or ``X+saner``."""
-  optimizer, _, suffix = name.partition("+")
-  if suffix not in ("", "saner"):
-    raise ConfigError(f"--runs: {name!r} is not an optimizer or OPTIMIZER+saner")
+  """The config of one comparison entry, ``name`` as :func:`config.run_name_values` reads it."""
+  values = config_lib.run_name_values(name)
   return config_lib.from_mapping(
-    {
-      "optimizer": optimizer,
-      "saner": suffix == "saner",
-      "seed": seed,
-      "out_dir": str(out_dir / f"{name}_seed{seed}"),
-    },
+    {**values, "seed": seed, "out_dir": str(out_dir / f"{name}_seed{seed}")},
     base,
   ).validate()
 

@@ -24,6 +24,7 @@ PERTURBATIONS = ("sgd", "sam", "asam", "friendly_sam", "vasso", "gsam")
 # "saner" alone is shorthand for SAM with SANER on, the paper's default.
 OPTIMIZERS = PERTURBATIONS + ("saner",)
 LR_SCHEDULES = ("multistep", "cosine", "constant")
+SANER_PARAMS = ("all", "head")
 DTYPES = ("float32", "bfloat16")
 PRESET_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
@@ -58,6 +59,15 @@ class TrainConfig:
   alpha: float = 0.5
   alpha_warmup_epochs: int = 50
   saner_group: str = "B"
+  # Which parameters SANER reweights: "all", or "head", the classifier's
+  # Dense layer only (the authors' SANERLAST); the rest keep SAM's gradient.
+  saner_params: str = "all"
+  # The paper's mechanism ablations (saner_jax.substitute_groups), instead of
+  # SANER: the clean gradient on these groups (letters from "ABC", e.g. "B"
+  # is the paper's SGD-GrB), or, with substitute_outside, SAM's gradient on
+  # them only and the clean gradient everywhere else (the authors' SAMONLY).
+  substitute_groups: str | None = None
+  substitute_outside: bool = False
   rho: float = 0.1
   asam_eta: float = 0.0
   fsam_sigma: float = 1.0
@@ -116,9 +126,14 @@ class TrainConfig:
 
   @property
   def run_name(self) -> str:
-    if self.optimizer == "saner":
-      return "saner"
-    return f"{self.optimizer}+saner" if self.saner else self.optimizer
+    """``sgd``, ``sam``, ``saner``, ``asam+saner``, ``saner_head``, ``sam+grB``, ``sam+onlyB``...
+
+    :func:`run_name_values` reads these names back into config values.
+    """
+    if self.substitute_groups:
+      return f"{self.optimizer}+{'only' if self.substitute_outside else 'gr'}{self.substitute_groups}"
+    name = "saner" if self.optimizer == "saner" else (f"{self.optimizer}+saner" if self.saner else self.optimizer)
+    return f"{name}_head" if self.uses_saner and self.saner_params == "head" else name
 
   def validate(self) -> TrainConfig:
     """Checks each field; raises ConfigError naming the flag."""
@@ -172,6 +187,12 @@ class TrainConfig:
       fail("alpha", f"must be >= 0, got {self.alpha}")
     if self.saner and self.optimizer == "sgd":
       fail("saner", "SANER reweights SAM's second gradient; it needs a SAM-family optimizer, not sgd")
+    one_of("saner_params", SANER_PARAMS)
+    if self.saner_params != "all" and not self.uses_saner:
+      fail(
+        "saner_params", f"{self.saner_params!r} chooses where SANER acts; turn SANER on (--optimizer saner or --saner)"
+      )
+    self._validate_substitution(fail)
     for field in ("rho", "asam_eta", "fsam_sigma", "gsam_alpha", "lr", "weight_decay", "lr_decay"):
       if getattr(self, field) < 0:
         fail(field, f"must be >= 0, got {getattr(self, field)}")
@@ -206,10 +227,61 @@ class TrainConfig:
       fail("model", str(e))
     return self
 
+  def _validate_substitution(self, fail) -> None:
+    from saner_jax.saner import _check_groups
+
+    if self.substitute_groups is None:
+      if self.substitute_outside:
+        fail("substitute_outside", "needs --substitute_groups, e.g. B")
+      return
+    try:
+      _check_groups(self.substitute_groups, self.substitute_outside)
+    except (TypeError, ValueError) as e:
+      fail("substitute_groups", str(e))
+    if not self.substitute_groups and not self.substitute_outside:
+      fail("substitute_groups", "is empty, which substitutes nothing; give letters from ABC or leave it out")
+    if self.perturbation == "sgd":
+      fail("substitute_groups", "substitutes SAM's second gradient; it needs a SAM-family optimizer, not sgd")
+    if self.uses_saner:
+      fail(
+        "substitute_groups", "replaces SANER's reweighting; use --optimizer sam (or another SAM variant) without SANER"
+      )
+
   def to_dict(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
     out["lr_milestones"] = list(self.lr_milestones)
     return out
+
+
+def run_name_values(name: str) -> dict[str, Any]:
+  """Config values of a run name (:attr:`TrainConfig.run_name`'s inverse).
+
+  ``OPT``, ``OPT+saner``, ``saner``, any of these with ``_head`` (SANER on the
+  classifier only), ``OPT+grX`` (the clean gradient on groups X) and
+  ``OPT+onlyX`` (SAM's gradient on groups X only). The ``saner_params`` of a
+  SANER run without ``_head`` is left to the base config.
+  """
+  optimizer, plus, suffix = name.partition("+")
+  values: dict[str, Any] = {"saner": False, "substitute_groups": None, "substitute_outside": False}
+  head = (suffix or optimizer).endswith("_head")
+  if head and plus:
+    suffix = suffix.removesuffix("_head")
+  elif head:
+    optimizer = optimizer.removesuffix("_head")
+  substitution = next((p for p in ("gr", "only") if suffix.startswith(p) and len(suffix) > len(p)), None)
+  if suffix == "saner":
+    values["saner"] = True
+  elif substitution and not head:  # the letters are checked by validate()
+    values["substitute_outside"] = substitution == "only"
+    values["substitute_groups"] = suffix.removeprefix(substitution)
+  elif suffix:
+    raise ConfigError(f"--runs: {name!r} is not OPT, OPT+saner, OPT+grX or OPT+onlyX (X letters from ABC)")
+  values["optimizer"] = optimizer
+  if head:
+    values["saner_params"] = "head"
+  elif not (values["saner"] or optimizer == "saner"):
+    values["saner_params"] = "all"
+  return values
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -1,8 +1,8 @@
 """The optimizer a config describes, and the jitted train and eval steps.
 
 One train step is: gather and augment the batch on device -> clean pass ->
-perturbation -> perturbed pass -> [GSAM] -> [SANER] -> weight decay -> SGD
-momentum, with the metrics of the step summed into a running total on
+perturbation -> perturbed pass -> [GSAM] -> [SANER, on all parameters or the
+head only | group substitution] -> weight decay -> SGD momentum, with the metrics of the step summed into a running total on
 device, so the host never waits on a step.
 
 Data parallelism: the step runs on a one-axis device mesh. The gathered
@@ -68,6 +68,13 @@ def lr_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
   return optax.piecewise_constant_schedule(config.lr, boundaries)
 
 
+def head_mask(params) -> dict[str, bool]:
+  """``optax.masked``'s mask of the classifier: True on the top-level ``head`` module only."""
+  if "head" not in params:
+    raise ValueError(f"--saner_params head: the model has no 'head' parameters (it has {sorted(params)})")
+  return {name: name == "head" for name in params}
+
+
 def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
   """The optax chain and perturbation of a config (authors' order: reweight, then L2)."""
   perturbations = {
@@ -92,7 +99,12 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
       alpha = lambda count: warmup(count + steps_per_epoch)
     else:  # the ablation groups may amplify (alpha > 1): no warm-up there
       alpha = optax.constant_schedule(config.alpha)
-    parts.append(saner_jax.saner(alpha, group=config.saner_group))
+    reweight = saner_jax.saner(alpha, group=config.saner_group)
+    if config.saner_params == "head":  # the authors' SANERLAST
+      reweight = optax.masked(reweight, head_mask)
+    parts.append(reweight)
+  if config.substitute_groups:
+    parts.append(saner_jax.substitute_groups(config.substitute_groups, outside=config.substitute_outside))
   parts.append(optax.add_decayed_weights(config.weight_decay))
   parts.append(optax.sgd(lr, momentum=config.momentum or None))
   return Optimizer(optax.chain(*parts), perturbation, lr, alpha)
