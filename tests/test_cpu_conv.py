@@ -8,8 +8,11 @@ non-CPU branch is checked on StableHLO exported for CUDA and TPU
 
 import concurrent.futures
 import ctypes
+import os
 import re
 import shutil
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -283,3 +286,41 @@ def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
   monkeypatch.delenv("SANER_JAX_CACHE_DIR")
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
   assert _build.cache_dir() == tmp_path / "xdg" / "saner_jax"
+
+
+def test_choose_takes_onednn_on_one_cpu_device_in_float32(onednn):
+  choice = cpu_conv.choose()
+  assert (choice.conv, choice.path, choice.reason) == (
+    cpu_conv.conv_general_dilated,
+    "onednn",
+    "oneDNN's (saner_jax.cpu_conv)",
+  )
+  assert cpu_conv.choose(True).path == "onednn"
+
+
+def test_choose_keeps_xla_where_onednn_does_not_apply(onednn):
+  assert cpu_conv.choose("false") == (None, "XLA's (oneDNN's switched off)")
+  assert cpu_conv.choose(False).path == "xla"
+  assert cpu_conv.choose(devices=8) == (None, "XLA's (8 devices: XLA cannot partition oneDNN's custom calls)")
+  with pytest.raises(ValueError, match="cannot split over the 8 devices"):
+    cpu_conv.choose("true", devices=8)
+  assert cpu_conv.choose(dtype=jnp.bfloat16) == (None, "XLA's (bfloat16 compute: the oneDNN kernels are float32 only)")
+  with pytest.raises(ValueError, match="one of"):
+    cpu_conv.choose("sometimes")
+
+
+def test_choose_falls_back_when_the_kernels_do_not_build(tmp_path):
+  """Without a compiler "auto" says so and takes XLA's; "true" raises (a fresh process: the build is cached per process)."""
+  script = (
+    "from saner_jax import cpu_conv\n"
+    "print(cpu_conv.choose())\n"
+    "try:\n  cpu_conv.choose('true')\nexcept cpu_conv.NativeBuildError as e:\n  print('raised', e)\n"
+  )
+  env = {**os.environ, "CXX": "no-such-compiler++", "SANER_JAX_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+  assert out.splitlines() == [
+    "ConvChoice(conv=None, reason=\"XLA's (oneDNN kernels unavailable: saner_jax.cpu_conv needs a C++ compiler: "
+    "'no-such-compiler++' was not found (on Debian or Ubuntu: apt-get install g++ libdnnl-dev))\")",
+    "raised saner_jax.cpu_conv needs a C++ compiler: 'no-such-compiler++' was not found "
+    "(on Debian or Ubuntu: apt-get install g++ libdnnl-dev)",
+  ]

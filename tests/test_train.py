@@ -65,6 +65,7 @@ def _without_times(records):
     (["--noise_mode", "real"], "--noise_mode"),
     (["--dataset", "cifar10_n", "--noise_mode", "real", "--noise_label_key", "best_label"], "--noise_label_key"),
     (["--data_source", "ftp"], "--data_source"),
+    (["--cpu_conv", "maybe"], "--cpu_conv"),
   ],
 )
 def test_bad_flags_name_the_flag(flags, names, capsys, tmp_path):
@@ -93,6 +94,14 @@ def test_flags_override_the_config_file(tmp_path):
   parser = cli._train_parser()
   cfg = config_lib.from_args(parser.parse_args(["--config", str(path), "--lr", "0.3"]))
   assert (cfg.lr, cfg.epochs) == (0.3, 7)
+
+
+def test_cpu_conv_takes_yaml_and_api_booleans(tmp_path):
+  path = tmp_path / "c.yaml"
+  path.write_text("cpu_conv: true\n")
+  assert config_lib.from_mapping(config_lib.load_yaml(str(path))).validate().cpu_conv == "true"
+  assert TrainConfig(cpu_conv=False).cpu_conv == "false"
+  assert TrainConfig().cpu_conv == "auto"
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in config_lib.PRESET_DIR.glob("*.yaml")))
@@ -167,25 +176,50 @@ def test_nonfinite_loss_stops_with_a_clear_error(tmp_path, idx_dir):
   assert not (tmp_path / "checkpoints" / "1").exists()
 
 
-def test_cpu_conv_trains_like_xla_convolutions(tmp_path, idx_dir, onednn):
-  """--cpu_conv swaps in oneDNN's convolutions: float32 rounding apart, the same run.
+def test_cpu_conv_trains_like_xla_convolutions(tmp_path, idx_dir, onednn, capsys):
+  """oneDNN's convolutions by default, XLA's with cpu_conv false: float32 rounding apart, the same run.
 
   SGD, whose update is continuous in the gradients; SANER's group mask is
-  not, and a last-bit difference may flip a coordinate.
+  not, and a last-bit difference may flip a coordinate. Each run says which
+  convolutions it uses, in one line.
   """
-  finals = {}
-  for cpu_conv in (False, True):
+  finals, lines = {}, {}
+  for mode in ("false", "auto"):
     cfg = TrainConfig(
-      optimizer="sgd",
-      cpu_conv=cpu_conv,
-      out_dir=str(tmp_path / str(cpu_conv)),
-      data_dir=str(idx_dir),
-      **{**TINY, "epochs": 2},
+      optimizer="sgd", cpu_conv=mode, out_dir=str(tmp_path / mode), data_dir=str(idx_dir), **{**TINY, "epochs": 2}
     )
-    finals[cpu_conv] = loop.train(cfg)["final"]
-  np.testing.assert_allclose(finals[True]["train_loss"], finals[False]["train_loss"], rtol=1e-4)
+    summary = loop.train(cfg)
+    finals[mode] = summary["final"]
+    lines[mode] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("convolutions:")]
+    assert summary["convolutions"] == ("xla" if mode == "false" else "onednn")
+  assert lines == {
+    "false": ["convolutions: XLA's (oneDNN's switched off)"],
+    "auto": ["convolutions: oneDNN's (saner_jax.cpu_conv)"],
+  }
+  np.testing.assert_allclose(finals["auto"]["train_loss"], finals["false"]["train_loss"], rtol=1e-4)
   for key in ("train_acc", "test_acc", "noisy_memorised"):
-    assert abs(finals[True][key] - finals[False][key]) <= 0.05, key  # a prediction or two may flip
+    assert abs(finals["auto"][key] - finals["false"][key]) <= 0.05, key  # a prediction or two may flip
+
+
+def test_evaluation_is_one_call_over_the_whole_test_set():
+  """The lax.map over batches counts what the model predicts right, padding excluded."""
+  import jax
+  import jax.numpy as jnp
+
+  from saner_jax.train import models
+
+  cfg = TrainConfig(model="resnet8", eval_batch_size=4)
+  model = models.create_model("resnet8", 10)
+  params, batch_stats = models.init_model(model, jax.random.key(0), (28, 28, 1))
+  images = jax.random.randint(jax.random.key(1), (12, 28, 28, 1), 0, 256).astype(jnp.uint8)
+  x = (images.astype(jnp.float32) / 255.0 - 0.5) / 0.25
+  predictions = jnp.argmax(model.apply({"params": params, "batch_stats": batch_stats}, x, train=False), -1)
+  labels = predictions.at[:3].set((predictions[:3] + 1) % 10)  # three wrong, nine right
+  valid = jnp.arange(12) < 10  # the last two are padding: predicted right, not counted
+  evaluate = jax.jit(step_lib.make_eval_step(model, cfg, mean=0.5, std=0.25))
+  assert int(evaluate(params, batch_stats, images, labels, valid)) == 7
+  with pytest.raises(ValueError, match="do not split into batches of 4"):
+    evaluate(params, batch_stats, images[:10], labels[:10], valid[:10])
 
 
 def test_resume_without_a_checkpoint_refuses_to_drop_the_logs(tmp_path, idx_dir):

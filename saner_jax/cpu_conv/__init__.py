@@ -77,6 +77,16 @@ Limits:
 """
 
 from saner_jax.cpu_conv._build import NativeBuildError, cache_dir, load_onednn_conv
+from saner_jax.cpu_conv._select import MODES, ConvChoice, choose
 from saner_jax.cpu_conv.ops import conv_general_dilated, is_supported
 
-__all__ = ["NativeBuildError", "cache_dir", "conv_general_dilated", "is_supported", "load_onednn_conv"]
+__all__ = [
+  "MODES",
+  "ConvChoice",
+  "NativeBuildError",
+  "cache_dir",
+  "choose",
+  "conv_general_dilated",
+  "is_supported",
+  "load_onednn_conv",
+]

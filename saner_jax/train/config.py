@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from saner_jax.cpu_conv import MODES as CPU_CONV_MODES
 from saner_jax.parallel import PERTURBATION_MODES
 
 PERTURBATIONS = ("sgd", "sam", "asam", "friendly_sam", "vasso", "gsam")
@@ -50,9 +51,10 @@ class TrainConfig:
   # Model.
   model: str = "resnet18"
   dtype: str = "float32"
-  # On the CPU, oneDNN's convolutions instead of XLA's (saner_jax.cpu_conv):
-  # XLA's CPU kernel gradient is slow. One device only; never used on GPU or TPU.
-  cpu_conv: bool = False
+  # oneDNN's convolutions instead of XLA's (saner_jax.cpu_conv.choose): XLA's
+  # CPU kernel gradient is slow. "auto" takes them on one CPU device in float32
+  # where they build, "false" never, "true" insists (an error where they cannot run).
+  cpu_conv: str = "auto"
   # Optimizer.
   optimizer: str = "saner"
   saner: bool = False  # SANER on top of the chosen perturbation
@@ -96,10 +98,18 @@ class TrainConfig:
   # jax.distributed.initialize() before anything else, for multi-host runs
   # (saner_jax.train.loop.initialize_distributed).
   distributed: bool = False
+  # JAX's persistent compilation cache under saner_jax's cache directory
+  # ($SANER_JAX_CACHE_DIR, default ~/.cache/saner_jax): reruns, resumed runs and
+  # a comparison's later runs load compiled steps instead of compiling them.
+  compilation_cache: bool = True
   # Output.
   out_dir: str = "runs/default"
   checkpoint: bool = True
   progress: str = "auto"  # "auto": a bar on a terminal, plain lines otherwise
+
+  def __post_init__(self):
+    if isinstance(self.cpu_conv, bool):  # TrainConfig(cpu_conv=False), as before it had "auto"
+      self.cpu_conv = str(self.cpu_conv).lower()
 
   @property
   def perturbation(self) -> str:
@@ -156,6 +166,7 @@ class TrainConfig:
     one_of("data_source", data.SOURCES)
     one_of("progress", ("auto", "bar", "lines", "none"))
     one_of("perturbation_mode", PERTURBATION_MODES)
+    one_of("cpu_conv", CPU_CONV_MODES)
     for field in _FLOAT_FIELDS:  # nan passes every comparison below, inf some of them
       if not math.isfinite(getattr(self, field)):
         fail(field, f"must be a finite number, got {getattr(self, field)}")
@@ -314,6 +325,8 @@ def _coerce(name: str, value: Any) -> Any:
       if str(value).lower() in ("0", "false", "no", "off"):
         return False
       raise ValueError(value)
+    if base is str and isinstance(value, bool):  # YAML reads `cpu_conv: true` as a bool
+      return str(value).lower()
     if base is int:
       if isinstance(value, float) and not value.is_integer():
         raise ValueError(value)

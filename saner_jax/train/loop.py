@@ -31,20 +31,19 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from saner_jax import parallel
+from saner_jax.train import compilation, pipeline, report
 from saner_jax.train import config as config_lib
-from saner_jax.train import pipeline, report
 from saner_jax.train import step as step_lib
 from saner_jax.train.config import ConfigError, TrainConfig
 
 # Keys a resumed run may change without changing the result.
-_RESUME_FREE_KEYS = ("out_dir", "progress", "eval_batch_size", "distributed")
+_RESUME_FREE_KEYS = ("out_dir", "progress", "eval_batch_size", "distributed", "compilation_cache")
 
 
 def initialize_distributed(config: TrainConfig) -> None:
@@ -71,11 +70,6 @@ def _device_mesh(config: TrainConfig) -> Mesh:
     raise ConfigError(
       f"--batch_size: {config.batch_size} does not split over the {devices} devices; use a multiple of {devices}"
     )
-  if config.cpu_conv and devices > 1:
-    raise ConfigError(
-      f"--cpu_conv: its oneDNN convolutions are custom calls, which XLA cannot split over the {devices} "
-      "devices (it would gather every batch onto each); use it on one CPU device"
-    )
   per_device = config.batch_size // devices
   if config.perturbation_mode == "per_device" and per_device % (config.m_sharpness * config.grad_accum_steps):
     raise ConfigError(
@@ -86,11 +80,24 @@ def _device_mesh(config: TrainConfig) -> Mesh:
   return mesh
 
 
+def _convolutions(config: TrainConfig, mesh: Mesh):
+  """The model's convolutions (:func:`saner_jax.cpu_conv.choose`); a bad ``--cpu_conv true`` is a ConfigError."""
+  from saner_jax import cpu_conv
+
+  try:
+    return cpu_conv.choose(config.cpu_conv, dtype=config.compute_dtype, devices=mesh.size)
+  except ValueError as e:
+    raise ConfigError(f"--cpu_conv: {e}") from None
+  except cpu_conv.NativeBuildError as e:
+    raise ConfigError(f"--cpu_conv true: {str(e).splitlines()[0]}; or pass --cpu_conv auto") from None
+
+
 @dataclasses.dataclass
 class PreparedData:
   train: pipeline.DeviceData
   test: pipeline.DeviceData
   test_valid: jax.Array
+  test_examples: int  # without the padding
   num_classes: int
   image_shape: tuple[int, int, int]
   realised_noise_rate: float
@@ -148,6 +155,7 @@ def prepare_data(config: TrainConfig, sharding: NamedSharding | None = None) -> 
     ),
     test=pipeline.to_device(test_images, test_labels, sharding=sharding),
     test_valid=pipeline.place(valid, sharding),
+    test_examples=len(test_idx),
     num_classes=train.num_classes,
     image_shape=tuple(train.images.shape[1:]),
     realised_noise_rate=float(noisy.rate),
@@ -245,7 +253,10 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
 
   initialize_distributed(config)
   config.validate()
+  if config.compilation_cache:
+    compilation.enable_compilation_cache()
   mesh = _device_mesh(config)
+  convolutions = _convolutions(config, mesh)
   replicated = NamedSharding(mesh, P())
   primary = jax.process_index() == 0  # the one process that writes logs
   out_dir = pathlib.Path(config.out_dir)
@@ -268,12 +279,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
   prepared = prepare_data(config, replicated)
   info = prepared.info
   steps_per_epoch = prepared.train.size // config.batch_size  # drop the ragged last batch
-  conv = None
-  if config.cpu_conv:
-    from saner_jax import cpu_conv
-
-    conv = cpu_conv.conv_general_dilated
-  model = models.create_model(config.model, prepared.num_classes, dtype=config.compute_dtype, conv_general_dilated=conv)
+  model = models.create_model(
+    config.model, prepared.num_classes, dtype=config.compute_dtype, conv_general_dilated=convolutions.conv
+  )
   optimizer = step_lib.build_optimizer(config, steps_per_epoch)
   # Made by a jitted function, so that on several hosts they are global arrays.
   init_key, shuffle_key, augment_key = jax.jit(
@@ -337,6 +345,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
       f"{config.epochs} epochs x {steps_per_epoch} steps on {mesh.size} device(s)",
       flush=True,
     )
+    print(f"convolutions: {convolutions.reason}", flush=True)
   for epoch in range(start_epoch, config.epochs + 1):
     t_epoch = time.perf_counter()
     permutation = permute(shuffle_key, epoch, prepared.train.size)
@@ -358,17 +367,10 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         f"epoch {epoch}: non-finite loss, gradients or weights ({int(sums['nonfinite'])} values); "
         f"the checkpoint of epoch {epoch - 1} is kept; start a new --out_dir with a lower --lr or --rho"
       )
-    correct = 0
-    for start in range(0, prepared.test.size, config.eval_batch_size):
-      sl = slice(start, start + config.eval_batch_size)
-      correct += eval_step(
-        state.params,
-        state.batch_stats,
-        prepared.test.images[sl],
-        prepared.test.labels[sl],
-        prepared.test_valid[sl],
-      )
-    test_acc = float(correct) / float(jnp.sum(prepared.test_valid))
+    correct = eval_step(
+      state.params, state.batch_stats, prepared.test.images, prepared.test.labels, prepared.test_valid
+    )
+    test_acc = float(correct) / prepared.test_examples
     best_test = max(best_test, test_acc)
     last_step = int(state.step) - 1
     record = _epoch_record(
@@ -417,6 +419,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     "git_revision": report.git_revision(),
     "jax_backend": jax.default_backend(),
     "devices": mesh.size,
+    "convolutions": convolutions.path,
   }
   if primary:
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))

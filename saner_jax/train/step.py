@@ -270,18 +270,30 @@ def make_train_step(
 
 
 def make_eval_step(model: nn.Module, config: TrainConfig, *, mean, std, mesh: Mesh | None = None) -> Callable:
-  """``eval(params, batch_stats, images, labels, valid) -> correct count``.
+  """``eval(params, batch_stats, images, labels, valid) -> correct count`` over a whole test set.
 
-  The images are split over the mesh's ``"data"`` axis when their number
-  divides by its size, and evaluated whole on every device otherwise.
+  One call evaluates every image: a ``lax.map`` over batches of
+  ``config.eval_batch_size`` (the image count must divide by it; pad and
+  mark the padding invalid), so the host waits once per evaluation, not
+  once per batch. Each batch is split over the mesh's ``"data"`` axis when
+  its size divides by the axis, and evaluated whole on every device otherwise.
   """
   mesh = parallel.data_mesh() if mesh is None else mesh
+  batch_size = config.eval_batch_size
+  sharding = NamedSharding(mesh, P("data")) if batch_size % mesh.shape["data"] == 0 else None
 
-  def evaluate(params, batch_stats, images, labels, valid):
-    if images.shape[0] % mesh.shape["data"] == 0:
-      images = jax.lax.with_sharding_constraint(images, NamedSharding(mesh, P("data")))
+  def correct_in_batch(params, batch_stats, batch):
+    images, labels, valid = batch
+    if sharding is not None:
+      images = jax.lax.with_sharding_constraint(images, sharding)
     x = pipeline.normalize(images, mean, std, config.compute_dtype)
     logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
     return jnp.sum((jnp.argmax(logits, -1) == labels) & valid)
+
+  def evaluate(params, batch_stats, images, labels, valid):
+    if images.shape[0] % batch_size:
+      raise ValueError(f"{images.shape[0]} test images do not split into batches of {batch_size}; pad them")
+    batches = jax.tree.map(lambda x: x.reshape(-1, batch_size, *x.shape[1:]), (images, labels, valid))
+    return jnp.sum(jax.lax.map(lambda batch: correct_in_batch(params, batch_stats, batch), batches))
 
   return evaluate
