@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up the environment, then runs lint, format check, types, doctests and
-# the test suite; any failure fails the script, and pytest's exit code is ours (5,
+# Sets up the environment, then runs lint, format check, types, the docs
+# build (warnings as errors), doctests and the test suite; any failure fails the script, and pytest's exit code is ours (5,
 # "no tests ran", included). Arguments go to the test-suite pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,6 +15,7 @@ step() { echo "== $*" >&2; "$@"; }
 step ruff check .
 step ruff format --check .
 step mypy
+step bash scripts/docs.sh
 # The examples in the core's docstrings.
 step python -m pytest -q -p no:xdist --doctest-modules \
   saner_jax/{perturbations,saner,sharpness,parallel,diagnostics}.py
