@@ -10,7 +10,7 @@ The package has three tiers:
   compiler and oneDNN at run time.
 """
 
-from saner_jax import diagnostics, parallel
+from saner_jax import analysis, diagnostics, parallel
 from saner_jax.parallel import data_mesh, sharded_sharpness_aware_grad
 from saner_jax.perturbations import asam, friendly_sam, sam, vasso
 from saner_jax.saner import alpha_warmup, group_mask, gsam, saner, substitute_groups
@@ -22,6 +22,7 @@ __all__ = [
   "SharpnessAwareGrads",
   "accumulated_value_and_grad",
   "alpha_warmup",
+  "analysis",
   "asam",
   "data_mesh",
   "diagnostics",

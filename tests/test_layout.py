@@ -24,7 +24,7 @@ def test_core_imports_without_the_toolkit_dependencies():
       sys.meta_path.insert(0, Block())
       import jax, optax
       import saner_jax
-      from saner_jax import diagnostics, parallel, perturbations, saner, sharpness
+      from saner_jax import analysis, diagnostics, parallel, perturbations, saner, sharpness
       params = {{"w": jax.numpy.ones(3)}}
       tx = optax.chain(saner_jax.saner(0.5), optax.sgd(0.1))
       tx.update(params, tx.init(params), params, clean_grads=params)

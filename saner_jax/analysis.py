@@ -1,0 +1,348 @@
+r"""Measuring the paper's mechanism: the clean/noisy gradient split and sharpness.
+
+Both tools work on any parameter pytree and any loss; model state such as
+BatchNorm statistics goes in through the loss's extra arguments and is never
+updated here. They cost extra passes, so call them on logged steps only.
+
+**The clean/noisy decomposition.** For a batch of :math:`N` examples with
+per-example losses :math:`\ell_j` and noise mask :math:`z_j` (True where the
+training label is wrong),
+
+.. math::
+   c = \nabla \tfrac1N \textstyle\sum_{j:\,\lnot z_j} \ell_j(w), \qquad
+   n = \nabla \tfrac1N \textstyle\sum_{j:\,z_j} \ell_j(w), \qquad
+   c + n = g = \nabla L_B(w),
+
+and :math:`c', n'` are the same at :math:`w + \epsilon`, with :math:`\epsilon`
+the perturbation formed from :math:`g` (so :math:`c' + n' = g^{SAM}`). The
+paper (Luong, Nguyen, Tran and Tran, arXiv 2411.17132, Section 3) argues in
+words that SAM shrinks the coordinates where the noisy samples' gradient
+dominates; the definitions below are this project's operational reading of
+those words, not formulas from the paper. Coordinate :math:`i` is
+
+- *noisy-dominated* when :math:`n_i c_i < 0` and :math:`|n_i| > |c_i|` (the
+  noisy part decides the sign of :math:`g_i`),
+- *clean-dominated* when :math:`n_i c_i < 0` and :math:`|c_i| > |n_i|`,
+- *aligned* when :math:`n_i` and :math:`c_i` have the same strict sign,
+
+and otherwise (a zero part, or a tie) of no kind. Signs are compared
+directly, as in :func:`saner_jax.group_mask`, so nothing underflows.
+
+**Sharpness.** The largest-magnitude eigenvalue of the Hessian of the loss
+by power iteration, and its trace by Hutchinson's estimator, both on
+Hessian-vector products :math:`Hv = \partial_t \nabla L(w + t v)|_{t=0}`
+(``jax.jvp`` of ``jax.grad``, forward over reverse), as PyHessian does
+(Yao, Gholami, Keutzer and Mahoney, "PyHessian: Neural Networks Through the
+Lens of the Hessian", 2020, arXiv 1912.07145; the SANER authors' utils/pyhessian).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from saner_jax import _validation
+from saner_jax.saner import group_mask
+
+KINDS = ("noisy_dom", "clean_dom", "aligned")
+
+
+def _kind_masks(clean: jax.Array, noisy: jax.Array) -> dict[str, jax.Array]:
+  opposite = ((clean > 0) & (noisy < 0)) | ((clean < 0) & (noisy > 0))
+  aligned = ((clean > 0) & (noisy > 0)) | ((clean < 0) & (noisy < 0))
+  return {
+    "noisy_dom": opposite & (jnp.abs(noisy) > jnp.abs(clean)),
+    "clean_dom": opposite & (jnp.abs(clean) > jnp.abs(noisy)),
+    "aligned": aligned,
+  }
+
+
+def _flat(tree: Any) -> jax.Array:
+  return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(_validation.widened(tree))])
+
+
+def _check_noise_mask(noise_mask: Any, losses: jax.Array) -> None:
+  dtype = getattr(noise_mask, "dtype", None)
+  if dtype is None or jnp.dtype(dtype) != jnp.bool_:
+    raise TypeError(
+      f"noise_mask must be a boolean array (True where the label is noisy), got dtype {dtype}; pass mask.astype(bool)"
+    )
+  if jnp.shape(losses) != jnp.shape(noise_mask) or jnp.ndim(losses) != 1:
+    raise ValueError(
+      f"noise_mask has shape {jnp.shape(noise_mask)} but the per-example losses have shape {jnp.shape(losses)}; "
+      "give one flag per example, and a loss_fn that returns one loss per example"
+    )
+
+
+def clean_noisy_decomposition(
+  per_example_loss_fn: Callable[..., Any],
+  perturbation: optax.GradientTransformation,
+  *,
+  alpha: float = 0.5,
+  has_aux: bool = False,
+) -> Callable[..., dict[str, jax.Array]]:
+  r"""Builds the clean/noisy gradient decomposition of one probe batch.
+
+  See the module docstring for :math:`c, n, c', n'` and the kinds of
+  coordinate. With :math:`G_X` SANER's groups between :math:`g^{SAM}` and
+  :math:`g` (:func:`saner_jax.group_mask`), the returned dict holds:
+
+  - ``frac_{kind}``: the share of all coordinates of each kind;
+  - ``p_{X}_{kind}``: :math:`P(i \in G_X \mid i \text{ of that kind})`;
+  - ``amp_clean`` and ``amp_noisy``: the medians of :math:`|c'_i| / |c_i|` and
+    :math:`|n'_i| / |n_i|` over the noisy-dominated coordinates (the paper's
+    claim: the clean one is the larger);
+  - ``noisy_weight_{sgd,sam,saner}``: the noisy part's weight in the update
+    :math:`d`, :math:`\langle d, n \rangle / \langle g, n \rangle`, relative
+    to SGD (whose value is 1 by definition), with :math:`d = g^{SAM}` for
+    SAM and SANER's :math:`d` (group B scaled by ``alpha``);
+    ``clean_weight_{sam,saner}`` the same with :math:`c`.
+
+  A quantity that needs both kinds of sample is NaN when the batch has no
+  noisy or no clean example (the kinds are then empty by construction), as
+  is a conditional probability or median over an empty kind: there is
+  nothing to measure, and a NaN cannot be mistaken for a measurement.
+
+  Cost: two forward passes and four backward passes (one forward and two
+  cotangents at :math:`w` and at :math:`w + \epsilon`), only when called.
+
+  Args:
+    per_example_loss_fn: ``fn(params, *args, **kwargs)`` returning the
+      ``[N]`` per-example losses, or ``(losses, aux)`` with ``has_aux``
+      (``aux`` is ignored: BatchNorm updates are not kept).
+    perturbation: the transform that forms :math:`\epsilon` from :math:`g`,
+      e.g. :func:`saner_jax.sam`; its state is read, not advanced.
+    alpha: SANER's factor for ``noisy_weight_saner``, in [0, 1].
+    has_aux: whether the loss returns ``(losses, aux)``.
+
+  Returns:
+    ``fn(params, perturbation_state, noise_mask, *args, **kwargs)`` returning
+    a dict of scalars; ``noise_mask`` is a boolean ``[N]`` array. Jit-able.
+
+  Examples:
+    Two examples of a linear model; the second is noisy and dominates the
+    second coordinate:
+
+    >>> import jax.numpy as jnp
+    >>> from saner_jax import analysis, sam
+    >>> def losses(w, x, y):
+    ...   return 0.5 * (x @ w - y) ** 2
+    >>> x, y = jnp.array([[1.0, 0.1], [0.1, 1.0]]), jnp.array([1.0, -2.0])
+    >>> w = jnp.zeros(2)
+    >>> fn = analysis.clean_noisy_decomposition(losses, sam(0.05))
+    >>> out = fn(w, sam(0.05).init(w), jnp.array([False, True]), x, y)
+    >>> print(out["frac_noisy_dom"], out["frac_clean_dom"])
+    0.5 0.5
+  """
+  _validation.check_scalar_range("alpha", alpha, 0.0, 1.0)
+
+  def losses_and_vjp(params: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[jax.Array, Any]:
+    def losses(p: Any) -> Any:
+      out = per_example_loss_fn(p, *args, **kwargs)
+      return out[0] if has_aux else out  # the aux (BatchNorm updates) is not kept
+
+    return jax.vjp(losses, params)
+
+  def split(params: Any, noise_mask: jax.Array, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    losses, vjp = losses_and_vjp(params, args, kwargs)
+    _check_noise_mask(noise_mask, losses)
+    weight = jnp.asarray(1.0 / losses.shape[0], losses.dtype)
+    (clean,) = vjp(jnp.where(noise_mask, 0.0, weight).astype(losses.dtype))
+    (noisy,) = vjp(jnp.where(noise_mask, weight, 0.0).astype(losses.dtype))
+    return clean, noisy
+
+  def decomposition(
+    params: Any, perturbation_state: Any, noise_mask: jax.Array, *args: Any, **kwargs: Any
+  ) -> dict[str, jax.Array]:
+    clean, noisy = split(params, noise_mask, args, kwargs)
+    g = jax.tree.map(jnp.add, clean, noisy)
+    eps, _ = perturbation.update(g, perturbation_state, params)
+    clean_p, noisy_p = split(optax.apply_updates(params, eps), noise_mask, args, kwargs)
+    g_sam = jax.tree.map(jnp.add, clean_p, noisy_p)
+    c, n, c_p, n_p, g_flat, s_flat = map(_flat, (clean, noisy, clean_p, noisy_p, g, g_sam))
+    return _summary(c, n, c_p, n_p, g_flat, s_flat, noise_mask, alpha)
+
+  return decomposition
+
+
+def _summary(
+  c: jax.Array,
+  n: jax.Array,
+  c_p: jax.Array,
+  n_p: jax.Array,
+  g: jax.Array,
+  g_sam: jax.Array,
+  noise_mask: jax.Array,
+  alpha: float,
+) -> dict[str, jax.Array]:
+  nan = jnp.asarray(jnp.nan, g.dtype)
+  has_noisy, has_clean = jnp.any(noise_mask), jnp.any(~noise_mask)
+  both = has_noisy & has_clean
+  kinds = _kind_masks(c, n)
+  groups = {x: group_mask(g_sam, g, x) for x in ("A", "B", "C")}
+  out: dict[str, jax.Array] = {}
+  for kind, in_kind in kinds.items():
+    count = jnp.sum(in_kind)
+    out[f"frac_{kind}"] = jnp.where(both, count / g.size, nan)
+    for x, in_group in groups.items():
+      out[f"p_{x}_{kind}"] = jnp.where(both & (count > 0), jnp.sum(in_kind & in_group) / count, nan)
+  noisy_dom = kinds["noisy_dom"]
+  for name, after, before in (("amp_clean", c_p, c), ("amp_noisy", n_p, n)):
+    ratio = jnp.abs(after) / jnp.where(noisy_dom, jnp.abs(before), 1.0)  # nonzero there: opposite strict signs
+    out[name] = jnp.where(both, jnp.nanmedian(jnp.where(noisy_dom, ratio, nan)), nan)
+  d_saner = jnp.where(groups["B"], alpha * g_sam, g_sam)
+  for part, vector, present in (("noisy", n, has_noisy), ("clean", c, has_clean)):
+    sgd = jnp.vdot(g, vector)
+    names = {"sam": g_sam, "saner": d_saner} if part == "clean" else {"sgd": g, "sam": g_sam, "saner": d_saner}
+    for name, d in names.items():
+      out[f"{part}_weight_{name}"] = jnp.where(present, jnp.vdot(d, vector) / sgd, nan)
+  return out
+
+
+def _hvp_fn(
+  loss_fn: Callable[..., Any], has_aux: bool, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Callable[[Any, Any], Any]:
+  def scalar_loss(p: Any) -> Any:
+    out = loss_fn(p, *args, **kwargs)
+    return out[0] if has_aux else out
+
+  grad = jax.grad(scalar_loss)
+  return lambda params, v: jax.jvp(grad, (params,), (v,))[1]
+
+
+def _normalised(tree: Any) -> Any:
+  norm = optax.tree.norm(_validation.widened(tree))
+  return jax.tree.map(lambda x: (x / norm).astype(x.dtype), tree)
+
+
+def hessian_top_eigenvalue(
+  loss_fn: Callable[..., Any],
+  params: Any,
+  *args: Any,
+  key: jax.Array,
+  has_aux: bool = False,
+  max_iterations: int = 100,
+  tol: float = 1e-3,
+  **kwargs: Any,
+) -> jax.Array:
+  r"""The Hessian's eigenvalue of largest magnitude, by power iteration.
+
+  .. math::
+     v_0 \sim \mathcal N(0, I)/\lVert\cdot\rVert, \quad
+     \lambda_k = \langle v_k, H v_k \rangle, \quad
+     v_{k+1} = H v_k / \lVert H v_k \rVert,
+
+  stopping when :math:`|\lambda_k - \lambda_{k-1}| < \mathrm{tol}\,
+  (|\lambda_{k-1}| + 10^{-6})` (PyHessian's rule) or after
+  ``max_iterations`` Hessian-vector products. Near a minimum the Hessian's
+  largest-magnitude eigenvalue is its top one, :math:`\lambda_{\max}`, the
+  usual sharpness measure; far from one it may be a negative eigenvalue, as
+  in PyHessian. Inner products are in at least float32.
+
+  Args:
+    loss_fn: ``loss_fn(params, *args, **kwargs)``, a scalar, or ``(scalar,
+      aux)`` with ``has_aux`` (BatchNorm statistics in ``args``; ``aux`` is
+      dropped). In train mode BatchNorm normalises with batch statistics.
+    params: the point the Hessian is taken at, any pytree.
+    *args: the loss's other arguments (batch, model state).
+    key: PRNG key of the starting vector.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    max_iterations: the most Hessian-vector products, >= 1.
+    tol: the relative change that stops the iteration, >= 0.
+    **kwargs: the loss's keyword arguments.
+
+  Returns:
+    A scalar. Jit-able (with ``max_iterations`` static).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from saner_jax import analysis
+    >>> loss = lambda w: 0.5 * (3.0 * w[0] ** 2 + w[1] ** 2)  # H = diag(3, 1)
+    >>> lam = analysis.hessian_top_eigenvalue(loss, jnp.ones(2), key=jax.random.key(0), tol=0.0)
+    >>> print(round(float(lam), 4))
+    3.0
+  """
+  if max_iterations < 1:
+    raise ValueError(f"max_iterations must be >= 1, got {max_iterations}")
+  _validation.check_scalar_range("tol", tol, 0.0)
+  hvp = _hvp_fn(loss_fn, has_aux, args, kwargs)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  start = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+  wide = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+
+  def rayleigh(v: Any) -> tuple[jax.Array, Any]:
+    hv = hvp(params, v)
+    return optax.tree.vdot(_validation.widened(v), _validation.widened(hv)), hv
+
+  def cond(state: tuple[Any, ...]) -> jax.Array:
+    i, _, lam, previous = state
+    going: jax.Array = (i < max_iterations) & ((i < 2) | (jnp.abs(lam - previous) >= tol * (jnp.abs(previous) + 1e-6)))
+    return going
+
+  def body(state: tuple[Any, ...]) -> tuple[Any, ...]:
+    i, v, lam, _ = state
+    new_lam, hv = rayleigh(v)
+    return i + 1, _normalised(hv), new_lam, lam
+
+  init = (jnp.zeros([], jnp.int32), _normalised(start), jnp.zeros([], wide), jnp.zeros([], wide))
+  _, _, lam, _ = jax.lax.while_loop(cond, body, init)
+  return lam
+
+
+def hessian_trace(
+  loss_fn: Callable[..., Any],
+  params: Any,
+  *args: Any,
+  key: jax.Array,
+  has_aux: bool = False,
+  num_samples: int = 100,
+  **kwargs: Any,
+) -> jax.Array:
+  r"""Hutchinson's estimate of the Hessian's trace.
+
+  .. math::
+     \operatorname{tr} H \approx \frac1m \sum_{k=1}^m v_k^\top H v_k,
+     \qquad v_k \text{ with i.i.d. Rademacher } (\pm 1) \text{ entries},
+
+  unbiased, with variance :math:`2 \sum_{i \ne j} H_{ij}^2 / m` (Hutchinson,
+  1990; PyHessian's ``trace``). The products run one after another
+  (``lax.map``), holding one vector in memory.
+
+  Args:
+    loss_fn: as for :func:`hessian_top_eigenvalue`.
+    params: the point, any pytree.
+    *args: the loss's other arguments.
+    key: PRNG key of the probe vectors.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    num_samples: ``m``, >= 1.
+    **kwargs: the loss's keyword arguments.
+
+  Returns:
+    A scalar in at least float32. Jit-able (with ``num_samples`` static).
+
+  Examples:
+    A diagonal Hessian gives its trace exactly, whatever the signs:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from saner_jax import analysis
+    >>> loss = lambda w: 0.5 * (3.0 * w[0] ** 2 + w[1] ** 2)
+    >>> print(analysis.hessian_trace(loss, jnp.ones(2), key=jax.random.key(0), num_samples=3))
+    4.0
+  """
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+  hvp = _hvp_fn(loss_fn, has_aux, args, kwargs)
+  leaves, treedef = jax.tree.flatten(params)
+
+  def one(sample_key: jax.Array) -> jax.Array:
+    keys = jax.random.split(sample_key, len(leaves))
+    v = jax.tree.unflatten(treedef, [jax.random.rademacher(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    product: jax.Array = optax.tree.vdot(_validation.widened(v), _validation.widened(hvp(params, v)))
+    return product
+
+  return jnp.mean(jax.lax.map(one, jax.random.split(key, num_samples)))
