@@ -38,7 +38,7 @@ if ROOT not in sys.path:  # run from a checkout without installing the package
 import jax
 
 from saner_jax.train import config as config_lib
-from saner_jax.train import report
+from saner_jax.train import reporting
 from saner_jax.train.loop import train
 
 DTYPES = ("float32", "bfloat16")
@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
   device = jax.devices()[0]
   lines = [
     f"command: {command}",
-    f"git: {report.git_revision()}",
+    f"git: {reporting.git_revision()}",
     f"jax {jax.__version__}, device {device.platform} ({device.device_kind}), {os.cpu_count()} CPUs",
     f"{base.run_name}, {base.model} on {base.dataset}: {args.train_examples} train / {args.test_examples} test "
     f"images, {base.noise_mode} noise {base.noise_rate:.0%}, {args.epochs} epochs, batch {base.batch_size}, seed {base.seed}",
@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
 
   result = {
     "command": command,
-    "git": report.git_revision(),
+    "git": reporting.git_revision(),
     "jax": jax.__version__,
     "device": f"{device.platform} ({device.device_kind})",
     "cpu_count": os.cpu_count(),

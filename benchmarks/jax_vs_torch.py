@@ -83,7 +83,7 @@ import saner_jax
 from saner_jax import cpu_conv
 from saner_jax.train import (
   models,
-  report,
+  reporting,
 )
 
 # Blocks per stage of He et al.'s 6n+2 CIFAR ResNets, as in saner_jax.train.models.
@@ -507,7 +507,7 @@ def main(argv=None) -> dict[str, Any]:
     printed.write(line + "\n")
 
   command = shlex.join(["python", "benchmarks/jax_vs_torch.py", *(sys.argv[1:] if argv is None else argv)])
-  revision = report.git_revision()
+  revision = reporting.git_revision()
   # The PyTorch processes start first, before XLA's thread pool exists.
   workers = {
     f"torch ({t} thread{'s' if t > 1 else ''}, own process)": TorchProcess(t, args) for t in args.torch_threads

@@ -50,7 +50,7 @@ if ROOT not in sys.path:  # run from a checkout without installing the package
   sys.path.insert(0, ROOT)
 
 import saner_jax
-from saner_jax.train import report
+from saner_jax.train import reporting
 
 TARGETS = {"saner/sam": 1.03, "sam/sgd": 2.0}
 VARIANTS = ("asam", "friendly_sam", "vasso", "gsam")
@@ -188,7 +188,7 @@ def main(argv=None) -> dict[str, Any]:
     if argv is None
     else shlex.join(["python", "benchmarks/step_time.py", *argv])
   )
-  revision = report.git_revision()
+  revision = reporting.git_revision()
   device = jax.devices()[0]
   print(f"command: {command}")
   print(f"git: {revision}")

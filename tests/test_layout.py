@@ -36,13 +36,16 @@ def test_core_imports_without_the_toolkit_dependencies():
   assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
-@pytest.mark.parametrize("name", ["data", "noise", "models"])
-def test_moved_modules_keep_their_old_import_for_a_release(name):
-  script = f"import warnings; warnings.simplefilter('error')\nimport saner_jax.{name}"
+@pytest.mark.parametrize(
+  "old, new",
+  [(f"saner_jax.{name}", f"saner_jax.train.{name}") for name in ("data", "noise", "models")]
+  + [("saner_jax.train.report", "saner_jax.train.reporting")],
+)
+def test_moved_modules_keep_their_old_import_for_a_release(old, new):
+  script = f"import warnings; warnings.simplefilter('error')\nimport {old}"
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-  assert f"saner_jax.{name} moved to saner_jax.train.{name}" in result.stderr
+  assert f"{old} moved to {new}" in result.stderr
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
-    old = __import__(f"saner_jax.{name}", fromlist=["_"])
-  new = __import__(f"saner_jax.train.{name}", fromlist=["_"])
-  assert old is new
+    moved = __import__(old, fromlist=["_"])
+  assert moved is __import__(new, fromlist=["_"])

@@ -95,14 +95,14 @@ def run_or_collect(
 
 def write_comparison(base: config_lib.TrainConfig, summaries: dict, histories: dict, command: str) -> str:
   """Writes ``compare.png`` and ``compare.md`` into ``base.out_dir``; returns the table."""
-  from saner_jax.train import report
+  from saner_jax.train import reporting
 
   out_dir = pathlib.Path(base.out_dir)
   title = f"{base.dataset}, {base.noise_description}, {base.model}, {base.epochs} epochs"
-  report.plot_compare(histories, out_dir / "compare.png", title=title)
-  table = report.markdown_table(summaries)
+  reporting.plot_compare(histories, out_dir / "compare.png", title=title)
+  table = reporting.markdown_table(summaries)
   (out_dir / "compare.md").write_text(
-    f"# {title}\n\n{table}\nCommand: `{command}`\n\ngit revision: {report.git_revision()}\n\n![curves](compare.png)\n"
+    f"# {title}\n\n{table}\nCommand: `{command}`\n\ngit revision: {reporting.git_revision()}\n\n![curves](compare.png)\n"
   )
   return table
 

@@ -1,10 +1,20 @@
-"""The training loop: data, noise, model, epochs, metrics, checkpoints, plots.
+"""The training loop, in named pieces.
 
-Every epoch ends with an orbax checkpoint that carries the train state and
-the whole metrics history; ``metrics.jsonl`` and ``metrics.csv`` are written
-from that history. A run killed at any point and resumed therefore has
-complete, unduplicated logs, and, since all randomness derives from
-``(seed, epoch, step)``, the same final metrics as an uninterrupted run.
+:func:`train` runs them in order: :func:`setup` (config, ``out_dir``, data,
+model, optimizer, keys: a :class:`Run`), the :class:`Recipe`'s ``init``,
+:func:`restore`, then per epoch the recipe's ``epoch`` and ``evaluate``,
+:func:`record_epoch` and :func:`save`, and finally :func:`summarise`. The
+default recipe, :func:`supervised`, trains one network with the config's
+optimizer (:func:`train_epoch`, :func:`evaluate`); a noise-robust pipeline
+passes its own recipe, with its own state, epoch and evaluation, and gets
+the rest (checkpoints, resume, logs, plots, devices) unchanged.
+
+Every epoch ends with an orbax checkpoint that carries the state and the
+whole metrics history (:mod:`saner_jax.train.checkpointing`);
+``metrics.jsonl`` and ``metrics.csv`` are written from that history. A run
+killed at any point and resumed therefore has complete, unduplicated logs,
+and, since all randomness derives from ``(seed, epoch, step)``, the same
+final metrics as an uninterrupted run.
 
 Devices: the loop trains data-parallel on a one-axis mesh over every device
 of every process (``saner_jax.data_mesh``). The uint8 dataset is replicated
@@ -20,7 +30,6 @@ nothing changes. Multi-host runs pass ``--distributed`` (see
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -28,7 +37,8 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -37,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from saner_jax import parallel
-from saner_jax.train import compilation, pipeline, report
+from saner_jax.train import checkpointing, compilation, pipeline, reporting
 from saner_jax.train import config as config_lib
 from saner_jax.train import step as step_lib
 from saner_jax.train.config import ConfigError, TrainConfig
@@ -163,71 +173,6 @@ def prepare_data(config: TrainConfig, sharding: NamedSharding | None = None) -> 
   )
 
 
-def _epoch_record(epoch: int, sums: dict[str, float], extra: dict[str, Any], two_pass: bool) -> dict[str, Any]:
-  def ratio(num, den):  # None, not NaN, when nothing was counted (e.g. no noisy samples)
-    return sums[num] / sums[den] if sums[den] else None
-
-  record = {
-    "epoch": epoch,
-    "train_loss": ratio("loss_sum", "examples"),
-    "train_acc": ratio("correct", "examples"),
-    "clean_acc": ratio("clean_correct", "clean"),
-    "noisy_memorised": ratio("noisy_memorised", "noisy"),
-    "noisy_true": ratio("noisy_true", "noisy"),
-  }
-  record["fit_gap"] = (
-    None
-    if None in (record["clean_acc"], record["noisy_memorised"])
-    else record["clean_acc"] - record["noisy_memorised"]
-  )
-  for key in ("group_A", "group_B", "group_C", "cosine"):
-    record[key] = sums[key] / sums["steps"] if two_pass else None
-  record.update(extra)
-  return record
-
-
-class _Logs:
-  """metrics.jsonl / metrics.csv, always rewritten whole from the history."""
-
-  def __init__(self, out_dir: pathlib.Path):
-    self.jsonl = out_dir / "metrics.jsonl"
-    self.csv = out_dir / "metrics.csv"
-    self.tensorboard = None
-    try:
-      from tensorboardX import SummaryWriter  # optional
-
-      self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
-    except ImportError:
-      pass
-
-  def write(self, history: list[dict[str, Any]], tensorboard: bool = True) -> None:
-    tmp = self.jsonl.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in history))
-    os.replace(tmp, self.jsonl)
-    if history:
-      tmp = self.csv.with_suffix(".csv.tmp")
-      with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-      os.replace(tmp, self.csv)
-    if tensorboard and self.tensorboard is not None and history:
-      record = history[-1]
-      for key, value in record.items():
-        if isinstance(value, (int, float)) and key != "epoch" and value is not None:
-          self.tensorboard.add_scalar(key, value, record["epoch"])
-      self.tensorboard.flush()
-
-
-def _checkpoint_manager(out_dir: pathlib.Path):
-  import orbax.checkpoint as ocp
-
-  return ocp.CheckpointManager(
-    (out_dir / "checkpoints").absolute(),
-    options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
-  )
-
-
 def _progress_mode(config: TrainConfig) -> str:
   if config.progress != "auto":
     return config.progress
@@ -247,18 +192,8 @@ def _check_resumable(out_dir: pathlib.Path, config: TrainConfig) -> None:
     )
 
 
-def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
-  """Runs (or resumes) one training run; returns its summary."""
-  from saner_jax.train import models
-
-  initialize_distributed(config)
-  config.validate()
-  if config.compilation_cache:
-    compilation.enable_compilation_cache()
-  mesh = _device_mesh(config)
-  convolutions = _convolutions(config, mesh)
-  replicated = NamedSharding(mesh, P())
-  primary = jax.process_index() == 0  # the one process that writes logs
+def _claim_out_dir(config: TrainConfig, resume: bool) -> pathlib.Path:
+  """Refuses to overwrite or to resume with another config; writes ``config.yaml``."""
   out_dir = pathlib.Path(config.out_dir)
   has_run = (out_dir / "config.yaml").exists()
   if has_run and not resume:
@@ -272,156 +207,286 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
 
     multihost_utils.sync_global_devices("saner_jax: out_dir checked")
   out_dir.mkdir(parents=True, exist_ok=True)
-  if primary:
+  if jax.process_index() == 0:
     (out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+  return out_dir
 
-  t_start = time.perf_counter()
+
+class RunKeys(NamedTuple):
+  """A run's random keys, all derived from its seed."""
+
+  init: jax.Array
+  shuffle: jax.Array  # with the epoch: each epoch's order
+  augment: jax.Array  # with the step: each step's crops and flips
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What the pieces of one run share; :func:`setup` builds it."""
+
+  config: TrainConfig
+  mesh: Mesh
+  out_dir: pathlib.Path
+  data: PreparedData
+  model: Any  # a flax.linen.Module
+  convolutions: Any  # saner_jax.cpu_conv.choose's choice, with its reason
+  optimizer: step_lib.Optimizer
+  keys: RunKeys
+  display: str  # "bar", "lines" or "none" (always "none" off process 0)
+  started: float  # time.perf_counter() before the data loaded
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def primary(self) -> bool:
+    """Whether this process writes the logs (process 0)."""
+    return jax.process_index() == 0
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.data.train.size // self.config.batch_size  # drop the ragged last batch
+
+
+def setup(config: TrainConfig, *, resume: bool = False) -> Run:
+  """Validates ``config``, claims its ``out_dir``, loads the data, builds the model and optimizer."""
+  from saner_jax.train import models
+
+  initialize_distributed(config)
+  config.validate()
+  if config.compilation_cache:
+    compilation.enable_compilation_cache()
+  mesh = _device_mesh(config)
+  convolutions = _convolutions(config, mesh)
+  replicated = NamedSharding(mesh, P())
+  out_dir = _claim_out_dir(config, resume)
+  started = time.perf_counter()
   prepared = prepare_data(config, replicated)
-  info = prepared.info
-  steps_per_epoch = prepared.train.size // config.batch_size  # drop the ragged last batch
   model = models.create_model(
     config.model, prepared.num_classes, dtype=config.compute_dtype, conv_general_dilated=convolutions.conv
   )
-  optimizer = step_lib.build_optimizer(config, steps_per_epoch)
+  optimizer = step_lib.build_optimizer(config, prepared.train.size // config.batch_size)
   # Made by a jitted function, so that on several hosts they are global arrays.
-  init_key, shuffle_key, augment_key = jax.jit(
-    lambda: jax.random.split(jax.random.key(config.seed), 3), out_shardings=replicated
-  )()
-  state = pipeline.place(step_lib.init_state(model, optimizer, init_key, prepared.image_shape), replicated)
+  keys = jax.jit(lambda: jax.random.split(jax.random.key(config.seed), 3), out_shardings=replicated)()
+  display = _progress_mode(config) if jax.process_index() == 0 else "none"
+  return Run(config, mesh, out_dir, prepared, model, convolutions, optimizer, RunKeys(*keys), display, started)
 
+
+class Recipe(NamedTuple):
+  """What a training pipeline plugs into :func:`train`.
+
+  Attributes:
+    init: ``() -> state``, the initial state: any pytree of arrays placed on
+      the run's devices. It is what checkpoints save and restore, so a
+      pipeline keeps everything it carries across epochs in it.
+    epoch: ``(state, epoch) -> (state, fields)`` trains epoch ``epoch``
+      (numbered from 1); ``fields`` (floats or None) go into the epoch's
+      metrics record. Randomness should derive from the run's keys and the
+      epoch or step, so that a resumed run repeats an uninterrupted one.
+    evaluate: ``state -> test accuracy``.
+  """
+
+  init: Callable[[], Any]
+  epoch: Callable[[Any, int], tuple[Any, dict[str, Any]]]
+  evaluate: Callable[[Any], float]
+
+
+class Steps(NamedTuple):
+  """The jitted functions of the supervised recipe."""
+
+  train: Callable  # (state, metrics, data, permutation, batch_index, key) -> (state, metrics)
+  eval: Callable  # (params, batch_stats, images, labels, valid) -> correct count
+  permute: Callable  # (key, epoch, size) -> the epoch's order
+
+
+def compile_steps(run: Run) -> Steps:
+  """The train and eval steps of :mod:`saner_jax.train.step` on the run's mesh, jitted."""
+  info = run.data.info
   # Replicated outputs keep the state where the next step (and orbax's
-  # restore, which copies the shardings of ``state``) expects it.
-  train_step = jax.jit(
-    step_lib.make_train_step(
-      model,
-      optimizer,
-      config,
-      mean=info.mean,
-      std=info.std,
-      flip=info.flip,
-      crop_padding=info.crop_padding,
-      mesh=mesh,
-    ),
-    donate_argnums=(0, 1),
-    out_shardings=replicated,
+  # restore, which copies the shardings of the state) expects it.
+  train_step = step_lib.make_train_step(
+    run.model,
+    run.optimizer,
+    run.config,
+    mean=info.mean,
+    std=info.std,
+    flip=info.flip,
+    crop_padding=info.crop_padding,
+    mesh=run.mesh,
   )
-  eval_step = jax.jit(step_lib.make_eval_step(model, config, mean=info.mean, std=info.std, mesh=mesh))
-  permute = jax.jit(pipeline.epoch_permutation, static_argnums=2, out_shardings=replicated)
+  eval_step = step_lib.make_eval_step(run.model, run.config, mean=info.mean, std=info.std, mesh=run.mesh)
+  return Steps(
+    train=jax.jit(train_step, donate_argnums=(0, 1), out_shardings=run.replicated),
+    eval=jax.jit(eval_step),
+    permute=jax.jit(pipeline.epoch_permutation, static_argnums=2, out_shardings=run.replicated),
+  )
 
-  history: list[dict[str, Any]] = []
-  start_epoch, best_test, wall_offset = 1, 0.0, 0.0
-  manager = _checkpoint_manager(out_dir) if config.checkpoint else None
-  if resume and manager is not None and manager.latest_step() is not None:
-    import orbax.checkpoint as ocp
 
-    restored = manager.restore(
-      manager.latest_step(),
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)),
-        meta=ocp.args.JsonRestore(),
-      ),
+def train_epoch(run: Run, steps: Steps, state: step_lib.TrainState, epoch: int) -> tuple[step_lib.TrainState, dict]:
+  """One pass over the training set in the epoch's seeded order; returns the record fields.
+
+  Raises FloatingPointError when a loss, gradient or weight turned non-finite.
+  """
+  train_set = run.data.train
+  permutation = steps.permute(run.keys.shuffle, epoch, train_set.size)
+  metrics = jax.device_put(step_lib.zero_metrics(), run.replicated)
+  batches = range(run.steps_per_epoch)
+  if run.display == "bar":
+    from tqdm.auto import tqdm
+
+    batches = tqdm(batches, desc=f"epoch {epoch}/{run.config.epochs}", leave=False)
+  for i in batches:
+    state, metrics = steps.train(state, metrics, train_set, permutation, i, run.keys.augment)
+  sums = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if sums["nonfinite"] or not math.isfinite(sums["loss_sum"]):
+    raise FloatingPointError(
+      f"epoch {epoch}: non-finite loss, gradients or weights ({int(sums['nonfinite'])} values); "
+      f"the checkpoint of epoch {epoch - 1} is kept; start a new --out_dir with a lower --lr or --rho"
     )
-    state = restored.state
-    history = restored.meta["history"]
-    start_epoch = restored.meta["epoch"] + 1
-    best_test = restored.meta["best_test_acc"]
-    wall_offset = restored.meta["wall_time_s"]
-    if primary:
-      print(f"resumed {out_dir} after epoch {start_epoch - 1}", flush=True)
-  elif resume and (out_dir / "metrics.jsonl").exists() and (out_dir / "metrics.jsonl").stat().st_size:
+  optimizer = run.optimizer
+  last_step = int(state.step) - 1
+  return state, {
+    **step_lib.epoch_metrics(sums, two_pass=optimizer.perturbation is not None),
+    "lr": float(optimizer.lr(last_step)),
+    "alpha": float(optimizer.alpha(last_step)) if optimizer.alpha else None,
+  }
+
+
+def evaluate(run: Run, eval_step: Callable, params: Any, batch_stats: Any) -> float:
+  """Test accuracy of one network: one call of the compiled ``eval_step`` over the padded test set."""
+  test = run.data.test
+  correct = eval_step(params, batch_stats, test.images, test.labels, run.data.test_valid)
+  return float(correct) / run.data.test_examples
+
+
+def supervised(run: Run) -> Recipe:
+  """The default recipe: one network trained by the config's optimizer (:mod:`saner_jax.train.step`)."""
+  steps = compile_steps(run)
+
+  def init():
+    state = step_lib.init_state(run.model, run.optimizer, run.keys.init, run.data.image_shape)
+    return pipeline.place(state, run.replicated)
+
+  return Recipe(
+    init=init,
+    epoch=lambda state, epoch: train_epoch(run, steps, state, epoch),
+    evaluate=lambda state: evaluate(run, steps.eval, state.params, state.batch_stats),
+  )
+
+
+def restore(run: Run, checkpoints: Any, state: Any, *, resume: bool) -> tuple[Any, checkpointing.Progress]:
+  """With ``resume``, the latest checkpoint's state and progress; else ``state`` and a fresh start.
+
+  ``checkpoints`` is the run's checkpoint manager, None without checkpoints.
+  """
+  restored = checkpointing.restore_latest(checkpoints, state) if resume and checkpoints is not None else None
+  if restored is not None:
+    if run.primary:
+      print(f"resumed {run.out_dir} after epoch {restored[1].epoch}", flush=True)
+    return restored
+  metrics = run.out_dir / "metrics.jsonl"
+  if resume and metrics.exists() and metrics.stat().st_size:
     raise ConfigError(
-      f"--resume: {out_dir} has logged epochs but no checkpoint to resume from "
+      f"--resume: {run.out_dir} has logged epochs but no checkpoint to resume from "
       "(was it run with --checkpoint false?); start a new --out_dir"
     )
-  logs = _Logs(out_dir) if primary else None
+  return state, checkpointing.Progress()
+
+
+def record_epoch(
+  progress: checkpointing.Progress,
+  epoch: int,
+  fields: dict[str, Any],
+  test_acc: float,
+  epoch_time_s: float,
+  wall_time_s: float,
+) -> checkpointing.Progress:
+  """The progress after ``epoch``, its record appended to the history."""
+  best = max(progress.best_test_acc, test_acc)
+  record = {
+    "epoch": epoch,
+    **fields,
+    "test_acc": test_acc,
+    "best_test_acc": best,
+    "epoch_time_s": epoch_time_s,
+    "wall_time_s": wall_time_s,
+  }
+  return checkpointing.Progress(epoch, best, wall_time_s, (*progress.history, record))
+
+
+def save(run: Run, checkpoints: Any, state: Any, progress: checkpointing.Progress, logs: Any) -> None:
+  """Checkpoints the state with its progress, then rewrites the logs from the history.
+
+  Every process calls it (orbax writes from each); ``logs`` is the
+  :class:`saner_jax.train.reporting.MetricsLog` on process 0, None elsewhere.
+  """
+  if checkpoints is not None:
+    checkpointing.save(checkpoints, state, progress)
   if logs is not None:
-    logs.write(history, tensorboard=False)  # the restored epochs are in TensorBoard already
+    logs.write(progress.history)
+  if run.display != "none":
+    print(reporting.epoch_line(progress.history[-1], run.config.epochs), flush=True)
 
-  mode = _progress_mode(config) if primary else "none"
-  if primary:
-    print(
-      f"{config.run_name}: {config.model} on {config.dataset} ({prepared.train.size} train, "
-      f"{config.noise_description}, realised {prepared.realised_noise_rate:.2%}), "
-      f"{config.epochs} epochs x {steps_per_epoch} steps on {mesh.size} device(s)",
-      flush=True,
-    )
-    print(f"convolutions: {convolutions.reason}", flush=True)
-  for epoch in range(start_epoch, config.epochs + 1):
-    t_epoch = time.perf_counter()
-    permutation = permute(shuffle_key, epoch, prepared.train.size)
-    metrics = jax.device_put(step_lib.zero_metrics(), replicated)
-    bar = None
-    if mode == "bar":
-      from tqdm.auto import tqdm
 
-      bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False)
-    for i in range(steps_per_epoch):
-      state, metrics = train_step(state, metrics, prepared.train, permutation, i, augment_key)
-      if bar is not None:
-        bar.update(1)
-    if bar is not None:
-      bar.close()
-    sums = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if sums["nonfinite"] or not math.isfinite(sums["loss_sum"]):
-      raise FloatingPointError(
-        f"epoch {epoch}: non-finite loss, gradients or weights ({int(sums['nonfinite'])} values); "
-        f"the checkpoint of epoch {epoch - 1} is kept; start a new --out_dir with a lower --lr or --rho"
-      )
-    correct = eval_step(
-      state.params, state.batch_stats, prepared.test.images, prepared.test.labels, prepared.test_valid
-    )
-    test_acc = float(correct) / prepared.test_examples
-    best_test = max(best_test, test_acc)
-    last_step = int(state.step) - 1
-    record = _epoch_record(
-      epoch,
-      sums,
-      two_pass=optimizer.perturbation is not None,
-      extra={
-        "test_acc": test_acc,
-        "best_test_acc": best_test,
-        "lr": float(optimizer.lr(last_step)),
-        "alpha": float(optimizer.alpha(last_step)) if optimizer.alpha else None,
-        "epoch_time_s": time.perf_counter() - t_epoch,
-        "wall_time_s": wall_offset + time.perf_counter() - t_start,
-      },
-    )
-    history.append(record)
-    if manager is not None:
-      import orbax.checkpoint as ocp
-
-      manager.save(
-        epoch,
-        args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          meta=ocp.args.JsonSave(
-            {"epoch": epoch, "best_test_acc": best_test, "wall_time_s": record["wall_time_s"], "history": history}
-          ),
-        ),
-      )
-      manager.wait_until_finished()
-    if logs is not None:
-      logs.write(history)
-    if mode != "none":
-      print(report.epoch_line(record, config.epochs), flush=True)
-
+def summarise(run: Run, progress: checkpointing.Progress) -> dict[str, Any]:
+  """The run's summary; process 0 also writes ``summary.json`` and ``curves.png``."""
+  config, history = run.config, progress.history
   summary = {
     "run": config.run_name,
     "config": config.to_dict(),
-    "realised_noise_rate": prepared.realised_noise_rate,
-    "train_examples": prepared.train.size,
+    "realised_noise_rate": run.data.realised_noise_rate,
+    "train_examples": run.data.train.size,
     "final": history[-1] if history else None,
-    "best_test_acc": best_test,
+    "best_test_acc": progress.best_test_acc,
     "last_test_acc": history[-1]["test_acc"] if history else None,
     "mean_group_B": (
       float(np.mean([r["group_B"] for r in history])) if history and history[0]["group_B"] is not None else None
     ),
-    "git_revision": report.git_revision(),
+    "git_revision": reporting.git_revision(),
     "jax_backend": jax.default_backend(),
-    "devices": mesh.size,
-    "convolutions": convolutions.path,
+    "devices": run.mesh.size,
+    "convolutions": run.convolutions.path,
   }
-  if primary:
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
-    report.plot_run(history, out_dir / "curves.png", title=config.run_name)
+  if run.primary:
+    (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+    reporting.plot_run(history, run.out_dir / "curves.png", title=config.run_name)
   return summary
+
+
+def _announce(run: Run) -> None:
+  config, data = run.config, run.data
+  print(
+    f"{config.run_name}: {config.model} on {config.dataset} ({data.train.size} train, "
+    f"{config.noise_description}, realised {data.realised_noise_rate:.2%}), "
+    f"{config.epochs} epochs x {run.steps_per_epoch} steps on {run.mesh.size} device(s)",
+    flush=True,
+  )
+  print(f"convolutions: {run.convolutions.reason}", flush=True)
+
+
+def train(config: TrainConfig, *, resume: bool = False, recipe: Callable[[Run], Recipe] = supervised) -> dict[str, Any]:
+  """Runs (or resumes) one training run; returns its summary.
+
+  ``recipe`` builds the state and the epoch and evaluation functions from
+  the :class:`Run`; the default, :func:`supervised`, trains one network
+  with the config's optimizer.
+  """
+  run = setup(config, resume=resume)
+  parts = recipe(run)
+  checkpoints = checkpointing.manager(run.out_dir) if config.checkpoint else None
+  state, progress = restore(run, checkpoints, parts.init(), resume=resume)
+  wall_offset = progress.wall_time_s
+  logs = reporting.MetricsLog(run.out_dir) if run.primary else None
+  if logs is not None:
+    logs.write(progress.history, tensorboard=False)  # the restored epochs are in TensorBoard already
+  if run.primary:
+    _announce(run)
+  for epoch in range(progress.epoch + 1, config.epochs + 1):
+    t_epoch = time.perf_counter()
+    state, fields = parts.epoch(state, epoch)
+    test_acc = parts.evaluate(state)
+    now = time.perf_counter()
+    progress = record_epoch(progress, epoch, fields, test_acc, now - t_epoch, wall_offset + now - run.started)
+    save(run, checkpoints, state, progress, logs)
+  return summarise(run, progress)

@@ -150,6 +150,30 @@ def zero_metrics() -> dict[str, jax.Array]:
   return {k: jnp.zeros([], jnp.float32) for k in METRIC_KEYS}
 
 
+def epoch_metrics(sums: dict[str, float], two_pass: bool) -> dict[str, float | None]:
+  """An epoch's record fields from its summed step metrics (:data:`METRIC_KEYS`).
+
+  Rates are None, not NaN, where nothing was counted (no noisy samples);
+  the group fractions and cosine are None for one-pass SGD.
+  """
+
+  def ratio(num, den):
+    return sums[num] / sums[den] if sums[den] else None
+
+  fields = {
+    "train_loss": ratio("loss_sum", "examples"),
+    "train_acc": ratio("correct", "examples"),
+    "clean_acc": ratio("clean_correct", "clean"),
+    "noisy_memorised": ratio("noisy_memorised", "noisy"),
+    "noisy_true": ratio("noisy_true", "noisy"),
+  }
+  clean, noisy = fields["clean_acc"], fields["noisy_memorised"]
+  fields["fit_gap"] = None if clean is None or noisy is None else clean - noisy
+  for key in ("group_A", "group_B", "group_C", "cosine"):
+    fields[key] = sums[key] / sums["steps"] if two_pass else None
+  return fields
+
+
 def _merge_sub_batches(batch_stats, logits, stacked_axes: int, strided: bool):
   """Averages stacked BatchNorm statistics; puts the logits back in batch order.
 

@@ -1,0 +1,169 @@
+"""What a run shows: metrics files, epoch lines, curves (PNG) and comparison tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+# What the figures show, panel by panel: (metric key, title).
+PANELS = (
+  ("test_acc", "test accuracy"),
+  ("clean_acc", "clean train samples: fit to their label"),
+  ("noisy_memorised", "noisy train samples: fit to the WRONG label"),
+  ("noisy_true", "noisy train samples: fit to the true label"),
+  ("group_B", "group B: share of coordinates SAM shrank"),
+)
+
+
+def git_revision() -> str | None:
+  try:
+    root = pathlib.Path(__file__).resolve().parents[2]
+    rev = subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+      ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return rev + ("+dirty" if dirty else "")
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+class MetricsLog:
+  """``metrics.jsonl`` and ``metrics.csv``, always rewritten whole from the history.
+
+  Rewriting (atomically) instead of appending keeps the files complete and
+  unduplicated across kills and resumes; with tensorboardX installed, each
+  new epoch also goes to ``tensorboard/``.
+  """
+
+  def __init__(self, out_dir: pathlib.Path):
+    self.jsonl = out_dir / "metrics.jsonl"
+    self.csv = out_dir / "metrics.csv"
+    self.tensorboard = None
+    try:
+      from tensorboardX import SummaryWriter  # optional
+
+      self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
+    except ImportError:
+      pass
+
+  def write(self, history: Sequence[dict[str, Any]], tensorboard: bool = True) -> None:
+    """Rewrites both files; ``tensorboard`` adds the last record to TensorBoard."""
+    tmp = self.jsonl.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in history))
+    os.replace(tmp, self.jsonl)
+    if history:
+      tmp = self.csv.with_suffix(".csv.tmp")
+      with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+      os.replace(tmp, self.csv)
+    if tensorboard and self.tensorboard is not None and history:
+      record = history[-1]
+      for key, value in record.items():
+        if isinstance(value, (int, float)) and key != "epoch" and value is not None:
+          self.tensorboard.add_scalar(key, value, record["epoch"])
+      self.tensorboard.flush()
+
+
+def _pct(value) -> str:
+  return "  n/a" if value is None else f"{100 * value:5.1f}"
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+  groups = "" if record.get("group_B") is None else f" | B {_pct(record['group_B'])}%"
+  return (
+    f"epoch {record['epoch']:>3}/{epochs} | loss {record['train_loss']:.3f} | "
+    f"train {_pct(record['train_acc'])}% | clean {_pct(record['clean_acc'])}% | "
+    f"noisy->wrong {_pct(record['noisy_memorised'])}% | noisy->true {_pct(record['noisy_true'])}% | "
+    f"test {_pct(record['test_acc'])}% (best {_pct(record['best_test_acc'])}%){groups} | "
+    f"{record['epoch_time_s']:.1f}s"
+  )
+
+
+def _figure(n_panels: int):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  cols = min(n_panels, 3)
+  rows = -(-n_panels // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+  for ax in axes.flat[n_panels:]:
+    ax.axis("off")
+  return plt, fig, axes.flat[:n_panels]
+
+
+def plot_run(history: Sequence[dict[str, Any]], path: pathlib.Path, title: str = "") -> None:
+  plot_compare({title or "run": [history]}, path)
+
+
+def plot_compare(runs: dict[str, list[list[dict[str, Any]]]], path: pathlib.Path, title: str = "") -> None:
+  """One figure, one panel per metric, one curve (mean, with a min-max band over seeds) per run."""
+  plt, fig, axes = _figure(len(PANELS))
+  for ax, (key, panel_title) in zip(axes, PANELS):
+    for name, histories in runs.items():
+      histories = [h for h in histories if h]
+      if not histories:
+        continue
+      length = min(len(h) for h in histories)
+      epochs = [r["epoch"] for r in histories[0][:length]]
+      values = np.array([[np.nan if r[key] is None else r[key] for r in h[:length]] for h in histories])
+      mean = 100 * values.mean(axis=0)
+      (line,) = ax.plot(epochs, mean, label=name)
+      if len(histories) > 1:
+        ax.fill_between(epochs, 100 * values.min(0), 100 * values.max(0), color=line.get_color(), alpha=0.2)
+    ax.set_title(panel_title, fontsize=9)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("%")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+TABLE_COLUMNS = (
+  ("best_test_acc", "best test %"),
+  ("last_test_acc", "last test %"),
+  ("noisy_memorised", "noisy->wrong % (final)"),
+  ("clean_acc", "clean fit % (final)"),
+  ("fit_gap", "clean-noisy gap pts (final)"),
+  ("mean_group_B", "group B % (mean)"),
+)
+
+
+def _summary_value(summary: dict[str, Any], key: str):
+  if key in summary:
+    return summary[key]
+  return (summary.get("final") or {}).get(key)
+
+
+def markdown_table(summaries: dict[str, list[dict[str, Any]]]) -> str:
+  """Mean ± std over seeds of each run's headline numbers."""
+  header = "| run | seeds | " + " | ".join(title for _, title in TABLE_COLUMNS) + " |"
+  lines = [header, "|" + "---|" * (len(TABLE_COLUMNS) + 2)]
+  for name, runs in summaries.items():
+    cells = []
+    for key, _ in TABLE_COLUMNS:
+      values = [v for v in (_summary_value(s, key) for s in runs) if v is not None]
+      if not values:
+        cells.append("n/a")
+      elif len(values) == 1:
+        cells.append(f"{100 * values[0]:.2f}")
+      else:
+        cells.append(f"{100 * np.mean(values):.2f} ± {100 * np.std(values, ddof=1):.2f}")
+    lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
