@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up the environment, then runs lint, format check, types, the docs
-# build (warnings as errors), doctests and the test suite; any failure fails the script, and pytest's exit code is ours (5,
-# "no tests ran", included). Arguments go to the test-suite pytest.
+# build (warnings as errors), doctests and the test suite. Any failure fails
+# the script, and pytest's exit code is ours (5, "no tests ran", included).
+# Arguments go to the test-suite pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Only some tests read the real data or build the oneDNN kernels, and they

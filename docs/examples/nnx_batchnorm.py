@@ -25,10 +25,10 @@ def train_step(model, optimizer, sam_state, batch):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def loss_fn(params, rest, batch):
-    # ... and rebuild a model from them inside the loss. copy=True makes new
-    # Variables, owned by this trace: without it the BatchNorm update would
-    # write into `model`'s Variables, from inside jax.grad, and raise
-    # flax.errors.TraceContextError.
+    # ... and rebuild a model from them inside the loss. copy=True gives it
+    # Variables of its own, created inside jax.grad's trace; without it the
+    # model would share those of `rest`, and BatchNorm's write to them from
+    # inside the trace raises flax.errors.TraceContextError.
     net = nnx.merge(graphdef, params, rest, copy=True)
     x, y = batch
     loss = optax.softmax_cross_entropy_with_integer_labels(net(x), y).mean()
