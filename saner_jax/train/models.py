@@ -431,5 +431,10 @@ def init_model(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> 
   """
   _check_shape(type(model).__name__, input_shape, model.min_input_size)
   dummy = jnp.zeros((1, *tuple(input_shape)[-3:]), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))(rng, dummy)
+  init = jax.jit(functools.partial(model.init, train=False)).lower(rng, dummy)
+  # It runs once: on the CPU, LLVM's optimisation of its random-number kernels
+  # takes longer than it saves (ResNet-8 on a busy 2-core machine: 42 s against 7 s).
+  # Unoptimised code rounds a few initial weights differently in the last bit.
+  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+  variables = init.compile(compiler_options=options)(rng, dummy)
   return variables["params"], variables["batch_stats"]

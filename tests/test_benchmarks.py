@@ -1,0 +1,42 @@
+"""The benchmark scripts run at tiny sizes on the CPU, so that they are ready when their hardware is there."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+  spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_gpu_throughput_runs_on_the_cpu_at_a_tiny_size(tmp_path):
+  gpu_throughput = _script("gpu_throughput")
+  flags = "--model resnet8 --batch-size 8 --image-size 8 --dataset-size 16 --warmup 1 --windows 2 --window 2"
+  record = gpu_throughput.main([*flags.split(), "--peak-tflops", "0.5", "--out", str(tmp_path / "gpu")])
+  results = record["results"]
+  assert list(results) == ["sgd", "sam", "saner"]
+  for r in results.values():
+    assert len(r["step_s"]) == 2 and r["median_step_s"] > 0
+    assert r["images_per_s"] == pytest.approx(8 / r["median_step_s"])
+    assert r["mfu"] == pytest.approx(r["flops"] / r["median_step_s"] / 0.5e12)
+  # SAM's step is two forward-backward passes to SGD's one.
+  assert 1.5 < results["sam"]["flops"] / results["sgd"]["flops"] < 2.5
+  assert results["saner"]["flops"] > results["sam"]["flops"]  # the group mask and reweighting
+  assert "SANER/SAM step time" in (tmp_path / "gpu.txt").read_text()
+  assert (tmp_path / "gpu.json").exists()
+
+
+def test_gpu_throughput_knows_the_peak_of_the_lent_gpus():
+  gpu_throughput = _script("gpu_throughput")
+  assert gpu_throughput.peak_tflops("NVIDIA H200") == 989.0
+  assert gpu_throughput.peak_tflops("NVIDIA H100 PCIe") == 756.0
+  assert gpu_throughput.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+  assert gpu_throughput.peak_tflops("cpu") is None
