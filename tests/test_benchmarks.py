@@ -40,3 +40,13 @@ def test_gpu_throughput_knows_the_peak_of_the_lent_gpus():
   assert gpu_throughput.peak_tflops("NVIDIA H100 PCIe") == 756.0
   assert gpu_throughput.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
   assert gpu_throughput.peak_tflops("cpu") is None
+
+
+def test_scaling_runs_at_a_tiny_size(tmp_path):
+  scaling = _script("scaling")
+  record = scaling.main(["--models", "resnet8", "--batch-sizes", "8", "--rounds", "2", "--out", str(tmp_path / "s")])
+  [row] = record["rows"]
+  assert (row["model"], row["batch_size"]) == ("resnet8", 8)
+  assert all(len(row["times_s"][m]) == 2 for m in ("sgd", "sam", "saner"))
+  assert row["saner/sam"] == pytest.approx(row["median_s"]["saner"] / row["median_s"]["sam"])
+  assert "largest SANER/SAM" in (tmp_path / "s.txt").read_text()

@@ -69,11 +69,20 @@ Limits:
   flip a coordinate across the discontinuous group mask, so a run with
   ``cpu_conv`` is not bit-identical to one without it.
 - Reverse mode, ``jit`` and ``vmap`` work; ``vmap`` runs the calls one
-  batch element after another (the m-sharpness path). Forward mode
-  (``jax.jvp``) does not, as for any ``jax.custom_vjp``.
+  batch element after another (the m-sharpness path), each still on
+  oneDNN. Folding the mapped axis into the image batch would serve only
+  the clean pass's forward and input gradient: the kernel gradient must
+  stay per sub-batch, and the perturbed pass has a kernel per sub-batch
+  (w + eps_i), which would take grouped convolutions; so it is not done.
+  Forward mode (``jax.jvp``) does not work, as for any ``jax.custom_vjp``.
 - XLA cannot partition a custom call: under automatic sharding it would
-  gather the operands onto every device. Use it on one CPU device (the
-  trainer refuses ``cpu_conv`` with several devices).
+  gather the operands onto every device. Use it on one CPU device:
+  :func:`choose` takes XLA's convolutions on several devices, and
+  refuses ``"true"`` there.
+
+Choosing. :func:`choose` is the trainer's rule (``--cpu_conv auto``, the
+default): these convolutions on one CPU device in float32 where the
+kernels build, XLA's otherwise, with a one-line reason.
 """
 
 from saner_jax.cpu_conv._build import NativeBuildError, cache_dir, load_onednn_conv
