@@ -113,3 +113,67 @@ def test_preset_trains_on_mock_data(preset, tmp_path, mock_tfds, monkeypatch):
   # SANER reweighted with the preset's alpha and warm-up: in the first of the
   # warm-up epochs the authors' alpha is 1 - (1 - alpha) / warm-up epochs.
   assert final["alpha"] == pytest.approx(1 - (1 - values["alpha"]) / values["alpha_warmup_epochs"])
+
+
+# ---------------------------------------------------------------------------
+# The noise-robust pipelines' presets (saner_jax/train/configs/pipelines)
+
+PIPELINE_DIR = config_lib.PRESET_DIR / "pipelines"
+PIPELINE_PRESETS = sorted(f"pipelines/{p.stem}" for p in PIPELINE_DIR.glob("*_resnet18.yaml"))
+PIPELINE_NAMES = ("bootstrap", "co_teaching", "dividemix", "plc", "joint_optimization")
+# In one CI epoch: the mixture split, a label correction and both stages happen.
+PIPELINE_CI = {
+  "dividemix": {"pipeline_warmup_epochs": 0},
+  "plc": {"pipeline_warmup_epochs": 1},
+  "joint_optimization": {"epochs": 2, "jo_stage1_epochs": 1, "jo_update_start": 1},
+}
+
+
+def test_the_pipeline_grid_is_complete():
+  settings = ("cifar10_sym25", "cifar10_sym50", "cifar100_sym25", "cifar100_sym50")
+  assert sorted(f"pipelines/{p}_{s}_resnet18" for p in PIPELINE_NAMES for s in settings) == PIPELINE_PRESETS
+
+
+@pytest.mark.parametrize("preset", PIPELINE_PRESETS)
+def test_pipeline_preset_has_the_authors_values(preset):
+  cfg = config_lib.from_mapping(config_lib.load_yaml(preset)).validate()
+  two_stages = cfg.pipeline == "joint_optimization"
+  assert {k: getattr(cfg, k) for k in PAPER_VALUES} == {**PAPER_VALUES, "epochs": 400 if two_stages else 200}
+  defaults = config_lib.TrainConfig()
+  for field in config_lib.PIPELINE_FIELDS:
+    expected = 200 if field == "jo_stage1_epochs" and two_stages else getattr(defaults, field)
+    assert getattr(cfg, field) == expected, field
+  header = config_lib.resolve_preset(preset).read_text()
+  assert f"--config {preset}" in header and "arXiv 2411.17132" in header and "Hardware:" in header
+
+
+@pytest.mark.parametrize("pipeline", PIPELINE_NAMES)
+def test_fashion_mnist_pipeline_preset_is_the_quick_preset_in_its_pipeline(pipeline):
+  values = config_lib.load_yaml(f"pipelines/fashion_mnist_{pipeline}")
+  config_lib.from_mapping(values).validate()
+  quick = config_lib.load_yaml("fashion_mnist_quick")
+  assert values["pipeline"] == pipeline
+  assert {k: v for k, v in values.items() if k in quick} == quick
+  assert set(values) - set(quick) - {"pipeline", "out_dir"} <= set(config_lib.PIPELINE_FIELDS)
+
+
+@pytest.mark.parametrize("preset", PIPELINE_PRESETS)
+def test_pipeline_preset_trains_on_mock_data(preset, tmp_path, mock_tfds):
+  values = config_lib.load_yaml(preset)
+  ci = PIPELINE_CI.get(values["pipeline"], {})
+  cfg = config_lib.from_mapping({**values, **CI_SIZES, **CI_OUTPUT, **ci, "out_dir": str(tmp_path / "run")})
+  with mock_tfds(num_examples=CI_SIZES["train_examples"]):
+    summary = loop.train(cfg)
+  final = summary["final"]
+  assert np.isfinite(final["train_loss"]) and final["group_B"] is not None
+  expected = {
+    # Forget rate 0.02 in epoch 1: int(0.98 x 4) = 3 of the 4 samples kept.
+    "co_teaching": ("clean_fraction", 0.75),
+    "plc": ("tau", 0.9),
+    "joint_optimization": ("stage", 2),
+  }
+  if values["pipeline"] in expected:
+    key, value = expected[values["pipeline"]]
+    assert final[key] == value
+  if values["pipeline"] == "dividemix":
+    assert final["clean_fraction"] is not None  # the mixture split ran

@@ -85,6 +85,27 @@ class TrainConfig:
   # Micro-batches per step: one perturbation from the clean gradient summed
   # over all of them, the memory of one micro-batch.
   grad_accum_steps: int = 1
+  # Noise-robust pipeline (saner_jax.train.pipelines, docs/pipelines.md);
+  # "none" is plain training. Each pipeline's fields default to the authors'
+  # values and may only be set with their pipeline.
+  pipeline: str = "none"
+  pipeline_warmup_epochs: int = 10  # dividemix, plc: epochs of plain training first
+  bootstrap_beta: float = 0.8  # bootstrap: weight of the given label
+  forget_rate: float = 0.2  # co_teaching: final share of each batch dropped
+  num_gradual: int = 10  # co_teaching: epochs to reach forget_rate
+  forget_exponent: float = 1.0  # co_teaching: shape of that ramp
+  p_threshold: float = 0.5  # dividemix: clean probability above which a sample is labelled
+  lambda_u: float = 25.0  # dividemix: weight of the unlabelled loss
+  sharpen_temperature: float = 0.5  # dividemix: T of the sharpening
+  mixup_alpha: float = 4.0  # dividemix: Beta(alpha, alpha) of the mixup weight
+  tau_start: float = 0.9  # plc: first correction threshold (log-probability gap)
+  tau_end: float = 0.5  # plc: lowest threshold
+  tau_step: float = 0.05  # plc: decrease after each correction
+  jo_alpha: float = 1.2  # joint_optimization: weight of the prior term L_p
+  jo_beta: float = 0.8  # joint_optimization: weight of the entropy term L_e
+  jo_window: int = 10  # joint_optimization: epochs of predictions averaged into a soft label
+  jo_update_start: int = 103  # joint_optimization: first epoch whose end updates the soft labels
+  jo_stage1_epochs: int | None = None  # joint_optimization: stage-1 epochs (None: half of epochs); the rest retrain
   lr: float = 0.1
   lr_schedule: str = "multistep"
   lr_milestones: tuple[float, ...] = (0.5, 0.75)
@@ -236,6 +257,7 @@ class TrainConfig:
       models.check_input(self.model, info.image_shape)
     except ValueError as e:
       fail("model", str(e))
+    self._validate_pipeline(fail)
     return self
 
   def _validate_substitution(self, fail) -> None:
@@ -257,6 +279,49 @@ class TrainConfig:
       fail(
         "substitute_groups", "replaces SANER's reweighting; use --optimizer sam (or another SAM variant) without SANER"
       )
+
+  def _validate_pipeline(self, fail) -> None:
+    from saner_jax.train.pipelines import PIPELINES
+
+    if self.pipeline not in PIPELINES:
+      fail("pipeline", f"unknown value {self.pipeline!r}; choose one of {sorted(PIPELINES)}")
+    for field, owners in PIPELINE_FIELDS.items():
+      if self.pipeline not in owners and getattr(self, field) != _FIELDS[field].default:
+        fail(
+          field, f"applies to --pipeline {' or '.join(owners)} only, not {self.pipeline!r}; drop it or set --pipeline"
+        )
+    if not 0.0 <= self.forget_rate < 1.0:
+      fail("forget_rate", f"must be in [0, 1), got {self.forget_rate}")
+    for field in ("bootstrap_beta", "p_threshold"):
+      if not 0.0 <= getattr(self, field) <= 1.0:
+        fail(field, f"must be in [0, 1], got {getattr(self, field)}")
+    for field in (
+      "pipeline_warmup_epochs",
+      "num_gradual",
+      "forget_exponent",
+      "lambda_u",
+      "tau_step",
+      "jo_alpha",
+      "jo_beta",
+    ):
+      if getattr(self, field) < 0:
+        fail(field, f"must be >= 0, got {getattr(self, field)}")
+    for field in ("sharpen_temperature", "mixup_alpha"):
+      if getattr(self, field) <= 0:
+        fail(field, f"must be > 0, got {getattr(self, field)}")
+    if self.tau_end > self.tau_start:
+      fail("tau_end", f"must be <= tau_start {self.tau_start}, got {self.tau_end}")
+    if self.jo_window < 1:
+      fail("jo_window", f"must be >= 1, got {self.jo_window}")
+    if self.pipeline == "joint_optimization" and not 1 <= self.jo_stage1_epochs_resolved < self.epochs:
+      fail(
+        "jo_stage1_epochs", f"must leave both stages an epoch: in [1, {self.epochs - 1}], got {self.jo_stage1_epochs}"
+      )
+
+  @property
+  def jo_stage1_epochs_resolved(self) -> int:
+    """Joint Optimization's stage-1 length; None means half of ``epochs``."""
+    return self.epochs // 2 if self.jo_stage1_epochs is None else self.jo_stage1_epochs
 
   def to_dict(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
@@ -296,6 +361,15 @@ def run_name_values(name: str) -> dict[str, Any]:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# The pipeline-specific fields and the pipelines they belong to.
+PIPELINE_FIELDS = {
+  "pipeline_warmup_epochs": ("dividemix", "plc"),
+  "bootstrap_beta": ("bootstrap",),
+  **dict.fromkeys(("forget_rate", "num_gradual", "forget_exponent"), ("co_teaching",)),
+  **dict.fromkeys(("p_threshold", "lambda_u", "sharpen_temperature", "mixup_alpha"), ("dividemix",)),
+  **dict.fromkeys(("tau_start", "tau_end", "tau_step"), ("plc",)),
+  **dict.fromkeys(("jo_alpha", "jo_beta", "jo_window", "jo_update_start", "jo_stage1_epochs"), ("joint_optimization",)),
+}
 _TYPES = typing.get_type_hints(TrainConfig)
 _FLOAT_FIELDS = tuple(name for name, hint in _TYPES.items() if hint is float)
 

@@ -31,6 +31,7 @@ nothing changes. Multi-host runs pass ``--distributed`` (see
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -297,11 +298,13 @@ class Steps(NamedTuple):
 
   train: Callable  # (state, metrics, data, permutation, batch_index, key) -> (state, metrics)
   eval: Callable  # (params, batch_stats, images, labels, valid) -> correct count
-  permute: Callable  # (key, epoch, size) -> the epoch's order
 
 
-def compile_steps(run: Run) -> Steps:
-  """The train and eval steps of :mod:`saner_jax.train.step` on the run's mesh, jitted."""
+def compile_steps(run: Run, objective: step_lib.Objective = step_lib.label_cross_entropy) -> Steps:
+  """The train and eval steps of :mod:`saner_jax.train.step` on the run's mesh, jitted.
+
+  ``objective(logits, labels)`` is the training loss (default: cross-entropy).
+  """
   info = run.data.info
   # Replicated outputs keep the state where the next step (and orbax's
   # restore, which copies the shardings of the state) expects it.
@@ -314,36 +317,50 @@ def compile_steps(run: Run) -> Steps:
     flip=info.flip,
     crop_padding=info.crop_padding,
     mesh=run.mesh,
+    objective=objective,
   )
   eval_step = step_lib.make_eval_step(run.model, run.config, mean=info.mean, std=info.std, mesh=run.mesh)
   return Steps(
     train=jax.jit(train_step, donate_argnums=(0, 1), out_shardings=run.replicated),
     eval=jax.jit(eval_step),
-    permute=jax.jit(pipeline.epoch_permutation, static_argnums=2, out_shardings=run.replicated),
   )
 
 
-def train_epoch(run: Run, steps: Steps, state: step_lib.TrainState, epoch: int) -> tuple[step_lib.TrainState, dict]:
-  """One pass over the training set in the epoch's seeded order; returns the record fields.
+@functools.cache
+def _permuter(sharding: NamedSharding) -> Callable:
+  """The jitted epoch permutation, its output placed by ``sharding``."""
+  return jax.jit(pipeline.epoch_permutation, static_argnums=2, out_shardings=sharding)
 
+
+def run_epoch(run: Run, train_step: Callable, state: Any, epoch: int, metrics: dict) -> tuple[Any, dict[str, float]]:
+  """One pass of ``train_step`` over the training set in the epoch's seeded order.
+
+  ``metrics`` are the zeroed running sums the step adds to (at least
+  :data:`saner_jax.train.step.METRIC_KEYS`); returns the state and the sums.
   Raises FloatingPointError when a loss, gradient or weight turned non-finite.
   """
   train_set = run.data.train
-  permutation = steps.permute(run.keys.shuffle, epoch, train_set.size)
-  metrics = jax.device_put(step_lib.zero_metrics(), run.replicated)
+  permutation = _permuter(run.replicated)(run.keys.shuffle, epoch, train_set.size)
   batches = range(run.steps_per_epoch)
   if run.display == "bar":
     from tqdm.auto import tqdm
 
     batches = tqdm(batches, desc=f"epoch {epoch}/{run.config.epochs}", leave=False)
   for i in batches:
-    state, metrics = steps.train(state, metrics, train_set, permutation, i, run.keys.augment)
+    state, metrics = train_step(state, metrics, train_set, permutation, i, run.keys.augment)
   sums = {k: float(v) for k, v in jax.device_get(metrics).items()}
   if sums["nonfinite"] or not math.isfinite(sums["loss_sum"]):
     raise FloatingPointError(
       f"epoch {epoch}: non-finite loss, gradients or weights ({int(sums['nonfinite'])} values); "
       f"the checkpoint of epoch {epoch - 1} is kept; start a new --out_dir with a lower --lr or --rho"
     )
+  return state, sums
+
+
+def train_epoch(run: Run, steps: Steps, state: step_lib.TrainState, epoch: int) -> tuple[step_lib.TrainState, dict]:
+  """One epoch of the supervised step; returns the state and the record fields."""
+  metrics = jax.device_put(step_lib.zero_metrics(), run.replicated)
+  state, sums = run_epoch(run, steps.train, state, epoch, metrics)
   optimizer = run.optimizer
   last_step = int(state.step) - 1
   return state, {
@@ -360,9 +377,12 @@ def evaluate(run: Run, eval_step: Callable, params: Any, batch_stats: Any) -> fl
   return float(correct) / run.data.test_examples
 
 
-def supervised(run: Run) -> Recipe:
-  """The default recipe: one network trained by the config's optimizer (:mod:`saner_jax.train.step`)."""
-  steps = compile_steps(run)
+def supervised(run: Run, objective: step_lib.Objective = step_lib.label_cross_entropy) -> Recipe:
+  """The default recipe: one network trained by the config's optimizer (:mod:`saner_jax.train.step`).
+
+  ``objective(logits, labels)`` is its loss (default: cross-entropy).
+  """
+  steps = compile_steps(run, objective)
 
   def init():
     state = step_lib.init_state(run.model, run.optimizer, run.keys.init, run.data.image_shape)
@@ -456,8 +476,9 @@ def summarise(run: Run, progress: checkpointing.Progress) -> dict[str, Any]:
 
 def _announce(run: Run) -> None:
   config, data = run.config, run.data
+  pipeline_name = "" if config.pipeline == "none" else f" in the {config.pipeline} pipeline"
   print(
-    f"{config.run_name}: {config.model} on {config.dataset} ({data.train.size} train, "
+    f"{config.run_name}{pipeline_name}: {config.model} on {config.dataset} ({data.train.size} train, "
     f"{config.noise_description}, realised {data.realised_noise_rate:.2%}), "
     f"{config.epochs} epochs x {run.steps_per_epoch} steps on {run.mesh.size} device(s)",
     flush=True,
@@ -465,15 +486,27 @@ def _announce(run: Run) -> None:
   print(f"convolutions: {run.convolutions.reason}", flush=True)
 
 
-def train(config: TrainConfig, *, resume: bool = False, recipe: Callable[[Run], Recipe] = supervised) -> dict[str, Any]:
+def recipe_of(config: TrainConfig) -> Callable[[Run], Recipe]:
+  """The recipe of the config's ``pipeline``: :func:`supervised` for "none"."""
+  if config.pipeline == "none":
+    return supervised
+  from saner_jax.train.pipelines import recipes
+
+  return recipes.RECIPES[config.pipeline]
+
+
+def train(
+  config: TrainConfig, *, resume: bool = False, recipe: Callable[[Run], Recipe] | None = None
+) -> dict[str, Any]:
   """Runs (or resumes) one training run; returns its summary.
 
   ``recipe`` builds the state and the epoch and evaluation functions from
-  the :class:`Run`; the default, :func:`supervised`, trains one network
-  with the config's optimizer.
+  the :class:`Run`; the default is the config's ``pipeline``
+  (:func:`recipe_of`), :func:`supervised` (one network trained by the
+  config's optimizer) unless a noise-robust pipeline is chosen.
   """
   run = setup(config, resume=resume)
-  parts = recipe(run)
+  parts = (recipe or recipe_of(config))(run)
   checkpoints = checkpointing.manager(run.out_dir) if config.checkpoint else None
   state, progress = restore(run, checkpoints, parts.init(), resume=resume)
   wall_offset = progress.wall_time_s

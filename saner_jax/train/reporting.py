@@ -20,6 +20,13 @@ PANELS = (
   ("noisy_true", "noisy train samples: fit to the true label"),
   ("group_B", "group B: share of coordinates SAM shrank"),
 )
+# The noise-robust pipelines' own metrics, drawn when a run logged them.
+PIPELINE_PANELS = (
+  ("clean_precision", "judged clean: label precision"),
+  ("clean_recall", "judged clean: share of the clean samples"),
+  ("clean_fraction", "share of samples judged clean"),
+  ("label_accuracy", "corrected labels: accuracy"),
+)
 
 
 def git_revision() -> str | None:
@@ -81,6 +88,10 @@ def _pct(value) -> str:
 
 def epoch_line(record: dict[str, Any], epochs: int) -> str:
   groups = "" if record.get("group_B") is None else f" | B {_pct(record['group_B'])}%"
+  if record.get("clean_precision") is not None:
+    groups += f" | judged clean {_pct(record['clean_fraction'])}%, precision {_pct(record['clean_precision'])}%"
+  if record.get("label_accuracy") is not None:
+    groups += f" | labels {_pct(record['label_accuracy'])}% right"
   return (
     f"epoch {record['epoch']:>3}/{epochs} | loss {record['train_loss']:.3f} | "
     f"train {_pct(record['train_acc'])}% | clean {_pct(record['clean_acc'])}% | "
@@ -110,15 +121,17 @@ def plot_run(history: Sequence[dict[str, Any]], path: pathlib.Path, title: str =
 
 def plot_compare(runs: dict[str, list[list[dict[str, Any]]]], path: pathlib.Path, title: str = "") -> None:
   """One figure, one panel per metric, one curve (mean, with a min-max band over seeds) per run."""
-  plt, fig, axes = _figure(len(PANELS))
-  for ax, (key, panel_title) in zip(axes, PANELS):
+  logged = lambda key: any(r.get(key) is not None for hs in runs.values() for h in hs for r in h)
+  panels = PANELS + tuple(panel for panel in PIPELINE_PANELS if logged(panel[0]))
+  plt, fig, axes = _figure(len(panels))
+  for ax, (key, panel_title) in zip(axes, panels):
     for name, histories in runs.items():
       histories = [h for h in histories if h]
       if not histories:
         continue
       length = min(len(h) for h in histories)
       epochs = [r["epoch"] for r in histories[0][:length]]
-      values = np.array([[np.nan if r[key] is None else r[key] for r in h[:length]] for h in histories])
+      values = np.array([[np.nan if r.get(key) is None else r[key] for r in h[:length]] for h in histories])
       mean = 100 * values.mean(axis=0)
       (line,) = ax.plot(epochs, mean, label=name)
       if len(histories) > 1:
@@ -143,6 +156,12 @@ TABLE_COLUMNS = (
   ("fit_gap", "clean-noisy gap pts (final)"),
   ("mean_group_B", "group B % (mean)"),
 )
+# Added to the table when a run logged them (the noise-robust pipelines).
+PIPELINE_COLUMNS = (
+  ("clean_precision", "judged clean: precision % (final)"),
+  ("clean_recall", "judged clean: recall % (final)"),
+  ("label_accuracy", "label accuracy % (final)"),
+)
 
 
 def _summary_value(summary: dict[str, Any], key: str):
@@ -153,11 +172,13 @@ def _summary_value(summary: dict[str, Any], key: str):
 
 def markdown_table(summaries: dict[str, list[dict[str, Any]]]) -> str:
   """Mean ± std over seeds of each run's headline numbers."""
-  header = "| run | seeds | " + " | ".join(title for _, title in TABLE_COLUMNS) + " |"
-  lines = [header, "|" + "---|" * (len(TABLE_COLUMNS) + 2)]
+  logged = lambda key: any(_summary_value(s, key) is not None for runs in summaries.values() for s in runs)
+  columns = TABLE_COLUMNS + tuple(column for column in PIPELINE_COLUMNS if logged(column[0]))
+  header = "| run | seeds | " + " | ".join(title for _, title in columns) + " |"
+  lines = [header, "|" + "---|" * (len(columns) + 2)]
   for name, runs in summaries.items():
     cells = []
-    for key, _ in TABLE_COLUMNS:
+    for key, _ in columns:
       values = [v for v in (_summary_value(s, key) for s in runs) if v is not None]
       if not values:
         cells.append("n/a")

@@ -192,32 +192,54 @@ def _merge_sub_batches(batch_stats, logits, stacked_axes: int, strided: bool):
   return batch_stats, logits.reshape(-1, logits.shape[-1])
 
 
-def make_train_step(
-  model: nn.Module,
-  optimizer: Optimizer,
-  config: TrainConfig,
-  *,
-  mean,
-  std,
-  flip: bool,
-  crop_padding: int,
-  mesh: Mesh | None = None,
-) -> Callable:
-  """``step(state, metrics, data, permutation, batch_index, key) -> (state, metrics)``.
+Objective = Callable[[jax.Array, Any], jax.Array]
 
-  ``mesh`` (default: every device, :func:`saner_jax.data_mesh`) has the axis
-  ``"data"`` the batch is split over; SGD ignores ``perturbation_mode``.
+
+def label_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """The default objective: mean cross-entropy with integer labels."""
+  return cross_entropy(logits, labels)
+
+
+def make_batch_fn(config: TrainConfig, *, mean, std, flip: bool, crop_padding: int, mesh: Mesh | None = None):
+  """``batch(data, permutation, batch_index, key, step) -> (indices, batch, images)``.
+
+  Gathers batch ``batch_index`` of the epoch's ``permutation`` (split over
+  the mesh's ``"data"`` axis, so each device gathers its slice), augments it
+  with randomness from ``(key, step)`` and normalises it.
   """
-  batch_size = config.batch_size
   mesh = parallel.data_mesh() if mesh is None else mesh
   batch_sharding = NamedSharding(mesh, P("data"))
 
+  def batch_fn(data: pipeline.DeviceData, permutation, batch_index, key, step):
+    indices = jax.lax.dynamic_slice(permutation, (batch_index * config.batch_size,), (config.batch_size,))
+    batch = jax.lax.with_sharding_constraint(pipeline.gather(data, indices), batch_sharding)
+    images = batch.images
+    if config.augment:
+      images = pipeline.random_crop_flip(jax.random.fold_in(key, step), images, crop_padding, flip)
+    return indices, batch, pipeline.normalize(images, mean, std, config.compute_dtype)
+
+  return batch_fn
+
+
+def make_update(
+  model: nn.Module, optimizer: Optimizer, config: TrainConfig, *, objective: Objective = label_cross_entropy, mesh=None
+) -> Callable:
+  """``update(state, images, targets) -> (state, loss, logits, gradient_stats)``: one optimizer step.
+
+  ``objective(logits, targets)`` is the batch loss; ``targets`` is any
+  pytree with the batch as leading axis (split like the images under
+  m-sharpness and accumulation). The step is the config's: clean pass ->
+  perturbation -> perturbed pass -> [GSAM] -> [SANER] -> weight decay ->
+  SGD momentum; ``logits`` are the clean pass's, in batch order.
+  """
+  mesh = parallel.data_mesh() if mesh is None else mesh
+
   def loss_fn(params, batch_stats, batch):
-    images, labels = batch
+    images, targets = batch
     logits, updates = model.apply(
       {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
     )
-    return cross_entropy(logits, labels), (updates["batch_stats"], logits)
+    return objective(logits, targets), (updates["batch_stats"], logits)
 
   accumulating = config.grad_accum_steps > 1
   if optimizer.perturbation is None:
@@ -240,22 +262,14 @@ def make_train_step(
     sub_batched = config.m_sharpness > 1 or config.perturbation_mode == "per_device"
     stacked_axes = int(sub_batched) + int(accumulating)
 
-  def step(state: TrainState, metrics, data: pipeline.DeviceData, permutation, batch_index, key):
-    indices = jax.lax.dynamic_slice(permutation, (batch_index * batch_size,), (batch_size,))
-    # Each device gathers, augments and trains on its slice of the batch.
-    batch = jax.lax.with_sharding_constraint(pipeline.gather(data, indices), batch_sharding)
-    images = batch.images
-    if config.augment:
-      images = pipeline.random_crop_flip(jax.random.fold_in(key, state.step), images, crop_padding, flip)
-    images = pipeline.normalize(images, mean, std, config.compute_dtype)
-
+  def update(state: TrainState, images, targets):
     if two_pass is None:
-      (loss, (batch_stats, logits)), grads = value_and_grad(state.params, state.batch_stats, (images, batch.labels))
+      (loss, (batch_stats, logits)), grads = value_and_grad(state.params, state.batch_stats, (images, targets))
       updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
       perturbation_state = state.perturbation_state
       gradient_stats = {"nonfinite": _count_nonfinite(grads)}
     else:
-      result = two_pass(state.params, state.perturbation_state, state.batch_stats, (images, batch.labels))
+      result = two_pass(state.params, state.perturbation_state, state.batch_stats, (images, targets))
       loss = result.loss
       batch_stats, logits = result.aux
       updates, opt_state = optimizer.tx.update(
@@ -263,18 +277,7 @@ def make_train_step(
       )
       perturbation_state = result.perturbation_state
       gradient_stats = diagnostics.gradient_diagnostics(result.perturbed_grads, result.clean_grads)
-
     batch_stats, logits = _merge_sub_batches(batch_stats, logits, stacked_axes, accumulating)
-    predictions = jnp.argmax(logits, axis=-1)
-    fits = diagnostics.fit_counts(predictions, batch.labels, batch.true_labels, batch.noise_mask)
-    step_metrics = {
-      "loss_sum": loss * batch_size,
-      "examples": batch_size,
-      "correct": jnp.sum(predictions == batch.labels),
-      "steps": 1,
-      **fits,
-      **{k: v for k, v in gradient_stats.items() if k in METRIC_KEYS},
-    }
     new_state = TrainState(
       step=state.step + 1,
       params=optax.apply_updates(state.params, updates),
@@ -284,11 +287,55 @@ def make_train_step(
     )
     # Finite gradients can still step the weights to inf: count those too, so
     # the loop never checkpoints a broken state.
-    step_metrics["nonfinite"] = step_metrics.get("nonfinite", 0) + _count_nonfinite(
+    gradient_stats = {k: v for k, v in gradient_stats.items() if k in METRIC_KEYS}
+    gradient_stats["nonfinite"] = gradient_stats.get("nonfinite", 0) + _count_nonfinite(
       (new_state.params, new_state.batch_stats)
     )
-    metrics = {k: metrics[k] + jnp.asarray(step_metrics.get(k, 0), jnp.float32) for k in metrics}
-    return new_state, metrics
+    return new_state, loss, logits, gradient_stats
+
+  return update
+
+
+def add_step_metrics(metrics, loss, logits, batch: pipeline.DeviceData, extra) -> dict[str, jax.Array]:
+  """``metrics`` plus one step's: loss, fit counts against the given labels, and ``extra`` counts."""
+  predictions = jnp.argmax(logits, axis=-1)
+  size = batch.labels.shape[0]
+  step_metrics = {
+    "loss_sum": loss * size,
+    "examples": size,
+    "correct": jnp.sum(predictions == batch.labels),
+    "steps": 1,
+    **diagnostics.fit_counts(predictions, batch.labels, batch.true_labels, batch.noise_mask),
+    **extra,
+  }
+  return {k: metrics[k] + jnp.asarray(step_metrics.get(k, 0), jnp.float32) for k in metrics}
+
+
+def make_train_step(
+  model: nn.Module,
+  optimizer: Optimizer,
+  config: TrainConfig,
+  *,
+  mean,
+  std,
+  flip: bool,
+  crop_padding: int,
+  mesh: Mesh | None = None,
+  objective: Objective = label_cross_entropy,
+) -> Callable:
+  """``step(state, metrics, data, permutation, batch_index, key) -> (state, metrics)``.
+
+  ``mesh`` (default: every device, :func:`saner_jax.data_mesh`) has the axis
+  ``"data"`` the batch is split over; SGD ignores ``perturbation_mode``.
+  ``objective(logits, labels)`` is the loss (default: cross-entropy).
+  """
+  batch_fn = make_batch_fn(config, mean=mean, std=std, flip=flip, crop_padding=crop_padding, mesh=mesh)
+  update = make_update(model, optimizer, config, objective=objective, mesh=mesh)
+
+  def step(state: TrainState, metrics, data: pipeline.DeviceData, permutation, batch_index, key):
+    _, batch, images = batch_fn(data, permutation, batch_index, key, state.step)
+    new_state, loss, logits, gradient_stats = update(state, images, batch.labels)
+    return new_state, add_step_metrics(metrics, loss, logits, batch, gradient_stats)
 
   return step
 

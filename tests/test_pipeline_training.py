@@ -1,0 +1,161 @@
+"""The noise-robust pipelines in the trainer: flags, runs, metrics, kill and resume.
+
+Runs use ResNet-8 on a few hundred IDX images (tests/conftest.py), with each
+pipeline's schedules shortened to a 4-epoch run, and each pipeline with a
+different optimizer of the family, so every one runs past its warm-up or
+first stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import read_metrics as _metrics
+from test_train import REPO, TINY, _finish, _outputs, _without_times
+
+from saner_jax.train import cli, loop
+from saner_jax.train import config as config_lib
+
+# Per pipeline: an optimizer of the family, and its schedules fitted to 4 epochs.
+RUNS = {
+  "bootstrap": ["--optimizer=asam", "--saner=true"],
+  "co_teaching": ["--optimizer=saner", "--num_gradual=2", "--m_sharpness=2"],  # the lax.map pairing
+  "dividemix": ["--optimizer=saner", "--pipeline_warmup_epochs=1"],
+  "plc": ["--optimizer=sgd", "--pipeline_warmup_epochs=1"],
+  "joint_optimization": ["--optimizer=sam", "--jo_stage1_epochs=2", "--jo_update_start=2", "--jo_window=2"],
+}
+
+
+@pytest.mark.parametrize(
+  "flags, names",
+  [
+    (["--pipeline", "mentor_net"], "--pipeline"),
+    (["--pipeline", "co_teaching", "--forget_rate", "1.0"], "--forget_rate"),
+    (["--pipeline", "co_teaching", "--forget_rate", "-0.1"], "--forget_rate"),
+    (["--forget_rate", "0.3"], "--forget_rate"),  # a pipeline flag without its pipeline
+    (["--pipeline", "dividemix", "--tau_start", "0.8"], "--tau_start"),  # another pipeline's flag
+    (["--pipeline", "plc", "--tau_start", "0.4"], "--tau_end"),
+    (["--pipeline", "dividemix", "--p_threshold", "1.5"], "--p_threshold"),
+    (["--pipeline", "dividemix", "--sharpen_temperature", "0"], "--sharpen_temperature"),
+    (["--pipeline", "joint_optimization", "--epochs", "10", "--jo_stage1_epochs", "10"], "--jo_stage1_epochs"),
+  ],
+)
+def test_bad_pipeline_flags_name_the_flag(flags, names, capsys, tmp_path):
+  assert cli.main(flags + ["--out_dir", str(tmp_path / "never")]) == 2
+  err = capsys.readouterr().err
+  assert names in err and "Traceback" not in err, err
+
+
+def test_pipeline_fields_default_to_the_authors_values():
+  cfg = config_lib.TrainConfig()
+  assert cfg.pipeline == "none"
+  assert (cfg.bootstrap_beta, cfg.forget_rate, cfg.num_gradual, cfg.forget_exponent) == (0.8, 0.2, 10, 1.0)
+  assert (cfg.pipeline_warmup_epochs, cfg.p_threshold, cfg.lambda_u, cfg.sharpen_temperature, cfg.mixup_alpha) == (
+    10,
+    0.5,
+    25.0,
+    0.5,
+    4.0,
+  )
+  assert (cfg.tau_start, cfg.tau_end, cfg.tau_step) == (0.9, 0.5, 0.05)
+  assert (cfg.jo_alpha, cfg.jo_beta) == (1.2, 0.8)
+  assert config_lib.TrainConfig(pipeline="joint_optimization", epochs=400).validate().jo_stage1_epochs_resolved == 200
+
+
+def _tiny(tmp_path, idx_dir, **values):
+  return config_lib.from_mapping(
+    {**TINY, "epochs": 1, "data_dir": str(idx_dir), "out_dir": str(tmp_path / values.get("pipeline", "none")), **values}
+  )
+
+
+def _records(summary_dir):
+  return _without_times(_metrics(summary_dir))
+
+
+@pytest.mark.parametrize(
+  "pipeline, values",
+  [
+    ("co_teaching", {"forget_rate": 0.0}),  # both networks keep every sample: network 0 is the plain run
+    ("bootstrap", {"bootstrap_beta": 1.0}),  # the target is the given label: cross-entropy
+  ],
+)
+def test_pipeline_reduces_to_the_plain_trainer(pipeline, values, tmp_path, idx_dir):
+  plain = loop.train(_tiny(tmp_path, idx_dir, optimizer="saner"))
+  run = loop.train(_tiny(tmp_path, idx_dir, optimizer="saner", pipeline=pipeline, **values))
+  for key, value in plain["final"].items():
+    if key in ("epoch_time_s", "wall_time_s") or value is None:
+      continue
+    assert run["final"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def _cli(idx_dir, out_dir, pipeline, *extra):
+  flags = [f"--{k}={v}" for k, v in {**TINY, "epochs": 4, "data_dir": idx_dir}.items()]
+  return subprocess.Popen(
+    [sys.executable, "-m", "saner_jax.train", *flags, f"--pipeline={pipeline}", *RUNS[pipeline]]
+    + [f"--out_dir={out_dir}", *extra],
+    cwd=REPO,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+
+
+def _check_pipeline_metrics(pipeline: str, history: list[dict], summary: dict) -> None:
+  """What each pipeline logs, where the run's sizes make it exact."""
+  column = lambda key: [r.get(key) for r in history]
+  assert all(np.isfinite(r["train_loss"]) and 0 <= r["test_acc"] <= 1 for r in history)
+  if pipeline == "co_teaching":
+    # Forget rates 0.1, 0.2, ...: int(0.9 x 32) = 28 and int(0.8 x 32) = 25 samples of each batch kept.
+    assert column("forget_rate") == pytest.approx([0.1, 0.2, 0.2, 0.2])
+    assert column("clean_fraction") == [28 / 32, 25 / 32, 25 / 32, 25 / 32]
+    assert all(0 <= v <= 1 for v in column("clean_precision") + column("clean_recall"))
+  elif pipeline == "dividemix":
+    assert column("clean_precision")[0] is None  # warm-up: no split yet
+    assert all(
+      v is not None and 0 <= v <= 1
+      for key in ("clean_precision", "clean_recall", "clean_fraction")
+      for v in column(key)[1:]
+    )
+  elif pipeline == "plc":
+    assert column("tau") == [0.9, 0.85, 0.8, 0.75]
+    assert all(isinstance(v, int) and v >= 0 for v in column("label_flips"))
+  elif pipeline == "joint_optimization":
+    assert column("stage") == [1, 1, 2, 2]
+    # Before the first update the soft labels are the given ones.
+    assert column("label_accuracy")[0] == pytest.approx(1 - summary["realised_noise_rate"])
+  else:
+    assert "clean_precision" not in history[0] and "label_accuracy" not in history[0]
+
+
+@pytest.mark.parametrize("pipeline", sorted(RUNS))
+def test_pipeline_runs_and_kill_resume_loses_nothing(pipeline, tmp_path, idx_dir):
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  _finish(_cli(idx_dir, straight, pipeline))
+  summary = json.loads((straight / "summary.json").read_text())
+  _check_pipeline_metrics(pipeline, _metrics(straight), summary)
+  assert (straight / "curves.png").stat().st_size > 0
+
+  proc = _cli(idx_dir, killed, pipeline)
+  try:
+    deadline = time.time() + 600
+    while not ((killed / "metrics.jsonl").exists() and _metrics(killed)):
+      assert proc.poll() is None, proc.stdout.read()
+      assert time.time() < deadline
+      time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  finally:
+    proc.kill()
+  assert 1 <= len(_metrics(killed)) < 4
+  output = _finish(_cli(idx_dir, killed, pipeline, "--resume"))
+  assert "resumed" in output
+  assert _outputs(killed) == _outputs(straight)
