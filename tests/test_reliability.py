@@ -9,8 +9,12 @@ lock, Ctrl-C, a kill during a save) drives the real CLI in subprocesses.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import re
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -75,6 +79,20 @@ def test_a_scalar_milestone_in_yaml_is_one_milestone(tmp_path):
 # The out_dir: unusable paths, and one run at a time (issue cases 3 and 6)
 
 
+def test_an_unusable_out_dir_is_one_error_line(tmp_path, capsys):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  cases = {a_file: "it exists and is not a directory", a_file / "run": "a part of the path is a file"}
+  if os.geteuid() != 0:  # root writes anywhere
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o500)
+    cases[read_only / "run"] = "Permission denied"
+  for out_dir, problem in cases.items():
+    assert cli.main(["--out_dir", str(out_dir), "--data_dir", str(tmp_path / "no_data")]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: --out_dir: cannot use {out_dir}: {problem}"), line
+
+
 def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
   # flock locks belong to an open file, so a second open conflicts even in this process.
   busy = pytest.raises(ConfigError, match=rf"{tmp_path} is in use by process {os.getpid()} on ")
@@ -99,3 +117,225 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
   assert f"process {holder.pid}" in (tmp_path / lock.LOCK_NAME).read_text()
   with lock.hold(tmp_path):
     pass
+
+
+# ---------------------------------------------------------------------------
+# Runs of the real CLI. SGD on ResNet-8 and 96 images; the subprocesses
+# share a persistent compilation cache, so only the first one compiles.
+
+TINY = dict(
+  optimizer="sgd",
+  cpu_conv="false",
+  lr_schedule="constant",  # so that the 50-epoch run of the Ctrl-C test compiles as the 3-epoch ones
+  model="resnet8",
+  epochs=3,
+  batch_size=32,
+  train_examples=96,
+  test_examples=64,
+  eval_batch_size=32,
+  progress="lines",
+)
+TIME_KEYS = ("epoch_time_s", "wall_time_s")
+# Run by the CLI subprocess of the kill-during-a-save test: orbax's JSON
+# handler, which writes the checkpoint's progress after its arrays, blocks in
+# the save of epoch 2, so the kill lands in the middle of that save.
+HANG_IN_SAVE = """
+import sys, time
+import orbax.checkpoint as ocp
+from saner_jax.train import cli
+
+original = ocp.handlers.JsonCheckpointHandler.async_save
+
+async def hang_in_epoch_2(self, directory, *args, **kwargs):
+  if '/2.orbax-checkpoint-tmp' in str(directory):
+    print('saving epoch 2', flush=True)
+    time.sleep(600)
+  return await original(self, directory, *args, **kwargs)
+
+ocp.handlers.JsonCheckpointHandler.async_save = hang_in_epoch_2
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory) -> dict[str, str]:
+  return {
+    "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+  }
+
+
+@pytest.fixture
+def cli_run(idx_dir, compilation_cache):
+  """``cli_run(out_dir, *flags, code=None)``: the CLI in a subprocess, on the IDX fixture."""
+  procs = []
+
+  def start(out_dir, *extra, code=None):
+    flags = [f"--{k}={v}" for k, v in {**TINY, "data_dir": idx_dir, "out_dir": out_dir}.items()]
+    command = [sys.executable, "-c", code, *flags] if code else [sys.executable, "-m", "saner_jax.train", *flags]
+    proc = subprocess.Popen(
+      [*command, *extra],
+      cwd=REPO,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", **compilation_cache},
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    procs.append(proc)
+    return proc
+
+  yield start
+  for proc in procs:
+    proc.kill()
+    proc.wait()
+
+
+def _finish(proc: subprocess.Popen, code: int = 0) -> str:
+  output, _ = proc.communicate(timeout=600)
+  assert proc.returncode == code, output
+  assert "Traceback" not in output, output
+  return output
+
+
+def _wait_for_line(proc: subprocess.Popen, text: str) -> list[str]:
+  """The process's output lines up to the first that contains ``text``."""
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if text in line:
+      return lines
+  raise AssertionError(f"the process ended without printing {text!r}:\n{''.join(lines)}")
+
+
+def _results(run_dir: pathlib.Path) -> tuple[list[dict], dict]:
+  """The metrics records and the summary's results, less wall-clock times."""
+  records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  records = [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in records]
+  summary = json.loads((run_dir / "summary.json").read_text())
+  return records, {k: summary[k] for k in ("best_test_acc", "last_test_acc", "train_examples")}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, idx_dir, compilation_cache) -> pathlib.Path:
+  """An uninterrupted run, the reference of every resumed one."""
+  run_dir = tmp_path_factory.mktemp("straight") / "run"
+  flags = [f"--{k}={v}" for k, v in {**TINY, "data_dir": idx_dir, "out_dir": run_dir}.items()]
+  subprocess.run(
+    [sys.executable, "-m", "saner_jax.train", *flags],
+    cwd=REPO,
+    env={**os.environ, "JAX_PLATFORMS": "cpu", **compilation_cache},
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
+  return run_dir
+
+
+def _largest_file(directory: pathlib.Path) -> pathlib.Path:
+  return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _truncate_data(step_dir: pathlib.Path) -> None:
+  path = _largest_file(step_dir / "state")  # the parameters' chunks
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _truncate_metadata(step_dir: pathlib.Path) -> None:
+  path = step_dir / "state" / "_METADATA"  # the tree of arrays, JSON
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_bytes(step_dir: pathlib.Path) -> None:
+  path = _largest_file(step_dir / "state")
+  raw = bytearray(path.read_bytes())
+  for i in range(len(raw) // 2, len(raw) // 2 + 4):
+    raw[i] ^= 0x55
+  path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(
+  "corrupt, reason",
+  [
+    (_truncate_data, "cannot be read: "),
+    (_truncate_metadata, "cannot be read: JSONDecodeError: "),
+    (_flip_bytes, "its arrays or progress differ from those saved: digest mismatch"),
+  ],
+)
+def test_a_corrupt_latest_checkpoint_falls_back_and_ends_as_an_uninterrupted_run(
+  corrupt, reason, straight, cli_run, tmp_path
+):
+  run_dir = tmp_path / "run"
+  shutil.copytree(straight, run_dir)
+  corrupt(run_dir / "checkpoints" / "3")
+  corrupted = {
+    p.relative_to(run_dir / "checkpoints" / "3"): p.read_bytes()
+    for p in (run_dir / "checkpoints" / "3").rglob("*")
+    if p.is_file()
+  }
+
+  output = _finish(cli_run(run_dir, "--resume"))
+  assert f"checkpoint of epoch 3 is unusable ({reason}" in output, output
+  assert f"resumed {run_dir} after epoch 2" in output
+  assert _results(run_dir) == _results(straight)
+  # The bad checkpoint is kept, byte for byte, out of the way of the new one.
+  kept = run_dir / "unusable_checkpoints" / "3"
+  assert {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()} == corrupted
+  assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["2", "3"]
+
+
+def test_a_kill_during_a_save_keeps_the_previous_checkpoint_and_the_lock_dies_with_it(straight, cli_run, tmp_path):
+  run_dir = tmp_path / "run"
+  first = cli_run(run_dir, code=HANG_IN_SAVE)
+  _wait_for_line(first, "saving epoch 2")
+  assert first.poll() is None
+
+  # A second process fails at once, naming the directory and the first process.
+  second = _finish(cli_run(run_dir, "--resume"), code=2)
+  assert _one_error_line(second).startswith(f"error: --out_dir: {run_dir} is in use by process {first.pid} on ")
+
+  first.send_signal(signal.SIGKILL)
+  first.wait()
+  # Its lock died with it; the interrupted save is no checkpoint.
+  output = _finish(cli_run(run_dir, "--resume"))
+  assert f"resumed {run_dir} after epoch 1" in output, output
+  assert _results(run_dir) == _results(straight)
+
+
+def test_ctrl_c_is_one_line_saying_what_is_kept_and_how_to_resume(cli_run, tmp_path):
+  run_dir = tmp_path / "run"
+  proc = cli_run(run_dir, "--epochs=50")
+  _wait_for_line(proc, " 2/50 |")
+  proc.send_signal(signal.SIGINT)
+  output = _finish(proc, code=130)
+  line = output.strip().splitlines()[-1]
+  match = re.fullmatch(
+    r"error: interrupted in epoch (\d+); the checkpoint of epoch (\d+) is kept; "
+    r"continue with: python -m saner_jax\.train --config (\S+) --resume",
+    line,
+  )
+  assert match, output
+  interrupted, kept, config = int(match[1]), int(match[2]), pathlib.Path(match[3])
+  assert kept >= 2 and kept in (interrupted - 1, interrupted)  # the save of the epoch may have completed
+  assert max(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == kept
+  assert config == run_dir / "config.yaml" and config.exists()
+
+
+def test_a_failed_start_does_not_block_a_corrected_rerun(straight, cli_run, tmp_path):
+  run_dir = tmp_path / "run"
+  missing = _finish(cli_run(run_dir, f"--data_dir={tmp_path / 'no_data'}"), code=1)
+  assert "is available from neither source" in missing
+  diverged = _finish(cli_run(run_dir, "--lr=1e30"), code=1)
+  assert diverged.strip().splitlines()[-1] == (
+    "error: epoch 1: non-finite loss, gradients or weights; no checkpoint was written, so "
+    f"{run_dir} holds no run: run again with a lower --lr or --rho"
+  ), diverged
+  _finish(cli_run(run_dir))  # neither "already holds a run" nor "started with another config"
+  assert _results(run_dir) == _results(straight)
+
+
+def test_debug_prints_the_traceback_of_a_user_error(capsys, tmp_path):
+  assert cli.main(["--seed", "-1", "--out_dir", str(tmp_path), "--debug"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("Traceback") and "ConfigError: --seed" in err
+  assert err.strip().splitlines()[-1] == "error: --seed: must be in [0, 2**32), got -1"

@@ -1,21 +1,39 @@
-"""Orbax checkpoints of a run: its state and its progress.
+"""Orbax checkpoints of a run: its state and its progress, verified on restore.
 
-A checkpoint holds two items: ``state``, any pytree of arrays (the loop's
+A checkpoint holds three items: ``state``, any pytree of arrays (the loop's
 :class:`saner_jax.train.step.TrainState`, or whatever a pipeline trains:
-two networks, corrected labels), and ``meta``, the run's
-:class:`Progress` as JSON. The progress carries the whole metrics history,
-so a resumed run rewrites complete, unduplicated logs from the checkpoint
-alone. Checkpoints are numbered by epoch; the latest two are kept.
+two networks, corrected labels); ``meta``, the run's :class:`Progress` as
+JSON; and ``digest``, a SHA-256 of both. The progress carries the whole
+metrics history, so a resumed run rewrites complete, unduplicated logs from
+the checkpoint alone. Checkpoints are numbered by epoch; the latest two are
+kept.
+
+Orbax writes each checkpoint into a temporary folder and renames it once
+complete, so a save cut short by a kill is never taken for a checkpoint
+(the manager removes such folders when it starts). Orbax raises on files it
+cannot parse, but array data with flipped bytes restores silently: the
+digest catches that. :func:`restore_latest` restores the newest checkpoint
+that reads and verifies, and moves newer, damaged ones aside, never
+deleting them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+UNUSABLE_DIR = "unusable_checkpoints"  # where damaged checkpoints are moved, next to checkpoints/
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint of a run can be restored; the message names each and why."""
 
 
 class Progress(NamedTuple):
@@ -36,44 +54,139 @@ class Progress(NamedTuple):
 
 
 def manager(out_dir: pathlib.Path) -> ocp.CheckpointManager:
-  """The checkpoints of the run in ``out_dir`` (under ``checkpoints/``)."""
+  """The checkpoints of the run in ``out_dir`` (under ``checkpoints/``).
+
+  Saves are synchronous (the loop waits for each anyway), so an interrupt
+  during one leaves only orbax's temporary folder, which the next manager
+  removes.
+  """
   return ocp.CheckpointManager(
     (pathlib.Path(out_dir) / "checkpoints").absolute(),
-    options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=2, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True
+    ),
   )
 
 
+def completed_epochs(out_dir: pathlib.Path) -> list[int]:
+  """The epochs with a completed checkpoint in ``out_dir``, oldest first; a save cut short is not one."""
+  directory = pathlib.Path(out_dir) / "checkpoints"
+  return sorted(ocp.utils.checkpoint_steps(directory)) if directory.is_dir() else []
+
+
+def _host_array(leaf: Any) -> np.ndarray:
+  if isinstance(leaf, jax.Array):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    if not leaf.is_fully_addressable:  # replicated over the hosts, as the loop keeps it: a local shard is all of it
+      leaf = leaf.addressable_data(0)
+  return np.ascontiguousarray(leaf)
+
+
+def digest(state: Any, meta: Mapping[str, Any]) -> str:
+  """SHA-256 of every array of ``state`` (with its tree path, dtype and shape) and of ``meta`` as JSON.
+
+  Any pytree works; JSON's lists and tuples hash alike, so ``meta`` before
+  saving and after a JSON round trip agree.
+  """
+  h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    array = _host_array(leaf)
+    h.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape}\n".encode())
+    h.update(array.tobytes())
+  return h.hexdigest()
+
+
 def save(checkpoints: ocp.CheckpointManager, state: Any, progress: Progress) -> None:
-  """Saves ``state`` and ``progress`` as checkpoint ``progress.epoch`` and waits until it is written.
+  """Saves ``state``, ``progress`` and their digest as checkpoint ``progress.epoch``.
 
   Every process calls it: orbax writes each array's shards from the
   processes that hold them.
   """
+  meta = {**progress._asdict(), "history": list(progress.history)}
   checkpoints.save(
     progress.epoch,
     args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      meta=ocp.args.JsonSave({**progress._asdict(), "history": list(progress.history)}),
+      meta=ocp.args.JsonSave(meta),
+      digest=ocp.args.JsonSave({"sha256": digest(state, meta)}),
     ),
   )
   checkpoints.wait_until_finished()
 
 
-def restore_latest(checkpoints: ocp.CheckpointManager, like: Any) -> tuple[Any, Progress] | None:
-  """The latest checkpoint's ``(state, progress)``, or None when there is none.
+class _Unusable(Exception):
+  """A checkpoint that cannot be read or fails its digest; the message says why."""
+
+
+def _restore_verified(checkpoints: ocp.CheckpointManager, epoch: int, like: Any) -> tuple[Any, Progress]:
+  # Checkpoints written before digests were saved restore unverified.
+  verified = (pathlib.Path(checkpoints.directory) / str(epoch) / "digest").is_dir()
+  items = {
+    "state": ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, like)),
+    "meta": ocp.args.JsonRestore(),
+  }
+  try:
+    restored = checkpoints.restore(
+      epoch, args=ocp.args.Composite(**items, **({"digest": ocp.args.JsonRestore()} if verified else {}))
+    )
+  except Exception as e:  # orbax reports damaged files as JSON, TensorStore or plain errors, among others
+    message = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    raise _Unusable(f"cannot be read: {type(e).__name__}: {message}") from e
+  meta = restored.meta
+  recorded = restored.digest.get("sha256") if verified and isinstance(restored.digest, dict) else None
+  if verified and recorded != digest(restored.state, meta):
+    raise _Unusable("its arrays or progress differ from those saved: digest mismatch")
+  return restored.state, Progress(meta["epoch"], meta["best_test_acc"], meta["wall_time_s"], tuple(meta["history"]))
+
+
+def _move_aside(checkpoints: ocp.CheckpointManager, epoch: int) -> pathlib.Path:
+  source = pathlib.Path(checkpoints.directory) / str(epoch)
+  target = source.parent.parent / UNUSABLE_DIR / str(epoch)
+  n = 1
+  while target.exists():  # damaged twice at the same epoch
+    n += 1
+    target = target.with_name(f"{epoch}.{n}")
+  target.parent.mkdir(exist_ok=True)
+  source.rename(target)
+  return target
+
+
+def restore_latest(
+  checkpoints: ocp.CheckpointManager, like: Any, *, warn: Callable[[str], None] = print
+) -> tuple[Any, Progress] | None:
+  """The newest checkpoint that reads and verifies, as ``(state, progress)``; None when there is none.
 
   ``like`` is a state of the same structure (e.g. a freshly initialised
-  one); the restored arrays take its shapes, dtypes and shardings.
+  one); the restored arrays take its shapes, dtypes and shardings. Newer
+  checkpoints that fail are moved to ``unusable_checkpoints/`` (kept, and out
+  of the way of the epochs trained again), each with a ``warn`` line.
+
+  Raises:
+    CheckpointError: there are checkpoints but none can be restored; all
+      are left where they are.
   """
-  step = checkpoints.latest_step()
-  if step is None:
-    return None
-  restored = checkpoints.restore(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, like)),
-      meta=ocp.args.JsonRestore(),
-    ),
-  )
-  meta = restored.meta
-  return restored.state, Progress(meta["epoch"], meta["best_test_acc"], meta["wall_time_s"], tuple(meta["history"]))
+  failed: list[tuple[int, str]] = []
+  for epoch in sorted(checkpoints.all_steps(), reverse=True):
+    try:
+      restored = _restore_verified(checkpoints, epoch, like)
+    except _Unusable as e:
+      failed.append((epoch, str(e)))
+      continue
+    if failed and jax.process_index() == 0:
+      for bad, why in failed:
+        warn(f"warning: the checkpoint of epoch {bad} is unusable ({why}); moved to {_move_aside(checkpoints, bad)}")
+    if failed:
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("saner_jax: unusable checkpoints moved")
+      checkpoints.reload()
+    return restored
+  if failed:
+    raise CheckpointError(
+      f"--resume: no checkpoint in {checkpoints.directory} can be restored: "
+      + ", ".join(f"epoch {epoch} ({why})" for epoch, why in failed)
+      + "; they are left as they are; start a new --out_dir"
+    )
+  return None

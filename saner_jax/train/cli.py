@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
   that diverged, no usable checkpoint) print one line; anything else is a
   bug and raises with its traceback.
   """
-  from saner_jax.train import loop
+  from saner_jax.train import checkpointing, loop
 
   argv = sys.argv[1:] if argv is None else argv
   debug = "--debug" in argv
@@ -144,11 +144,14 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     _report(e, debug)
     return 2
-  except (data.DatasetNotFoundError, data.IdxFormatError) as e:
+  except (data.DatasetNotFoundError, data.IdxFormatError, checkpointing.CheckpointError) as e:
     _report(e, debug)
     return 1
-  except KeyboardInterrupt as e:
-    _report(e, debug, "interrupted before training began; no checkpoint was written")
+  except loop.RunStopped as e:
+    _report(e, debug)
+    return e.exit_code
+  except KeyboardInterrupt as e:  # before the first epoch began
+    _report(e, debug, "interrupted before training began; nothing was trained")
     return 130
   return 0
 

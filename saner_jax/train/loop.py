@@ -30,6 +30,7 @@ nothing changes. Multi-host runs pass ``--distributed`` (see
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -48,7 +49,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from saner_jax import parallel
-from saner_jax.train import checkpointing, compilation, pipeline, reporting
+from saner_jax.train import checkpointing, compilation, lock, pipeline, reporting
 from saner_jax.train import config as config_lib
 from saner_jax.train import step as step_lib
 from saner_jax.train.config import ConfigError, TrainConfig
@@ -125,6 +126,10 @@ def prepare_data(config: TrainConfig, sharding: NamedSharding | None = None) -> 
   info = data.DATASETS[config.dataset]
   train = data.load_dataset(config.dataset, "train", data_dir=config.data_dir, source=config.data_source)
   test = data.load_dataset(config.dataset, "test", data_dir=config.data_dir, source=config.data_source)
+  for field, split in (("train_examples", train), ("test_examples", test)):
+    wanted = getattr(config, field)
+    if wanted is not None and wanted > len(split):  # the published sizes were checked; a data_dir may hold fewer
+      raise ConfigError(f"--{field}: {wanted} exceeds the {len(split)} examples of the data read; omit it to use all")
   rng = np.random.default_rng(config.seed)
   train_idx = np.arange(len(train.labels))
   if config.train_examples is not None and config.train_examples < len(train_idx):
@@ -193,16 +198,28 @@ def _check_resumable(out_dir: pathlib.Path, config: TrainConfig) -> None:
     )
 
 
+def _holds_run(out_dir: pathlib.Path) -> bool:
+  """A completed checkpoint, logged epochs or a summary: what a start that failed never leaves."""
+  metrics = out_dir / "metrics.jsonl"
+  return bool(
+    checkpointing.completed_epochs(out_dir)
+    or (metrics.is_file() and metrics.stat().st_size)
+    or (out_dir / "summary.json").exists()
+  )
+
+
 def _claim_out_dir(config: TrainConfig, resume: bool) -> pathlib.Path:
   """Refuses to overwrite or to resume with another config; writes ``config.yaml``."""
   out_dir = pathlib.Path(config.out_dir)
-  has_run = (out_dir / "config.yaml").exists()
+  has_run = _holds_run(out_dir)
   if has_run and not resume:
     raise ConfigError(
       f"--out_dir: {out_dir} already holds a run; pass --resume to continue it or choose another --out_dir"
     )
   if resume and has_run:
     _check_resumable(out_dir, config)
+  elif resume and jax.process_index() == 0:
+    print(f"{out_dir} holds no completed checkpoint to resume; starting a new run", flush=True)
   if jax.process_count() > 1:  # every process has looked at out_dir before process 0 writes to it
     from jax.experimental import multihost_utils
 
@@ -350,10 +367,7 @@ def run_epoch(run: Run, train_step: Callable, state: Any, epoch: int, metrics: d
     state, metrics = train_step(state, metrics, train_set, permutation, i, run.keys.augment)
   sums = {k: float(v) for k, v in jax.device_get(metrics).items()}
   if sums["nonfinite"] or not math.isfinite(sums["loss_sum"]):
-    raise FloatingPointError(
-      f"epoch {epoch}: non-finite loss, gradients or weights ({int(sums['nonfinite'])} values); "
-      f"the checkpoint of epoch {epoch - 1} is kept; start a new --out_dir with a lower --lr or --rho"
-    )
+    raise FloatingPointError(f"epoch {epoch}: non-finite loss, gradients or weights")
   return state, sums
 
 
@@ -400,7 +414,11 @@ def restore(run: Run, checkpoints: Any, state: Any, *, resume: bool) -> tuple[An
 
   ``checkpoints`` is the run's checkpoint manager, None without checkpoints.
   """
-  restored = checkpointing.restore_latest(checkpoints, state) if resume and checkpoints is not None else None
+  restored = None
+  if resume and checkpoints is not None:
+    restored = checkpointing.restore_latest(
+      checkpoints, state, warn=lambda line: print(line, file=sys.stderr, flush=True)
+    )
   if restored is not None:
     if run.primary:
       print(f"resumed {run.out_dir} after epoch {restored[1].epoch}", flush=True)
@@ -495,6 +513,38 @@ def recipe_of(config: TrainConfig) -> Callable[[Run], Recipe]:
   return recipes.RECIPES[config.pipeline]
 
 
+class RunStopped(Exception):
+  """A run ended early in a way its user can act on: it diverged or was interrupted.
+
+  The message says which checkpoint is kept and what to do; ``exit_code`` is
+  the CLI's exit status (130 after Ctrl-C, as a shell reports SIGINT).
+  """
+
+  def __init__(self, message: str, exit_code: int = 1):
+    super().__init__(message)
+    self.exit_code = exit_code
+
+
+def _stopped(run: Run, epoch: int, cause: BaseException) -> RunStopped:
+  """What a diverged or interrupted ``epoch`` leaves, as one message."""
+  interrupted = isinstance(cause, KeyboardInterrupt)
+  what = f"interrupted in epoch {epoch}" if interrupted else str(cause)
+  kept = checkpointing.completed_epochs(run.out_dir) if run.config.checkpoint else []
+  if kept:
+    todo = (
+      f"continue with: python -m saner_jax.train --config {run.out_dir / 'config.yaml'} --resume"
+      if interrupted
+      else "start a new --out_dir with a lower --lr or --rho"
+    )
+    return RunStopped(f"{what}; the checkpoint of epoch {kept[-1]} is kept; {todo}", 130 if interrupted else 1)
+  if not run.config.checkpoint and epoch > 1:
+    return RunStopped(f"{what}; the logs of epochs 1-{epoch - 1} are kept, but without checkpoints it cannot resume")
+  again = "run the same command again" if interrupted else "run again with a lower --lr or --rho"
+  return RunStopped(
+    f"{what}; no checkpoint was written, so {run.out_dir} holds no run: {again}", 130 if interrupted else 1
+  )
+
+
 def train(
   config: TrainConfig, *, resume: bool = False, recipe: Callable[[Run], Recipe] | None = None
 ) -> dict[str, Any]:
@@ -503,23 +553,38 @@ def train(
   ``recipe`` builds the state and the epoch and evaluation functions from
   the :class:`Run`; the default is the config's ``pipeline``
   (:func:`recipe_of`), :func:`supervised` (one network trained by the
-  config's optimizer) unless a noise-robust pipeline is chosen.
+  config's optimizer) unless a noise-robust pipeline is chosen. Process 0 holds ``out_dir``'s lock
+  (:mod:`saner_jax.train.lock`) from before it looks at the directory until
+  the run ends.
+
+  Raises:
+    ConfigError: a bad config, or an ``out_dir`` that is unusable, in use,
+      or holds another run.
+    RunStopped: the run diverged or was interrupted (Ctrl-C).
+    checkpointing.CheckpointError: ``resume`` found no checkpoint that restores.
   """
-  run = setup(config, resume=resume)
-  parts = (recipe or recipe_of(config))(run)
-  checkpoints = checkpointing.manager(run.out_dir) if config.checkpoint else None
-  state, progress = restore(run, checkpoints, parts.init(), resume=resume)
-  wall_offset = progress.wall_time_s
-  logs = reporting.MetricsLog(run.out_dir) if run.primary else None
-  if logs is not None:
-    logs.write(progress.history, tensorboard=False)  # the restored epochs are in TensorBoard already
-  if run.primary:
-    _announce(run)
-  for epoch in range(progress.epoch + 1, config.epochs + 1):
-    t_epoch = time.perf_counter()
-    state, fields = parts.epoch(state, epoch)
-    test_acc = parts.evaluate(state)
-    now = time.perf_counter()
-    progress = record_epoch(progress, epoch, fields, test_acc, now - t_epoch, wall_offset + now - run.started)
-    save(run, checkpoints, state, progress, logs)
-  return summarise(run, progress)
+  initialize_distributed(config)
+  config.validate()  # before the out_dir is created for the lock
+  with lock.hold(config.out_dir) if jax.process_index() == 0 else contextlib.nullcontext():
+    run = setup(config, resume=resume)
+    parts = (recipe or recipe_of(config))(run)
+    checkpoints = checkpointing.manager(run.out_dir) if config.checkpoint else None
+    state, progress = restore(run, checkpoints, parts.init(), resume=resume)
+    wall_offset = progress.wall_time_s
+    logs = reporting.MetricsLog(run.out_dir) if run.primary else None
+    if logs is not None:
+      logs.write(progress.history, tensorboard=False)  # the restored epochs are in TensorBoard already
+    if run.primary:
+      _announce(run)
+    epoch = progress.epoch + 1
+    try:
+      for epoch in range(progress.epoch + 1, config.epochs + 1):
+        t_epoch = time.perf_counter()
+        state, fields = parts.epoch(state, epoch)
+        test_acc = parts.evaluate(state)
+        now = time.perf_counter()
+        progress = record_epoch(progress, epoch, fields, test_acc, now - t_epoch, wall_offset + now - run.started)
+        save(run, checkpoints, state, progress, logs)
+    except (FloatingPointError, KeyboardInterrupt) as e:
+      raise _stopped(run, epoch, e) from e
+    return summarise(run, progress)
