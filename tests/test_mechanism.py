@@ -308,3 +308,79 @@ def test_cli_runs_the_mechanism_flags(flags, tmp_path, idx_dir):
   assert cli.main(flags + tiny + ["--data_dir", str(idx_dir), "--out_dir", str(tmp_path / "run")]) == 0
   (record,) = read_metrics(tmp_path / "run")
   assert 0 < record["group_B"] < 1 and np.isfinite(record["train_loss"])
+
+
+def _probe_run(tmp_path, idx_dir, epochs, flags):
+  from conftest import read_metrics
+
+  from saner_jax.train import cli
+
+  tiny = ["--model", "resnet8", "--epochs", str(epochs), "--batch_size", "32", "--train_examples", "64"]
+  tiny += ["--test_examples", "32", "--eval_batch_size", "32", "--progress", "none", "--checkpoint", "false"]
+  tiny += ["--probe_examples", "48", "--data_dir", str(idx_dir), "--out_dir", str(tmp_path / "run")]
+  assert cli.main(flags + tiny) == 0
+  header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+  return read_metrics(tmp_path / "run"), header
+
+
+def test_probe_logs_the_decomposition_every_epoch(tmp_path, idx_dir):
+  records, header = _probe_run(tmp_path, idx_dir, 2, ["--optimizer", "sgd", "--log_decomposition", "true"])
+  for r in records:
+    assert 0 < r["decomp_frac_noisy_dom"] < 1 and 0 <= r["decomp_p_B_noisy_dom"] <= 1
+    assert r["decomp_noisy_weight_sgd"] == pytest.approx(1.0)
+    kinds = r["decomp_frac_noisy_dom"] + r["decomp_frac_clean_dom"] + r["decomp_frac_aligned"]
+    assert 0.9 < kinds < 1 + 1e-6  # a coordinate with a zero part is of no kind
+  assert "decomp_amp_clean" in header and "sharpness_lambda_max" not in header
+  assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.slow  # compiling two Hessian-vector products of a ResNet takes minutes on 2 cores
+def test_probe_logs_sharpness_every_n_epochs_and_at_the_last(tmp_path, idx_dir):
+  flags = ["--optimizer", "sam", "--sharpness_every", "2", "--sharpness_iterations", "3", "--hutchinson_samples", "2"]
+  records, header = _probe_run(tmp_path, idx_dir, 3, flags)
+  assert [r["sharpness_lambda_max"] is None for r in records] == [True, False, False]  # epochs 2 and 3 (the last)
+  assert all(np.isfinite(r["sharpness_trace"]) and r["sharpness_lambda_max"] > 0 for r in records[1:])
+  assert "sharpness_trace" in header and "decomp_amp_clean" not in header
+
+
+def test_probe_batch_is_fixed_by_the_seed():
+  from saner_jax.train import probe
+  from saner_jax.train.config import TrainConfig
+
+  indices = probe.probe_indices(TrainConfig(seed=0, probe_examples=48), 64)
+  assert len(set(indices)) == 48 and indices.max() < 64
+  np.testing.assert_array_equal(indices, probe.probe_indices(TrainConfig(seed=0, probe_examples=48), 64))
+  assert not np.array_equal(indices, probe.probe_indices(TrainConfig(seed=1, probe_examples=48), 64))
+  assert len(probe.probe_indices(TrainConfig(probe_examples=500), 64)) == 64  # at most the training set
+
+
+def test_curves_figure_gains_the_probe_panels(tmp_path):
+  from saner_jax.train import reporting as report
+
+  history = [
+    {"epoch": e, **{key: 0.5 for key, _ in report.PANELS}, "decomp_p_B_noisy_dom": 0.3, "sharpness_lambda_max": s}
+    for e, s in ((1, None), (2, 12.0), (3, 9.0))
+  ]
+  report.plot_run(history, tmp_path / "curves.png")
+  import matplotlib.image
+
+  height = matplotlib.image.imread(tmp_path / "curves.png").shape[0]
+  report.plot_run(
+    [{k: v for k, v in r.items() if not k.startswith(("decomp", "sharp"))} for r in history], tmp_path / "plain.png"
+  )
+  assert height > matplotlib.image.imread(tmp_path / "plain.png").shape[0]  # 7 panels take a third row
+
+
+@pytest.mark.parametrize(
+  "flags, message",
+  [
+    (["--sharpness_every", "-1"], "--sharpness_every: must be >= 0 (0: never), got -1"),
+    (["--probe_examples", "0"], "--probe_examples: must be >= 1, got 0"),
+    (["--hutchinson_samples", "0"], "--hutchinson_samples: must be >= 1, got 0"),
+  ],
+)
+def test_bad_probe_flags_name_the_flag(flags, message, capsys, tmp_path):
+  from saner_jax.train import cli
+
+  assert cli.main(flags + ["--out_dir", str(tmp_path / "never")]) == 2
+  assert message in capsys.readouterr().err

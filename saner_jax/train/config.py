@@ -126,6 +126,15 @@ class TrainConfig:
   # Output.
   out_dir: str = "runs/default"
   checkpoint: bool = True
+  # The paper's mechanism on a fixed probe batch of training examples
+  # (saner_jax.train.probe): the clean/noisy gradient decomposition every
+  # epoch, and the Hessian's top eigenvalue (power iteration) and trace
+  # (Hutchinson) every sharpness_every epochs and at the last (0: never).
+  log_decomposition: bool = False
+  sharpness_every: int = 0
+  probe_examples: int = 256  # at most the training set
+  sharpness_iterations: int = 20
+  hutchinson_samples: int = 10
   progress: str = "auto"  # "auto": a bar on a terminal, plain lines otherwise
 
   def __post_init__(self):
@@ -231,7 +240,18 @@ class TrainConfig:
     for field in ("momentum", "fsam_lmbda", "vasso_theta"):
       if not 0.0 <= getattr(self, field) <= 1.0:
         fail(field, f"must be in [0, 1], got {getattr(self, field)}")
-    for field in ("batch_size", "eval_batch_size", "epochs", "m_sharpness", "grad_accum_steps"):
+    if self.sharpness_every < 0:
+      fail("sharpness_every", f"must be >= 0 (0: never), got {self.sharpness_every}")
+    for field in (
+      "batch_size",
+      "eval_batch_size",
+      "epochs",
+      "m_sharpness",
+      "grad_accum_steps",
+      "probe_examples",
+      "sharpness_iterations",
+      "hutchinson_samples",
+    ):
       if getattr(self, field) < 1:
         fail(field, f"must be >= 1, got {getattr(self, field)}")
     if self.alpha_warmup_epochs < 0:

@@ -49,7 +49,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from saner_jax import parallel
-from saner_jax.train import checkpointing, compilation, lock, pipeline, reporting
+from saner_jax.train import checkpointing, compilation, lock, pipeline, probe, reporting
 from saner_jax.train import config as config_lib
 from saner_jax.train import step as step_lib
 from saner_jax.train.config import ConfigError, TrainConfig
@@ -397,6 +397,14 @@ def supervised(run: Run, objective: step_lib.Objective = step_lib.label_cross_en
   ``objective(logits, labels)`` is its loss (default: cross-entropy).
   """
   steps = compile_steps(run, objective)
+  info = run.data.info
+  measure = probe.make_probe(
+    run.config, run.optimizer, run.data.num_classes, run.data.train, mean=info.mean, std=info.std
+  )
+
+  def epoch(state, epoch):
+    state, fields = train_epoch(run, steps, state, epoch)
+    return state, {**fields, **measure(state, epoch)}  # the mechanism probe, only when asked for
 
   def init():
     state = step_lib.init_state(run.model, run.optimizer, run.keys.init, run.data.image_shape)
@@ -404,7 +412,7 @@ def supervised(run: Run, objective: step_lib.Objective = step_lib.label_cross_en
 
   return Recipe(
     init=init,
-    epoch=lambda state, epoch: train_epoch(run, steps, state, epoch),
+    epoch=epoch,
     evaluate=lambda state: evaluate(run, steps.eval, state.params, state.batch_stats),
   )
 

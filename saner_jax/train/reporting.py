@@ -27,6 +27,13 @@ PIPELINE_PANELS = (
   ("clean_fraction", "share of samples judged clean"),
   ("label_accuracy", "corrected labels: accuracy"),
 )
+# The mechanism probe's (saner_jax.train.probe), drawn when a run logged them;
+# sharpness is not a percentage.
+PROBE_PANELS = (
+  ("decomp_p_B_noisy_dom", "noisy-dominated coordinates: share in group B"),
+  ("sharpness_lambda_max", "sharpness: top Hessian eigenvalue (probe batch)"),
+)
+_UNSCALED = ("sharpness_lambda_max",)
 
 
 def git_revision() -> str | None:
@@ -120,25 +127,32 @@ def plot_run(history: Sequence[dict[str, Any]], path: pathlib.Path, title: str =
 
 
 def plot_compare(runs: dict[str, list[list[dict[str, Any]]]], path: pathlib.Path, title: str = "") -> None:
-  """One figure, one panel per metric, one curve (mean, with a min-max band over seeds) per run."""
+  """One figure, one panel per metric, one curve (mean, with a min-max band over seeds) per run.
+
+  Optional panels are added when some run logged them; epochs without a
+  value (sharpness between the epochs it is measured) are skipped.
+  """
   logged = lambda key: any(r.get(key) is not None for hs in runs.values() for h in hs for r in h)
-  panels = PANELS + tuple(panel for panel in PIPELINE_PANELS if logged(panel[0]))
+  panels = PANELS + tuple(panel for panel in PIPELINE_PANELS + PROBE_PANELS if logged(panel[0]))
   plt, fig, axes = _figure(len(panels))
   for ax, (key, panel_title) in zip(axes, panels):
+    scale = 1.0 if key in _UNSCALED else 100.0
     for name, histories in runs.items():
       histories = [h for h in histories if h]
       if not histories:
         continue
       length = min(len(h) for h in histories)
-      epochs = [r["epoch"] for r in histories[0][:length]]
-      values = np.array([[np.nan if r.get(key) is None else r[key] for r in h[:length]] for h in histories])
-      mean = 100 * values.mean(axis=0)
-      (line,) = ax.plot(epochs, mean, label=name)
+      epochs = np.array([r["epoch"] for r in histories[0][:length]])
+      values = scale * np.array([[np.nan if r.get(key) is None else r[key] for r in h[:length]] for h in histories])
+      shown = ~np.isnan(values).any(axis=0)
+      if key in _UNSCALED:  # measured every N epochs: points joined, not gaps
+        values, epochs = values[:, shown], epochs[shown]
+      (line,) = ax.plot(epochs, values.mean(axis=0), label=name, marker="o" if key in _UNSCALED else None)
       if len(histories) > 1:
-        ax.fill_between(epochs, 100 * values.min(0), 100 * values.max(0), color=line.get_color(), alpha=0.2)
+        ax.fill_between(epochs, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
     ax.set_title(panel_title, fontsize=9)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("%")
+    ax.set_ylabel("" if key in _UNSCALED else "%")
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
   if title:
