@@ -14,16 +14,24 @@ from saner_jax import analysis, diagnostics, parallel
 from saner_jax.parallel import data_mesh, sharded_sharpness_aware_grad
 from saner_jax.perturbations import asam, friendly_sam, sam, vasso
 from saner_jax.saner import alpha_warmup, group_mask, gsam, saner, substitute_groups
-from saner_jax.sharpness import SharpnessAwareGrads, accumulated_value_and_grad, sharpness_aware_grad
+from saner_jax.sharpness import (
+  AuxLayout,
+  SharpnessAwareGrads,
+  accumulated_value_and_grad,
+  aux_layout,
+  sharpness_aware_grad,
+)
 
 __version__ = "0.2.0"
 
 __all__ = [
+  "AuxLayout",
   "SharpnessAwareGrads",
   "accumulated_value_and_grad",
   "alpha_warmup",
   "analysis",
   "asam",
+  "aux_layout",
   "data_mesh",
   "diagnostics",
   "friendly_sam",

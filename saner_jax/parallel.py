@@ -66,7 +66,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from saner_jax.sharpness import SharpnessAwareGrads, sharpness_aware_grad
+from saner_jax.sharpness import AuxLayout, SharpnessAwareGrads, sharpness_aware_grad
 
 PERTURBATION_MODES = ("synced", "per_device")
 
@@ -83,6 +83,19 @@ def data_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = "dat
   """
   devices = jax.devices() if devices is None else devices
   return Mesh(np.asarray(devices), (axis_name,))
+
+
+def sharded_aux_layout(mode: str = "synced", m_sharpness: int = 1, accumulation_steps: int = 1) -> AuxLayout:
+  """The layout of the aux of :func:`sharded_sharpness_aware_grad` with these arguments.
+
+  Examples:
+    >>> import saner_jax
+    >>> saner_jax.parallel.sharded_aux_layout("per_device")
+    AuxLayout(sub_batches=True, micro_batches=False)
+  """
+  if mode not in PERTURBATION_MODES:
+    raise ValueError(f"mode must be one of {PERTURBATION_MODES}, got {mode!r}")
+  return AuxLayout(sub_batches=mode == "per_device" or m_sharpness > 1, micro_batches=accumulation_steps > 1)
 
 
 def sharded_sharpness_aware_grad(
@@ -143,7 +156,8 @@ def sharded_sharpness_aware_grad(
     on the global batch, with ``m_sharpness=n * m_sharpness`` in the
     per-device mode. So is ``aux``, except that its leading sub-batch axis
     (of size ``n * m_sharpness``, one entry per sub-batch in batch order) is
-    kept in the per-device mode even when its size is 1.
+    kept in the per-device mode even when its size is 1;
+    :func:`sharded_aux_layout` describes it.
   """
   if mode not in PERTURBATION_MODES:
     raise ValueError(f"mode must be one of {PERTURBATION_MODES}, got {mode!r}")

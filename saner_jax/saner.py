@@ -286,14 +286,17 @@ def alpha_warmup(alpha: float, warmup_steps: int, steps_per_epoch: int | None = 
   .. math::
      \alpha_t = 1 - (1 - \alpha)\, \min(t / k, 1)
 
-  With ``steps_per_epoch`` given, ``t`` is rounded down to a whole epoch, as
-  in the authors' ``get_alpha``, which changes alpha once per epoch; then
-  ``warmup_steps`` should be a multiple of it. Epochs count from 0 here, so
-  the first epoch uses exactly 1 (SAM) and epoch ``e`` uses
-  ``get_alpha(e, 1, alpha, k)``; the authors' loop numbers epochs from 1, so
-  their first epoch already uses ``1 - (1 - alpha) / k`` and they reach the
-  target one epoch earlier. ``warmup_steps = 0`` is the constant ``alpha``.
-  From step ``k`` on the schedule returns ``alpha`` itself, not the rounded
+  ``t`` is the step count, from 0, as in optax's schedules. With
+  ``steps_per_epoch`` given, alpha changes once per epoch, as the authors'
+  ``get_alpha`` does, and follows their epoch numbering: their loop calls
+  ``get_alpha(e)`` in epoch ``e = 1, 2, ...``, so every step of an epoch
+  uses the ramp's value at that epoch's end, ``t`` rounded up to the next
+  multiple of ``steps_per_epoch``. The first epoch already uses
+  ``1 - (1 - alpha) / K`` (``K = warmup_steps / steps_per_epoch``, which
+  should be whole) and epoch ``K`` the target. This schedule is the one
+  place that numbering lives; the trainer's ``--alpha_warmup_epochs`` uses
+  it as it is. ``warmup_steps = 0`` is the constant ``alpha``. Once the ramp
+  ends the schedule returns ``alpha`` itself, not the rounded
   ``1 - (1 - alpha)``.
 
   Examples:
@@ -301,9 +304,13 @@ def alpha_warmup(alpha: float, warmup_steps: int, steps_per_epoch: int | None = 
     >>> schedule = saner_jax.alpha_warmup(0.5, warmup_steps=4)
     >>> [float(schedule(t)) for t in range(6)]
     [1.0, 0.875, 0.75, 0.625, 0.5, 0.5]
-    >>> per_epoch = saner_jax.alpha_warmup(0.5, warmup_steps=4, steps_per_epoch=2)
-    >>> [float(per_epoch(t)) for t in range(6)]
-    [1.0, 1.0, 0.75, 0.75, 0.5, 0.5]
+
+    Three epochs of two steps, numbered like the authors' (epoch 1 uses
+    ``get_alpha(1) = 1 - 0.75 / 3``):
+
+    >>> per_epoch = saner_jax.alpha_warmup(0.25, warmup_steps=6, steps_per_epoch=2)
+    >>> [float(per_epoch(t)) for t in range(8)]
+    [0.75, 0.75, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25]
 
   Args:
     alpha: target factor in [0, 1].
@@ -323,8 +330,8 @@ def alpha_warmup(alpha: float, warmup_steps: int, steps_per_epoch: int | None = 
 
   def schedule(count: chex.Numeric) -> jax.Array:
     step = jnp.asarray(count)
-    if steps_per_epoch is not None:  # in the count's own (integer) type: exact
-      step = jnp.floor_divide(step, steps_per_epoch) * steps_per_epoch
+    if steps_per_epoch is not None:  # the epoch's end, in the count's own (integer) type: exact
+      step = (jnp.floor_divide(step, steps_per_epoch) + 1) * steps_per_epoch
     step = step.astype(jax.dtypes.canonicalize_dtype(jnp.float64))  # float64 under x64
     progress = jnp.minimum(step / warmup_steps, 1.0)
     return jnp.where(progress >= 1.0, alpha, 1.0 - (1.0 - alpha) * progress)

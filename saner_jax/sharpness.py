@@ -42,6 +42,7 @@ class SharpnessAwareGrads(NamedTuple):
       sub-batch, so the caller chooses how to combine them. Under
       accumulation every leaf gains an axis of size ``k`` after it, one entry
       per micro-batch (see :func:`accumulated_value_and_grad`).
+      :func:`aux_layout` describes these axes and merges them back.
     perturbation_state: the perturbation's new state.
   """
 
@@ -50,6 +51,74 @@ class SharpnessAwareGrads(NamedTuple):
   loss: jax.Array
   aux: Any
   perturbation_state: optax.OptState
+
+
+class AuxLayout(NamedTuple):
+  r"""The axes a gradient helper stacks on its auxiliary output, and how to merge them.
+
+  Splitting the batch gives one aux per piece. :func:`sharpness_aware_grad`
+  stacks them: first an axis over the sub-batches (m-sharpness, and the
+  per-device mode of :func:`saner_jax.sharded_sharpness_aware_grad`), each a
+  contiguous slice of the batch; then an axis over accumulation's
+  micro-batches, micro-batch ``i`` of a (sub-)batch of ``n`` holding its
+  examples ``i, i + k, ..., n - k + i``. Get the layout from
+  :func:`aux_layout` (or :func:`saner_jax.parallel.sharded_aux_layout`).
+
+  Examples:
+    Two sub-batches of two micro-batches each, on the batch ``[0, ..., 7]``:
+    per-example outputs go back into batch order, and a statistic of each
+    of the four pieces is averaged:
+
+    >>> import jax.numpy as jnp
+    >>> import saner_jax
+    >>> layout = saner_jax.aux_layout(m_sharpness=2, accumulation_steps=2)
+    >>> per_example = jnp.array([[[0, 2], [1, 3]], [[4, 6], [5, 7]]])
+    >>> print(layout.examples(per_example))
+    [0 1 2 3 4 5 6 7]
+    >>> print(layout.mean(jnp.array([[1.0, 3.0], [5.0, 7.0]])))
+    4.0
+
+  Attributes:
+    sub_batches: whether a leading sub-batch axis is stacked.
+    micro_batches: whether a micro-batch axis is stacked (after it).
+  """
+
+  sub_batches: bool = False
+  micro_batches: bool = False
+
+  @property
+  def axes(self) -> int:
+    """How many leading axes are stacked."""
+    return int(self.sub_batches) + int(self.micro_batches)
+
+  def mean(self, tree: Any) -> Any:
+    """Every leaf averaged over the stacked axes.
+
+    Right for BatchNorm's updated running averages: they are affine in the
+    batch statistics, so their mean is the running average of the pieces'
+    mean statistics.
+    """
+    axes = tuple(range(self.axes))
+    return jax.tree.map(lambda x: x.mean(axes) if axes else x, tree)
+
+  def examples(self, tree: Any) -> Any:
+    """Per-example leaves (e.g. logits) merged into one batch axis, in the batch's order."""
+
+    def merge(x: jax.Array) -> jax.Array:
+      if self.micro_batches:  # micro-batch i holds examples i, i + k, ...: interleave them back
+        x = jnp.swapaxes(x, self.axes - 1, self.axes)
+      return x.reshape(-1, *x.shape[self.axes + 1 :])
+
+    return jax.tree.map(merge, tree)
+
+
+def aux_layout(m_sharpness: int = 1, accumulation_steps: int = 1) -> AuxLayout:
+  """The layout of the aux of :func:`sharpness_aware_grad` with these arguments.
+
+  With ``m_sharpness=1`` it is also that of
+  :func:`accumulated_value_and_grad` with ``accumulation_steps``.
+  """
+  return AuxLayout(sub_batches=m_sharpness > 1, micro_batches=accumulation_steps > 1)
 
 
 def _check_batch_argnum(batch_argnum: int) -> None:

@@ -224,9 +224,8 @@ def accumulation_over_devices():
 
 
 @check
-def trainer_puts_sub_batch_logits_back_in_order():
-  """The trainer's merge of stacked aux undoes every split: m-sharpness, devices, micro-batches."""
-  from saner_jax.train import step as step_lib
+def aux_layout_puts_sub_batch_outputs_back_in_order():
+  """The sharded helper's aux layout undoes every split: m-sharpness, devices, micro-batches."""
 
   def loss_fn(params, batch_stats, batch):
     # "Logits" that name their examples, batch stats that are the mean id.
@@ -247,8 +246,8 @@ def trainer_puts_sub_batch_logits_back_in_order():
       batch_argnum=2,
     )
     out = jax.jit(grad_fn)(*replicated((params, saner_jax.sam(0.1).init(params), {}, ids)))
-    stacked = int(m_sharpness > 1 or mode == "per_device") + int(k > 1)
-    stats, logits = step_lib._merge_sub_batches(*out.aux, stacked, k > 1)
+    layout = parallel.sharded_aux_layout(mode, m_sharpness, k)
+    stats, logits = layout.mean(out.aux[0]), layout.examples(out.aux[1])
     np.testing.assert_array_equal(np.asarray(logits[:, 0]), np.arange(64), err_msg=f"{mode} m={m_sharpness} k={k}")
     np.testing.assert_allclose(float(stats["mean_id"]), 31.5)
 

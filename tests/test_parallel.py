@@ -125,7 +125,7 @@ def _start_check(spawn, name: str, *args: str) -> Child:
     "per_device_equals_m_sharpness_helper",
     "batchnorm_statistics",
     "accumulation_over_devices",
-    "trainer_puts_sub_batch_logits_back_in_order",
+    "aux_layout_puts_sub_batch_outputs_back_in_order",
   ],
 )
 def test_on_eight_devices(name, spawn):

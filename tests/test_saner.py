@@ -402,13 +402,10 @@ def test_alpha_warmup_reaches_target_at_step_k(variant, alpha):
 @pytest.mark.parametrize("alpha, epochs_k, steps_per_epoch", [(0.5, 4, 3), (0.25, 50, 391)])
 def test_alpha_warmup_staircase_matches_authors_get_alpha(variant, alpha, epochs_k, steps_per_epoch):
   schedule = variant(alpha_warmup(alpha, epochs_k * steps_per_epoch, steps_per_epoch))
-  for epoch in range(epochs_k + 3):  # counted from 0, see alpha_warmup's docstring
+  for epoch in range(1, epochs_k + 3):  # the authors' loop counts epochs from 1
     want = _authors_get_alpha(epoch, 1.0, alpha, epochs_k)
-    for step in {
-      epoch * steps_per_epoch,
-      epoch * steps_per_epoch + steps_per_epoch // 2,
-      (epoch + 1) * steps_per_epoch - 1,
-    }:
+    first = (epoch - 1) * steps_per_epoch  # steps count from 0
+    for step in {first, first + steps_per_epoch // 2, first + steps_per_epoch - 1}:
       np.testing.assert_allclose(float(schedule(jnp.int32(step))), want, rtol=1e-6)
 
 

@@ -13,7 +13,16 @@ import numpy as np
 import optax
 import pytest
 
-from saner_jax import SharpnessAwareGrads, asam, sam, saner, sharpness_aware_grad, vasso
+from saner_jax import (
+  SharpnessAwareGrads,
+  accumulated_value_and_grad,
+  asam,
+  aux_layout,
+  sam,
+  saner,
+  sharpness_aware_grad,
+  vasso,
+)
 
 
 def _no_jit(fn):
@@ -260,3 +269,24 @@ def test_bad_arguments():
   grad_fn = sharpness_aware_grad(loss_fn, sam(), m_sharpness=2, batch_argnum=3)
   with pytest.raises(ValueError, match=r"batch_argnum=3 but loss_fn got only 1 arguments after params"):
     grad_fn(PARAMS, sam().init(PARAMS), (X, Y))
+
+
+@pytest.mark.parametrize("m, k", [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2), (2, 4)])
+def test_aux_layout_undoes_every_split(m, k):
+  """Each example's id comes back in batch order; a per-piece mean comes back as the batch mean."""
+  ids = jnp.arange(16)
+
+  def loss_with_ids(params, batch):
+    x = batch.astype(jnp.float32)
+    return jnp.sum(params * x), (x[:, None], x.mean())
+
+  out = sharpness_aware_grad(loss_with_ids, sam(0.1), has_aux=True, m_sharpness=m, accumulation_steps=k)(
+    jnp.ones(()), sam(0.1).init(jnp.ones(())), ids
+  )
+  layout = aux_layout(m_sharpness=m, accumulation_steps=k)
+  assert layout.axes == int(m > 1) + int(k > 1)
+  np.testing.assert_array_equal(np.asarray(layout.examples(out.aux[0]))[:, 0], np.arange(16))
+  assert float(layout.mean(out.aux[1])) == 7.5
+  if m == 1:  # the same layout describes the one-pass accumulation
+    (_, aux), _ = accumulated_value_and_grad(loss_with_ids, k, has_aux=True)(jnp.ones(()), ids)
+    np.testing.assert_array_equal(np.asarray(layout.examples(aux[0]))[:, 0], np.arange(16))

@@ -147,6 +147,16 @@ class TrainConfig:
     return "sam" if self.optimizer == "saner" else self.optimizer
 
   @property
+  def spec(self):
+    """The :class:`saner_jax.train.data.DatasetSpec` of ``dataset``, the one place the toolkit looks it up."""
+    from saner_jax.train import data
+
+    try:
+      return data.get_spec(self.dataset)
+    except ValueError as e:
+      raise ConfigError(f"--dataset: {e}") from None
+
+  @property
   def noise_description(self) -> str:
     if self.noise_mode == "real":
       return f"real noise ({self.noise_label_key})"
@@ -204,7 +214,7 @@ class TrainConfig:
       fail("seed", f"must be in [0, 2**32), got {self.seed}")
     if not 0.0 <= self.noise_rate <= 1.0:
       fail("noise_rate", f"must be in [0, 1], got {self.noise_rate}")
-    info = data.DATASETS[self.dataset]
+    info = self.spec
     if self.noise_mode not in ("none", "real"):
       highest = noise.max_rate(self.noise_mode, info.num_classes)
       if self.noise_rate > highest:

@@ -534,7 +534,7 @@ def _idx_dir(spec: DatasetSpec, data_dir: str | None) -> str | None:
 
 
 def load_dataset(
-  name: str,
+  name: str | DatasetSpec,
   split: Split,
   *,
   data_dir: str | os.PathLike | None = None,
@@ -560,7 +560,7 @@ def load_dataset(
   when it prepares), so a seeded noise draw is source-specific.
 
   Args:
-    name: a key of ``DATASETS``.
+    name: a key of ``DATASETS``, or its :class:`DatasetSpec`.
     split: ``"train"`` or ``"test"``.
     data_dir: see the sources above.
     source: ``"auto"``, ``"tfds"`` or ``"idx"``.
@@ -577,7 +577,8 @@ def load_dataset(
       how to get it. Raised within seconds: nothing is downloaded.
     IdxFormatError: an IDX file is corrupt.
   """
-  spec = get_spec(name)
+  spec = name if isinstance(name, DatasetSpec) else get_spec(name)
+  name = spec.name
   _check_split(split)
   if source not in SOURCES:
     raise ValueError(f"source must be one of {SOURCES}, got {source!r}")

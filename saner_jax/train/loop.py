@@ -113,7 +113,7 @@ class PreparedData:
   num_classes: int
   image_shape: tuple[int, int, int]
   realised_noise_rate: float
-  info: Any
+  info: Any  # the dataset's saner_jax.train.data.DatasetSpec
 
 
 def prepare_data(config: TrainConfig, sharding: NamedSharding | None = None) -> PreparedData:
@@ -123,9 +123,9 @@ def prepare_data(config: TrainConfig, sharding: NamedSharding | None = None) -> 
   """
   from saner_jax.train import data, noise
 
-  info = data.DATASETS[config.dataset]
-  train = data.load_dataset(config.dataset, "train", data_dir=config.data_dir, source=config.data_source)
-  test = data.load_dataset(config.dataset, "test", data_dir=config.data_dir, source=config.data_source)
+  info = config.spec
+  train = data.load_dataset(info, "train", data_dir=config.data_dir, source=config.data_source)
+  test = data.load_dataset(info, "test", data_dir=config.data_dir, source=config.data_source)
   for field, split in (("train_examples", train), ("test_examples", test)):
     wanted = getattr(config, field)
     if wanted is not None and wanted > len(split):  # the published sizes were checked; a data_dir may hold fewer

@@ -93,10 +93,7 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
   alpha = None
   if config.uses_saner:
     if config.saner_group == "B":
-      warmup = saner_jax.alpha_warmup(config.alpha, config.alpha_warmup_epochs * steps_per_epoch, steps_per_epoch)
-      # The authors number epochs from 1 (get_alpha(epoch=1) in the first
-      # epoch), so their alpha is one epoch further along than ours.
-      alpha = lambda count: warmup(count + steps_per_epoch)
+      alpha = saner_jax.alpha_warmup(config.alpha, config.alpha_warmup_epochs * steps_per_epoch, steps_per_epoch)
     else:  # the ablation groups may amplify (alpha > 1): no warm-up there
       alpha = optax.constant_schedule(config.alpha)
     reweight = saner_jax.saner(alpha, group=config.saner_group)
@@ -174,24 +171,6 @@ def epoch_metrics(sums: dict[str, float], two_pass: bool) -> dict[str, float | N
   return fields
 
 
-def _merge_sub_batches(batch_stats, logits, stacked_axes: int, strided: bool):
-  """Averages stacked BatchNorm statistics; puts the logits back in batch order.
-
-  The gradient helpers stack their clean pass's aux: first an axis over the
-  sub-batches of m-sharpness and of the per-device mode (contiguous slices),
-  then one over accumulation's micro-batches (strided: micro-batch ``i`` of
-  every sub-batch holds its examples ``i, i + k, ...``). Running averages
-  are affine in the batch statistics, so their mean is the running average
-  of the mean statistics.
-  """
-  if not stacked_axes:
-    return batch_stats, logits
-  batch_stats = jax.tree.map(lambda x: x.mean(tuple(range(stacked_axes))), batch_stats)
-  if strided:
-    logits = jnp.swapaxes(logits, stacked_axes - 1, stacked_axes)
-  return batch_stats, logits.reshape(-1, logits.shape[-1])
-
-
 Objective = Callable[[jax.Array, Any], jax.Array]
 
 
@@ -241,13 +220,12 @@ def make_update(
     )
     return objective(logits, targets), (updates["batch_stats"], logits)
 
-  accumulating = config.grad_accum_steps > 1
   if optimizer.perturbation is None:
     two_pass = None
     value_and_grad = saner_jax.accumulated_value_and_grad(
       loss_fn, config.grad_accum_steps, has_aux=True, batch_argnum=2
     )
-    stacked_axes = int(accumulating)
+    layout = saner_jax.aux_layout(accumulation_steps=config.grad_accum_steps)
   else:
     two_pass = parallel.sharded_sharpness_aware_grad(
       loss_fn,
@@ -259,8 +237,7 @@ def make_update(
       accumulation_steps=config.grad_accum_steps,
       batch_argnum=2,
     )
-    sub_batched = config.m_sharpness > 1 or config.perturbation_mode == "per_device"
-    stacked_axes = int(sub_batched) + int(accumulating)
+    layout = parallel.sharded_aux_layout(config.perturbation_mode, config.m_sharpness, config.grad_accum_steps)
 
   def update(state: TrainState, images, targets):
     if two_pass is None:
@@ -277,7 +254,8 @@ def make_update(
       )
       perturbation_state = result.perturbation_state
       gradient_stats = diagnostics.gradient_diagnostics(result.perturbed_grads, result.clean_grads)
-    batch_stats, logits = _merge_sub_batches(batch_stats, logits, stacked_axes, accumulating)
+    # The helpers stack the clean pass's aux over sub- and micro-batches.
+    batch_stats, logits = layout.mean(batch_stats), layout.examples(logits)
     new_state = TrainState(
       step=state.step + 1,
       params=optax.apply_updates(state.params, updates),
