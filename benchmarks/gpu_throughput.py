@@ -47,7 +47,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without installing the package
   sys.path.insert(0, ROOT)
 
-from saner_jax.train import models, pipeline, report
+from saner_jax.train import data as data_lib
+from saner_jax.train import models, pipeline, reporting
 from saner_jax.train import step as step_lib
 from saner_jax.train.config import TrainConfig
 
@@ -80,9 +81,7 @@ def build(method: str, args) -> tuple[Any, Any, tuple]:
   optimizer = step_lib.build_optimizer(config, steps_per_epoch)
   state = step_lib.init_state(model, optimizer, jax.random.key(0), (args.image_size, args.image_size, 3))
   step = jax.jit(
-    step_lib.make_train_step(
-      model, optimizer, config, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), flip=True, crop_padding=4
-    ),
+    step_lib.make_train_step(model, optimizer, config, data_lib.get_spec("cifar10")),
     donate_argnums=(0, 1),
   )
   rng = np.random.default_rng(0)
@@ -152,7 +151,7 @@ def main(argv=None) -> dict[str, Any]:
   device = jax.devices()[0]
   peak = args.peak_tflops or peak_tflops(device.device_kind)
   say(f"command: {command}")
-  say(f"git: {report.git_revision()}")
+  say(f"git: {reporting.git_revision()}")
   say(f"jax {jax.__version__}; device {device.platform} ({device.device_kind}) x{jax.device_count()}")
   say(
     f"model {args.model}, batch {args.batch_size}x{args.image_size}x{args.image_size}x3, {args.dtype}; "
@@ -187,7 +186,7 @@ def main(argv=None) -> dict[str, Any]:
     say(f"\nSANER/SAM step time {results['saner']['median_step_s'] / results['sam']['median_step_s']:.3f}")
   record = {
     "command": command,
-    "git": report.git_revision(),
+    "git": reporting.git_revision(),
     "jax": jax.__version__,
     "device": f"{device.platform} ({device.device_kind})",
     "device_count": jax.device_count(),
