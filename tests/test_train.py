@@ -7,7 +7,6 @@ IDX files written here.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -208,7 +207,7 @@ def test_evaluation_is_one_call_over_the_whole_test_set():
   import jax
   import jax.numpy as jnp
 
-  from saner_jax.train import data, models
+  from saner_jax.train import models
 
   cfg = TrainConfig(model="resnet8", eval_batch_size=4)
   model = models.create_model("resnet8", 10)
@@ -218,8 +217,7 @@ def test_evaluation_is_one_call_over_the_whole_test_set():
   predictions = jnp.argmax(model.apply({"params": params, "batch_stats": batch_stats}, x, train=False), -1)
   labels = predictions.at[:3].set((predictions[:3] + 1) % 10)  # three wrong, nine right
   valid = jnp.arange(12) < 10  # the last two are padding: predicted right, not counted
-  spec = dataclasses.replace(data.get_spec("fashion_mnist"), mean=(0.5,), std=(0.25,))
-  evaluate = jax.jit(step_lib.make_eval_step(model, cfg, spec))
+  evaluate = jax.jit(step_lib.make_eval_step(model, cfg, mean=0.5, std=0.25))
   assert int(evaluate(params, batch_stats, images, labels, valid)) == 7
   with pytest.raises(ValueError, match="do not split into batches of 4"):
     evaluate(params, batch_stats, images[:10], labels[:10], valid[:10])
