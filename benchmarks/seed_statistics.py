@@ -15,6 +15,9 @@ apart on that metric.
 
     python benchmarks/seed_statistics.py benchmarks/results/fashion_mnist/headline/sym40 \
         --pairs sam:saner sgd:sam
+
+Several directories pool their runs, for example a group-substitution
+experiment with the headline's SGD and SAM runs of the same seeds.
 """
 
 from __future__ import annotations
@@ -36,13 +39,21 @@ METRICS = {
 _RUN_DIR = re.compile(r"^(?P<run>.+)_seed(?P<seed>\d+)$")
 
 
-def load(out_dir: pathlib.Path) -> dict[str, dict[int, dict]]:
-  """{run: {seed: summary}} for every finished run under ``out_dir``."""
+def load(out_dirs: list[pathlib.Path]) -> dict[str, dict[int, dict]]:
+  """{run: {seed: summary}} for every finished run under the ``out_dirs``."""
   runs: dict[str, dict[int, dict]] = {}
-  for summary in sorted(out_dir.glob("*_seed*/summary.json")):
-    match = _RUN_DIR.match(summary.parent.name)
-    if match:
-      runs.setdefault(match["run"], {})[int(match["seed"])] = json.loads(summary.read_text())
+  for out_dir in out_dirs:
+    for summary in sorted(out_dir.glob("*_seed*/summary.json")):
+      match = _RUN_DIR.match(summary.parent.name)
+      if not match:
+        continue
+      by_seed = runs.setdefault(match["run"], {})
+      seed = int(match["seed"])
+      if seed in by_seed:
+        raise SystemExit(
+          f"error: {summary.parent.name} is in more than one of the directories given; give each run once"
+        )
+      by_seed[seed] = json.loads(summary.read_text())
   return runs
 
 
@@ -58,10 +69,10 @@ def paired(a: dict[int, dict], b: dict[int, dict], metric) -> tuple[int, float, 
   return n, mean, std, mean - half, mean + half
 
 
-def report(out_dir: pathlib.Path, pairs: list[tuple[str, str]]) -> str:
-  runs = load(out_dir)
+def report(out_dirs: list[pathlib.Path], pairs: list[tuple[str, str]]) -> str:
+  runs = load(out_dirs)
   if not runs:
-    raise SystemExit(f"error: no finished runs (<run>_seed<k>/summary.json) under {out_dir}")
+    raise SystemExit(f"error: no finished runs (<run>_seed<k>/summary.json) under {' '.join(map(str, out_dirs))}")
   lines = ["| run | seeds | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
   for name, by_seed in runs.items():
     cells = []
@@ -82,7 +93,9 @@ def report(out_dir: pathlib.Path, pairs: list[tuple[str, str]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("out_dir", type=pathlib.Path, help="a compare output directory")
+  parser.add_argument(
+    "out_dirs", nargs="+", type=pathlib.Path, help="compare output directories (runs are pooled by name and seed)"
+  )
   parser.add_argument(
     "--pairs", nargs="+", default=["sam:saner", "sgd:sam"], help="A:B pairs; the report gives B - A paired by seed"
   )
@@ -93,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     if not sep or not a or not b:
       parser.error(f"--pairs: {pair!r} is not A:B (for example sam:saner)")
     pairs.append((a, b))
-  if not args.out_dir.is_dir():
-    parser.error(f"{args.out_dir} is not a directory")
-  print(report(args.out_dir, pairs))
+  for out_dir in args.out_dirs:
+    if not out_dir.is_dir():
+      parser.error(f"{out_dir} is not a directory")
+  print(report(args.out_dirs, pairs))
   return 0
 
 
