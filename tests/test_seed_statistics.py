@@ -7,7 +7,7 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-import seed_statistics  # noqa: E402
+import seed_statistics
 
 
 def _write(out_dir: pathlib.Path, run: str, seed: int, best: float, last: float, memorised: float) -> None:
