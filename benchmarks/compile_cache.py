@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
   if args.child:
     print(json.dumps(_compile_all()))
     return {}
-  from saner_jax.train import report
+  from saner_jax.train import reporting as report
 
   runs = {}
   with tempfile.TemporaryDirectory() as cache:

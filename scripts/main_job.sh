@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: SGD vs SAM vs SANER on real Fashion-MNIST with 40% symmetric
-# label noise, sized to finish within 15 minutes on a 2-core CPU. Installs
+# label noise, about 5 minutes of training on a 2-core CPU. Installs
 # what it needs (the venv, and Debian's dataset-fashion-mnist where apt-get
 # is available), then trains and writes runs/main_job/compare.{png,md}.
 set -euo pipefail
