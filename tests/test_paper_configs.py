@@ -20,8 +20,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from saner_jax.train import config as config_lib
 from saner_jax.train import data, loop, models
 
-PAPER_DIR = config_lib.PRESET_DIR / "paper"
-PRESETS = sorted(f"paper/{p.stem}" for p in PAPER_DIR.glob("*.yaml"))
+PRESETS = [p for p in config_lib.preset_names() if p.startswith("paper/")]
 SETTINGS = (
     "cifar10_sym25", "cifar10_sym50", "cifar10_asym40", "cifar10n_worse",
     "cifar100_sym25", "cifar100_sym50", "cifar100_asym40", "cifar100n_noisy",
@@ -43,6 +42,18 @@ PAPER_VALUES = dict(
   alpha_warmup_epochs=50,
   augment=True,
 )
+# What each setting's presets set over paper/_base, read off their names.
+SETTING_VALUES = {
+  "cifar10_sym25": dict(dataset="cifar10", noise_mode="symmetric", noise_rate=0.25),
+  "cifar10_sym50": dict(dataset="cifar10", noise_mode="symmetric", noise_rate=0.5),
+  "cifar10_asym40": dict(dataset="cifar10", noise_mode="asymmetric", noise_rate=0.4),
+  "cifar10n_worse": dict(dataset="cifar10_n", noise_mode="real", noise_rate=0.0, noise_label_key="worse_label"),
+  "cifar100_sym25": dict(dataset="cifar100", noise_mode="symmetric", noise_rate=0.25),
+  "cifar100_sym50": dict(dataset="cifar100", noise_mode="symmetric", noise_rate=0.5),
+  # The authors' CIFAR-100 map, c -> c + 1 (the preset's header says why).
+  "cifar100_asym40": dict(dataset="cifar100", noise_mode="pair_flip", noise_rate=0.4),
+  "cifar100n_noisy": dict(dataset="cifar100_n", noise_mode="real", noise_rate=0.0, noise_label_key="noise_label"),
+}
 CI_SIZES = dict(batch_size=4, train_examples=4, test_examples=4, eval_batch_size=4, epochs=1)
 CI_OUTPUT = dict(checkpoint=False, progress="none")
 
@@ -74,6 +85,14 @@ def test_preset_is_valid_with_the_paper_hyperparameters(preset):
   header = config_lib.resolve_preset(preset).read_text()
   assert f"--config {preset}" in header, "the header must show the command line"
   assert "arXiv 2411.17132" in header and "Hardware:" in header
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_sets_its_setting_model_and_out_dir(preset):
+  setting, model = next((preset[6 : -len(m) - 1], m) for m in MODELS if preset.endswith(m))
+  cfg = config_lib.from_mapping(config_lib.load_yaml(preset))
+  expected = {**SETTING_VALUES[setting], "model": model, "out_dir": f"runs/{preset}", "seed": 0, "pipeline": "none"}
+  assert {k: getattr(cfg, k) for k in expected} == expected
 
 
 # Every ResNet-18 preset runs, which covers each dataset and noise setting.
@@ -118,8 +137,7 @@ def test_preset_trains_on_mock_data(preset, tmp_path, mock_tfds, monkeypatch):
 # ---------------------------------------------------------------------------
 # The noise-robust pipelines' presets (saner_jax/train/configs/pipelines)
 
-PIPELINE_DIR = config_lib.PRESET_DIR / "pipelines"
-PIPELINE_PRESETS = sorted(f"pipelines/{p.stem}" for p in PIPELINE_DIR.glob("*_resnet18.yaml"))
+PIPELINE_PRESETS = [p for p in config_lib.preset_names() if p.startswith("pipelines/") and p.endswith("_resnet18")]
 PIPELINE_NAMES = ("bootstrap", "co_teaching", "dividemix", "plc", "joint_optimization")
 # In one CI epoch: the mixture split, a label correction and both stages happen.
 PIPELINE_CI = {
@@ -145,6 +163,16 @@ def test_pipeline_preset_has_the_authors_values(preset):
     assert getattr(cfg, field) == expected, field
   header = config_lib.resolve_preset(preset).read_text()
   assert f"--config {preset}" in header and "arXiv 2411.17132" in header and "Hardware:" in header
+
+
+@pytest.mark.parametrize("preset", PIPELINE_PRESETS)
+def test_pipeline_preset_sets_its_pipeline_setting_and_out_dir(preset):
+  pipeline, setting = next(
+    (p, preset[len(f"pipelines/{p}_") : -len("_resnet18")]) for p in PIPELINE_NAMES if f"/{p}_" in preset
+  )
+  cfg = config_lib.from_mapping(config_lib.load_yaml(preset))
+  expected = {**SETTING_VALUES[setting], "pipeline": pipeline, "model": "resnet18", "out_dir": f"runs/{preset}"}
+  assert {k: getattr(cfg, k) for k in expected} == expected
 
 
 @pytest.mark.parametrize("pipeline", PIPELINE_NAMES)

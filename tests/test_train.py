@@ -88,6 +88,44 @@ def test_unknown_config_key_is_named(tmp_path):
     config_lib.from_mapping(config_lib.load_yaml(str(path)))
 
 
+def test_base_is_read_first_and_the_file_overrides_it(tmp_path, monkeypatch):
+  monkeypatch.setattr(config_lib, "PRESET_DIR", tmp_path)
+  (tmp_path / "sub").mkdir()
+  (tmp_path / "sub" / "_root.yaml").write_text("lr: 0.3\nepochs: 5\nseed: 1\n")
+  (tmp_path / "sub" / "_mid.yaml").write_text("base: sub/_root\nepochs: 6\nrho: 0.2\n")
+  (tmp_path / "run.yaml").write_text("base: sub/_mid.yaml\nseed: 2\n")
+  assert config_lib.load_yaml("run") == {"lr": 0.3, "epochs": 6, "rho": 0.2, "seed": 2}
+  assert config_lib.preset_names() == ["run"]  # the bases are not presets
+  with pytest.raises(ConfigError, match="'sub/_mid' is the shared base of other presets, not a preset; run one of"):
+    config_lib.load_yaml("sub/_mid")
+
+
+@pytest.mark.parametrize(
+  "files, message",
+  [
+    ({"run.yaml": "base: nowhere\n"}, r"run.yaml has base 'nowhere', which is no preset; name one relative to .*"),
+    ({"run.yaml": "base: [a]\n"}, r"run.yaml has base \['a'\], which is no preset"),
+    ({"run.yaml": "base: _a\n", "_a.yaml": "base: _b\n", "_b.yaml": "base: _a\n"}, r"form a cycle \(.*run.yaml -> "),
+    ({"run.yaml": "base: run\n"}, r"run.yaml -> .*run.yaml\); remove the base: key that closes it"),
+    ({"run.yaml": "base: _a\n", "_a.yaml": "- lr\n"}, r"_a.yaml \(the base of .*run.yaml\) must hold a mapping"),
+  ],
+)
+def test_a_bad_base_is_one_line_naming_the_file(files, message, tmp_path, monkeypatch):
+  monkeypatch.setattr(config_lib, "PRESET_DIR", tmp_path)
+  for name, text in files.items():
+    (tmp_path / name).write_text(text)
+  with pytest.raises(ConfigError, match=message) as error:
+    config_lib.load_yaml("run")
+  assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("preset", config_lib.preset_names())
+def test_every_shipped_preset_resolves(preset):
+  values = config_lib.load_yaml(preset)
+  assert "base" not in values
+  config_lib.from_mapping(values)  # every key, its own or its bases', is a config field
+
+
 def test_flags_override_the_config_file(tmp_path):
   path = tmp_path / "c.yaml"
   path.write_text("lr: 0.2\nepochs: 7\n")

@@ -451,6 +451,12 @@ def from_mapping(values: dict[str, Any], base: TrainConfig | None = None) -> Tra
   return config
 
 
+def preset_names() -> list[str]:
+  """The presets shipped in saner_jax/train/configs, without the ``_*.yaml`` bases they build on."""
+  paths = (p.relative_to(PRESET_DIR).with_suffix("") for p in PRESET_DIR.rglob("*.yaml"))
+  return sorted(p.as_posix() for p in paths if not p.name.startswith("_"))
+
+
 def resolve_preset(path_or_name: str) -> pathlib.Path:
   """A config path, or the name of a preset shipped in saner_jax/train/configs.
 
@@ -461,21 +467,46 @@ def resolve_preset(path_or_name: str) -> pathlib.Path:
   if path.is_file():
     return path
   preset = PRESET_DIR / f"{path_or_name.removesuffix('.yaml')}.yaml"
-  if preset.is_file():
+  if preset.is_file() and not preset.name.startswith("_"):
     return preset
-  names = sorted(p.relative_to(PRESET_DIR).with_suffix("").as_posix() for p in PRESET_DIR.rglob("*.yaml"))
-  raise ConfigError(f"--config: no file {path_or_name!r} and no preset of that name; presets: {names}")
+  if preset.is_file():
+    raise ConfigError(
+      f"--config: {path_or_name!r} is the shared base of other presets, not a preset; run one of {preset_names()}"
+    )
+  raise ConfigError(f"--config: no file {path_or_name!r} and no preset of that name; presets: {preset_names()}")
 
 
 def load_yaml(path_or_name: str) -> dict[str, Any]:
-  path = resolve_preset(path_or_name)
+  """A config file's keys, over those of the preset its ``base:`` key names.
+
+  ``base: paper/_base`` (a preset name, relative to saner_jax/train/configs)
+  is read first, its own ``base:`` before it, and the file's keys override it.
+  """
+  return _load_with_bases(resolve_preset(path_or_name), ())
+
+
+def _load_with_bases(path: pathlib.Path, children: tuple[pathlib.Path, ...]) -> dict[str, Any]:
+  where = f"{path} (the base of {children[-1]})" if children else str(path)
   try:
     values = yaml.safe_load(path.read_text()) or {}
   except yaml.YAMLError as e:
-    raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+    raise ConfigError(f"--config: {where} is not valid YAML: {e}") from None
   if not isinstance(values, dict):
-    raise ConfigError(f"--config: {path} must hold a mapping of config keys")
-  return values
+    raise ConfigError(f"--config: {where} must hold a mapping of config keys (`key: value` lines)")
+  if "base" not in values:
+    return values
+  base = values.pop("base")
+  base_path = PRESET_DIR / f"{str(base).removesuffix('.yaml')}.yaml"
+  if not isinstance(base, str) or not base_path.is_file():
+    raise ConfigError(
+      f"--config: {path} has base {base!r}, which is no preset; name one relative to {PRESET_DIR}, "
+      "e.g. base: paper/_base"
+    )
+  chain = (*children, path)
+  if base_path.resolve() in {p.resolve() for p in chain}:
+    cycle = " -> ".join(str(p) for p in (*chain, base_path))
+    raise ConfigError(f"--config: the base: keys form a cycle ({cycle}); remove the base: key that closes it")
+  return {**_load_with_bases(base_path, chain), **values}
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
