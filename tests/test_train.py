@@ -7,6 +7,7 @@ IDX files written here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -72,6 +73,47 @@ def test_bad_flags_name_the_flag(flags, names, capsys, tmp_path):
   assert cli.main(flags + ["--out_dir", str(tmp_path / "never")]) == 2
   err = capsys.readouterr().err
   assert names in err, err
+
+
+def _help(argv, capsys, monkeypatch) -> str:
+  monkeypatch.setenv("COLUMNS", "1000")  # one line per flag
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(argv)
+  assert exit_info.value.code == 0
+  return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["compare", "--help"]])
+def test_help_lists_each_flag_under_its_topic_with_default_and_choices(argv, capsys, monkeypatch):
+  out = _help(argv, capsys, monkeypatch)
+  starts = [out.index(f"\n{title}:\n") for title in config_lib.GROUPS]
+  assert starts == sorted(starts)
+  ends = starts[1:] + [len(out)]
+  for field in dataclasses.fields(TrainConfig):
+    group = config_lib.GROUPS.index(field.metadata["group"])
+    assert starts[group] < out.index(f"  --{field.name} ") < ends[group], field.name
+  flat = " ".join(out.split())  # a long flag's help starts on the next line
+  for line in (
+    "--lr_schedule NAME the learning-rate schedule (one of: multistep, cosine, constant; default: multistep)",
+    "--rho FLOAT the SAM-family perturbation radius (default: 0.1)",
+    "--lr_milestones FLOAT,... multistep: the fractions of training at which the lr decays, comma-separated "
+    "(default: 0.5,0.75)",
+    "--train_examples INT|none train on a seeded subset of this many examples; none: all (default: none)",
+    "--augment BOOL random crops and flips of the training images (default: true)",
+  ):
+    assert line in flat, line
+  assert (
+    "--noise_mode NAME how the training labels are corrupted (one of: none, symmetric, uniform, asymmetric, " in flat
+  )
+  assert "--config FILE|PRESET" in out and "--debug" in out
+
+
+def test_compare_help_explains_its_own_flags(capsys, monkeypatch):
+  out = _help(["compare", "--help"], capsys, monkeypatch)
+  comparison = out[out.index("\ncomparison:\n") : out.index(f"\n{config_lib.GROUPS[0]}:\n")]
+  assert "(default: sgd sam saner)" in comparison and "OPT+grX" in comparison
+  assert "--seeds SEED [SEED ...] one run of each per seed (default: 0)" in " ".join(comparison.split())
+  assert "  --resume " not in out
 
 
 def test_unknown_flag_is_rejected_by_name(capsys):

@@ -25,37 +25,76 @@ from saner_jax.train import config as config_lib
 from saner_jax.train import data
 from saner_jax.train.config import ConfigError
 
+_TRAIN_EXAMPLES = """\
+Flags override the --config file's values; booleans take true/false. Examples:
+  python -m saner_jax.train --config fashion_mnist_quick --optimizer saner --out_dir runs/saner
+  python -m saner_jax.train --config runs/saner/config.yaml --resume
+  python -m saner_jax.train compare --help    (several optimizers and seeds on one figure)
+"""
+_COMPARE_EXAMPLES = """\
+Each run trains into OUT_DIR/<run>_seed<seed> (or is collected there when it
+has finished); the figure and table go to OUT_DIR/compare.png and compare.md.
+Example:
+  python -m saner_jax.train compare --config fashion_mnist_quick \\
+      --runs sgd sam saner --seeds 0 1 2 --out_dir runs/compare
+"""
+
+
+def _parser(prog: str, usage: str, description: str, epilog: str) -> argparse.ArgumentParser:
+  return argparse.ArgumentParser(
+    prog=prog,
+    usage=usage,  # argparse's own lists every flag
+    description=description,
+    epilog=epilog,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+
 
 def _train_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-    prog="python -m saner_jax.train",
-    description="Train a Flax ResNet with SGD, SAM-family optimizers and SANER on noisy labels.",
+  parser = _parser(
+    "python -m saner_jax.train",
+    "%(prog)s [--config FILE|PRESET] [--FLAG VALUE ...] [--resume] [--debug]",
+    "Train a Flax ResNet with SGD, SAM-family optimizers and SANER on noisy labels.",
+    _TRAIN_EXAMPLES,
   )
-  config_lib.add_flags(parser)
-  parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its last checkpoint")
-  _add_debug_flag(parser)
+  run_control = config_lib.add_flags(parser)[config_lib.GROUP_OUTPUT]
+  run_control.add_argument(
+    "--resume", action="store_true", help="continue the run in --out_dir from its last checkpoint"
+  )
+  _add_debug_flag(run_control)
   return parser
 
 
-def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--debug", action="store_true", help="print the full traceback with an error (for bug reports)")
+def _add_debug_flag(group) -> None:
+  group.add_argument("--debug", action="store_true", help="print the full traceback with an error (for bug reports)")
 
 
 def _compare_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-    prog="python -m saner_jax.train compare",
-    description="Run or collect several optimizers (x seeds) and compare them on one figure and table.",
+  parser = _parser(
+    "python -m saner_jax.train compare",
+    "%(prog)s [--runs RUN ...] [--seeds SEED ...] [--collect_only] [--config FILE|PRESET] [--FLAG VALUE ...]",
+    "Run or collect several optimizers (x seeds) and compare them on one figure and table. "
+    "The config flags set the runs' shared base.",
+    _COMPARE_EXAMPLES,
   )
-  parser.add_argument(
+  comparison = parser.add_argument_group("comparison")
+  comparison.add_argument(
     "--runs",
     nargs="+",
     default=["sgd", "sam", "saner"],
-    help="optimizers, e.g. sgd sam saner asam+saner saner_head sam+grB sam+onlyB (default: sgd sam saner)",
+    metavar="RUN",
+    help="the runs: OPT, OPT+saner, saner, with _head for SANER on the classifier only, OPT+grX (the clean "
+    "gradient on groups X) or OPT+onlyX (SAM's gradient on groups X only), X letters from ABC; OPT one of: "
+    f"{', '.join(config_lib.PERTURBATIONS)} (default: sgd sam saner)",
   )
-  parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-  parser.add_argument("--collect_only", action="store_true", help="only collect finished runs under --out_dir")
-  config_lib.add_flags(parser)
-  _add_debug_flag(parser)
+  comparison.add_argument(
+    "--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="one run of each per seed (default: 0)"
+  )
+  comparison.add_argument(
+    "--collect_only", action="store_true", help="only collect finished runs under --out_dir; train none"
+  )
+  groups = config_lib.add_flags(parser)
+  _add_debug_flag(groups[config_lib.GROUP_OUTPUT])
   return parser
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import math
 import pathlib
 import typing
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import yaml
@@ -34,108 +36,195 @@ class ConfigError(ValueError):
   """A bad config value; the message names the field (and flag)."""
 
 
+# The topics of ``--help``, in its order; each field's metadata names one.
+GROUP_DATA = "data and noise"
+GROUP_MODEL = "model"
+GROUP_OPTIMIZER = "optimizer"
+GROUP_SCHEDULE = "schedule"
+GROUP_PIPELINES = "pipelines"
+GROUP_PARALLEL = "parallelism and memory"
+GROUP_DIAGNOSTICS = "mechanism diagnostics"
+GROUP_OUTPUT = "output and run control"
+GROUPS = (
+  GROUP_DATA,
+  GROUP_MODEL,
+  GROUP_OPTIMIZER,
+  GROUP_SCHEDULE,
+  GROUP_PIPELINES,
+  GROUP_PARALLEL,
+  GROUP_DIAGNOSTICS,
+  GROUP_OUTPUT,
+)
+
+
+def _field(default: Any, group: str, help: str, choices: Sequence[str] | Callable[[], Iterable[str]] = ()) -> Any:
+  """A config field with its ``--help`` line, topic and allowed values: one source for the CLI and validate."""
+  return dataclasses.field(default=default, metadata={"group": group, "help": help, "choices": choices})
+
+
+def _owned(module: str, name: str) -> Callable[[], Iterable[str]]:
+  """Choices a toolkit module owns, read when needed: models and pipelines load flax, which a config does not need."""
+  return lambda: getattr(importlib.import_module(f"saner_jax.train.{module}"), name)
+
+
+def choices(field: str) -> tuple[str, ...]:
+  """The allowed values of a config field, or () where any value of its type goes."""
+  values = _FIELDS[field].metadata["choices"]
+  return tuple(values() if callable(values) else values)
+
+
 @dataclasses.dataclass
 class TrainConfig:
-  """Every knob of a training run. Field names are also the CLI flags."""
+  """Every knob of a training run. Field names are also the CLI flags.
 
-  # Data.
-  dataset: str = "fashion_mnist"
-  data_dir: str | None = None
-  data_source: str = "auto"  # "auto": TFDS if prepared, else IDX files (see saner_jax.train.data)
-  train_examples: int | None = None  # a seeded subset of the training set
-  test_examples: int | None = None
-  noise_mode: str = "symmetric"
-  noise_rate: float = 0.4
-  noise_label_key: str = "worse_label"  # CIFAR-N's set, for noise_mode "real"
-  augment: bool = True
-  # Model.
-  model: str = "resnet18"
-  dtype: str = "float32"
-  # oneDNN's convolutions instead of XLA's (saner_jax.cpu_conv.choose): XLA's
-  # CPU kernel gradient is slow. "auto" takes them on one CPU device in float32
-  # where they build, "false" never, "true" insists (an error where they cannot run).
-  cpu_conv: str = "auto"
-  # Optimizer.
-  optimizer: str = "saner"
-  saner: bool = False  # SANER on top of the chosen perturbation
-  alpha: float = 0.5
-  alpha_warmup_epochs: int = 50
-  saner_group: str = "B"
-  # Which parameters SANER reweights: "all", or "head", the classifier's
-  # Dense layer only (the authors' SANERLAST); the rest keep SAM's gradient.
-  saner_params: str = "all"
-  # The paper's mechanism ablations (saner_jax.substitute_groups), instead of
-  # SANER: the clean gradient on these groups (letters from "ABC", e.g. "B"
-  # is the paper's SGD-GrB), or, with substitute_outside, SAM's gradient on
-  # them only and the clean gradient everywhere else (the authors' SAMONLY).
-  substitute_groups: str | None = None
-  substitute_outside: bool = False
-  rho: float = 0.1
-  asam_eta: float = 0.0
-  fsam_sigma: float = 1.0
-  fsam_lmbda: float = 0.9
-  vasso_theta: float = 0.2
-  gsam_alpha: float = 0.01
-  m_sharpness: int = 1
-  # Data parallelism (saner_jax.parallel): "synced" forms one perturbation
-  # from the global-batch gradient, the single-device algorithm on any number
-  # of devices; "per_device" perturbs each device's shard with its own
-  # gradient (m-sharpness with m = devices x m_sharpness). SGD ignores it.
-  perturbation_mode: str = "synced"
-  # Micro-batches per step: one perturbation from the clean gradient summed
-  # over all of them, the memory of one micro-batch.
-  grad_accum_steps: int = 1
-  # Noise-robust pipeline (saner_jax.train.pipelines, docs/pipelines.md);
-  # "none" is plain training. Each pipeline's fields default to the authors'
-  # values and may only be set with their pipeline.
-  pipeline: str = "none"
-  pipeline_warmup_epochs: int = 10  # dividemix, plc: epochs of plain training first
-  bootstrap_beta: float = 0.8  # bootstrap: weight of the given label
-  forget_rate: float = 0.2  # co_teaching: final share of each batch dropped
-  num_gradual: int = 10  # co_teaching: epochs to reach forget_rate
-  forget_exponent: float = 1.0  # co_teaching: shape of that ramp
-  p_threshold: float = 0.5  # dividemix: clean probability above which a sample is labelled
-  lambda_u: float = 25.0  # dividemix: weight of the unlabelled loss
-  sharpen_temperature: float = 0.5  # dividemix: T of the sharpening
-  mixup_alpha: float = 4.0  # dividemix: Beta(alpha, alpha) of the mixup weight
-  tau_start: float = 0.9  # plc: first correction threshold (log-probability gap)
-  tau_end: float = 0.5  # plc: lowest threshold
-  tau_step: float = 0.05  # plc: decrease after each correction
-  jo_alpha: float = 1.2  # joint_optimization: weight of the prior term L_p
-  jo_beta: float = 0.8  # joint_optimization: weight of the entropy term L_e
-  jo_window: int = 10  # joint_optimization: epochs of predictions averaged into a soft label
-  jo_update_start: int = 103  # joint_optimization: first epoch whose end updates the soft labels
-  jo_stage1_epochs: int | None = None  # joint_optimization: stage-1 epochs (None: half of epochs); the rest retrain
-  lr: float = 0.1
-  lr_schedule: str = "multistep"
-  lr_milestones: tuple[float, ...] = (0.5, 0.75)
-  lr_decay: float = 0.1
-  momentum: float = 0.9
-  weight_decay: float = 5e-4
-  batch_size: int = 128
-  eval_batch_size: int = 1000
-  epochs: int = 200
-  seed: int = 0
-  # jax.distributed.initialize() before anything else, for multi-host runs
-  # (saner_jax.train.loop.initialize_distributed).
-  distributed: bool = False
-  # JAX's persistent compilation cache under saner_jax's cache directory
-  # ($SANER_JAX_CACHE_DIR, default ~/.cache/saner_jax): reruns, resumed runs and
-  # a comparison's later runs load compiled steps instead of compiling them.
-  compilation_cache: bool = True
-  # Output.
-  out_dir: str = "runs/default"
-  checkpoint: bool = True
-  # The paper's mechanism on a fixed probe batch of training examples
-  # (saner_jax.train.probe): the clean/noisy gradient decomposition every
-  # epoch, and the Hessian's top eigenvalue (power iteration) and trace
-  # (Hutchinson) every sharpness_every epochs and at the last (0: never).
-  log_decomposition: bool = False
-  sharpness_every: int = 0
-  probe_examples: int = 256  # at most the training set
-  sharpness_iterations: int = 20
-  hutchinson_samples: int = 10
-  progress: str = "auto"  # "auto": a bar on a terminal, plain lines otherwise
+  Each field's metadata holds its ``help``, its ``group`` (the topic it is
+  listed under in ``--help``) and, where the values are a fixed set, its
+  ``choices`` (a callable, so the toolkit modules that own them load late).
+  """
+
+  dataset: str = _field("fashion_mnist", GROUP_DATA, "the dataset", _owned("data", "DATASETS"))
+  data_dir: str | None = _field(
+    None,
+    GROUP_DATA,
+    "the TFDS data directory, or the folder of IDX files; none: $TFDS_DATA_DIR or ~/tensorflow_datasets, "
+    "and for IDX files $SANER_JAX_MNIST_DIR or $SANER_JAX_FASHION_MNIST_DIR",
+  )
+  data_source: str = _field(
+    "auto", GROUP_DATA, "where to read the data; auto: TFDS if prepared, else IDX files", _owned("data", "SOURCES")
+  )
+  train_examples: int | None = _field(None, GROUP_DATA, "train on a seeded subset of this many examples; none: all")
+  test_examples: int | None = _field(None, GROUP_DATA, "evaluate on the first this many test examples; none: all")
+  noise_mode: str = _field("symmetric", GROUP_DATA, "how the training labels are corrupted", _owned("noise", "MODES"))
+  noise_rate: float = _field(0.4, GROUP_DATA, "the share of training labels corrupted; unused with real noise")
+  noise_label_key: str = _field("worse_label", GROUP_DATA, "CIFAR-N's human label set, for --noise_mode real")
+  augment: bool = _field(True, GROUP_DATA, "random crops and flips of the training images")
+  model: str = _field("resnet18", GROUP_MODEL, "the network", _owned("models", "MODELS"))
+  dtype: str = _field(
+    "float32", GROUP_MODEL, "the compute dtype; parameters and BatchNorm statistics stay float32", DTYPES
+  )
+  # XLA's CPU kernel gradient is slow.
+  cpu_conv: str = _field(
+    "auto",
+    GROUP_MODEL,
+    "oneDNN's convolutions instead of XLA's on CPU; auto: on one CPU device in float32 where they build, "
+    "true: insist (an error where they cannot run), false: never",
+    CPU_CONV_MODES,
+  )
+  optimizer: str = _field(
+    "saner", GROUP_OPTIMIZER, "the ascent family; saner is SAM with SANER's reweighting (the paper's)", OPTIMIZERS
+  )
+  saner: bool = _field(False, GROUP_OPTIMIZER, "SANER on top of the chosen SAM-family optimizer")
+  alpha: float = _field(0.5, GROUP_OPTIMIZER, "SANER's weight on the chosen group's gradient components; 1 is SAM")
+  alpha_warmup_epochs: int = _field(50, GROUP_SCHEDULE, "SANER's alpha goes from 1 to --alpha over these epochs")
+  saner_group: str = _field(
+    "B", GROUP_OPTIMIZER, "the gradient group SANER reweights; the paper's is B", ("A", "B", "C")
+  )
+  saner_params: str = _field(
+    "all",
+    GROUP_OPTIMIZER,
+    "the parameters SANER reweights; head: the classifier's Dense layer only (the authors' SANERLAST), "
+    "the rest keep SAM's gradient",
+    SANER_PARAMS,
+  )
+  substitute_groups: str | None = _field(
+    None,
+    GROUP_OPTIMIZER,
+    "the paper's mechanism ablation, instead of SANER: the clean gradient on these groups, letters from ABC "
+    "(B: the paper's SGD-GrB)",
+  )
+  substitute_outside: bool = _field(
+    False, GROUP_OPTIMIZER, "with --substitute_groups: SAM's gradient on those groups only, the clean one elsewhere"
+  )
+  rho: float = _field(0.1, GROUP_OPTIMIZER, "the SAM-family perturbation radius")
+  asam_eta: float = _field(0.0, GROUP_OPTIMIZER, "ASAM's eta")
+  fsam_sigma: float = _field(1.0, GROUP_OPTIMIZER, "Friendly SAM's sigma")
+  fsam_lmbda: float = _field(0.9, GROUP_OPTIMIZER, "Friendly SAM's lambda, the EMA decay of its gradient trend")
+  vasso_theta: float = _field(0.2, GROUP_OPTIMIZER, "VaSSO's theta, the weight of the newest gradient in its average")
+  gsam_alpha: float = _field(
+    0.01, GROUP_OPTIMIZER, "GSAM's alpha, the share of the clean gradient's part orthogonal to SAM's removed"
+  )
+  m_sharpness: int = _field(1, GROUP_OPTIMIZER, "perturb each of this many slices of a batch with its own gradient")
+  perturbation_mode: str = _field(
+    "synced",
+    GROUP_PARALLEL,
+    "synced: one perturbation from the global-batch gradient, the single-device algorithm on any number of "
+    "devices; per_device: each device's shard perturbed with its own gradient (m-sharpness with m = devices x "
+    "--m_sharpness). SGD ignores it",
+    PERTURBATION_MODES,
+  )
+  grad_accum_steps: int = _field(
+    1, GROUP_PARALLEL, "micro-batches per step: one perturbation from their summed clean gradient, one's memory"
+  )
+  pipeline: str = _field(
+    "none",
+    GROUP_PIPELINES,
+    "a noise-robust training pipeline (docs/pipelines.md); none: plain training. Each pipeline's fields "
+    "below default to the authors' values and may only be set with their pipeline",
+    _owned("pipelines", "PIPELINES"),
+  )
+  pipeline_warmup_epochs: int = _field(10, GROUP_PIPELINES, "dividemix, plc: epochs of plain training first")
+  bootstrap_beta: float = _field(0.8, GROUP_PIPELINES, "bootstrap: the weight of the given label")
+  forget_rate: float = _field(0.2, GROUP_PIPELINES, "co_teaching: the final share of each batch dropped")
+  num_gradual: int = _field(10, GROUP_PIPELINES, "co_teaching: epochs to reach --forget_rate")
+  forget_exponent: float = _field(1.0, GROUP_PIPELINES, "co_teaching: the shape of that ramp")
+  p_threshold: float = _field(0.5, GROUP_PIPELINES, "dividemix: the clean probability above which a sample is labelled")
+  lambda_u: float = _field(25.0, GROUP_PIPELINES, "dividemix: the weight of the unlabelled loss")
+  sharpen_temperature: float = _field(0.5, GROUP_PIPELINES, "dividemix: the temperature T of the sharpening")
+  mixup_alpha: float = _field(4.0, GROUP_PIPELINES, "dividemix: Beta(alpha, alpha) of the mixup weight")
+  tau_start: float = _field(0.9, GROUP_PIPELINES, "plc: the first correction threshold (a log-probability gap)")
+  tau_end: float = _field(0.5, GROUP_PIPELINES, "plc: the lowest threshold")
+  tau_step: float = _field(0.05, GROUP_PIPELINES, "plc: the decrease after each correction")
+  jo_alpha: float = _field(1.2, GROUP_PIPELINES, "joint_optimization: the weight of the prior term L_p")
+  jo_beta: float = _field(0.8, GROUP_PIPELINES, "joint_optimization: the weight of the entropy term L_e")
+  jo_window: int = _field(10, GROUP_PIPELINES, "joint_optimization: epochs of predictions averaged into a soft label")
+  jo_update_start: int = _field(
+    103, GROUP_PIPELINES, "joint_optimization: the first epoch whose end updates the labels"
+  )
+  jo_stage1_epochs: int | None = _field(
+    None, GROUP_PIPELINES, "joint_optimization: stage-1 epochs, the rest retrain; none: half of --epochs"
+  )
+  lr: float = _field(0.1, GROUP_OPTIMIZER, "the peak learning rate")
+  lr_schedule: str = _field("multistep", GROUP_SCHEDULE, "the learning-rate schedule", LR_SCHEDULES)
+  lr_milestones: tuple[float, ...] = _field(
+    (0.5, 0.75), GROUP_SCHEDULE, "multistep: the fractions of training at which the lr decays, comma-separated"
+  )
+  lr_decay: float = _field(0.1, GROUP_SCHEDULE, "multistep: the factor of each decay")
+  momentum: float = _field(0.9, GROUP_OPTIMIZER, "SGD's momentum")
+  weight_decay: float = _field(5e-4, GROUP_OPTIMIZER, "L2 weight decay, added after SANER's reweighting")
+  batch_size: int = _field(128, GROUP_SCHEDULE, "the global training batch")
+  eval_batch_size: int = _field(1000, GROUP_SCHEDULE, "the evaluation batch")
+  epochs: int = _field(200, GROUP_SCHEDULE, "training epochs")
+  seed: int = _field(0, GROUP_OUTPUT, "the seed of the noise, the initialisation and the data order, in [0, 2**32)")
+  distributed: bool = _field(False, GROUP_PARALLEL, "call jax.distributed.initialize() first, for multi-host runs")
+  # Reruns, resumed runs and a comparison's later runs load compiled steps instead of compiling them.
+  compilation_cache: bool = _field(
+    True,
+    GROUP_OUTPUT,
+    "JAX's persistent compilation cache, under $SANER_JAX_CACHE_DIR or ~/.cache/saner_jax",
+  )
+  out_dir: str = _field(
+    "runs/default", GROUP_OUTPUT, "where the run writes its config, metrics, figures and checkpoints"
+  )
+  checkpoint: bool = _field(
+    True, GROUP_OUTPUT, "save an orbax checkpoint at the end of every epoch (needed for --resume)"
+  )
+  log_decomposition: bool = _field(
+    False, GROUP_DIAGNOSTICS, "log the clean/noisy gradient decomposition of a fixed probe batch every epoch"
+  )
+  sharpness_every: int = _field(
+    0,
+    GROUP_DIAGNOSTICS,
+    "log the Hessian's top eigenvalue and trace on the probe batch every N epochs and at the last; 0: never",
+  )
+  probe_examples: int = _field(256, GROUP_DIAGNOSTICS, "training examples in the probe batch, at most the training set")
+  sharpness_iterations: int = _field(20, GROUP_DIAGNOSTICS, "power iterations for the top eigenvalue")
+  hutchinson_samples: int = _field(10, GROUP_DIAGNOSTICS, "Hutchinson samples for the trace")
+  progress: str = _field(
+    "auto",
+    GROUP_OUTPUT,
+    "progress output; auto: a bar on a terminal, plain lines otherwise",
+    ("auto", "bar", "lines", "none"),
+  )
 
   def __post_init__(self):
     if isinstance(self.cpu_conv, bool):  # TrainConfig(cpu_conv=False), as before it had "auto"
@@ -187,7 +276,7 @@ class TrainConfig:
 
   def validate(self) -> TrainConfig:
     """Checks each field; raises ConfigError naming the flag."""
-    from saner_jax.train import data, models, noise  # the training layer's own deps
+    from saner_jax.train import models, noise  # the training layer's own deps
 
     def fail(field, message):
       raise ConfigError(f"--{field}: {message}")
@@ -196,17 +285,9 @@ class TrainConfig:
       if getattr(self, field) not in choices:
         fail(field, f"unknown value {getattr(self, field)!r}; choose one of {sorted(choices)}")
 
-    one_of("dataset", data.DATASETS)
-    one_of("model", models.MODELS)
-    one_of("optimizer", OPTIMIZERS)
-    one_of("lr_schedule", LR_SCHEDULES)
-    one_of("dtype", DTYPES)
-    one_of("saner_group", ("A", "B", "C"))
-    one_of("noise_mode", noise.MODES)
-    one_of("data_source", data.SOURCES)
-    one_of("progress", ("auto", "bar", "lines", "none"))
-    one_of("perturbation_mode", PERTURBATION_MODES)
-    one_of("cpu_conv", CPU_CONV_MODES)
+    for field in _FIELDS:
+      if choices(field):
+        one_of(field, choices(field))
     for field in _FLOAT_FIELDS:  # nan passes every comparison below, inf some of them
       if not math.isfinite(getattr(self, field)):
         fail(field, f"must be a finite number, got {getattr(self, field)}")
@@ -238,7 +319,6 @@ class TrainConfig:
       fail("alpha", f"must be >= 0, got {self.alpha}")
     if self.saner and self.optimizer == "sgd":
       fail("saner", "SANER reweights SAM's second gradient; it needs a SAM-family optimizer, not sgd")
-    one_of("saner_params", SANER_PARAMS)
     if self.saner_params != "all" and not self.uses_saner:
       fail(
         "saner_params", f"{self.saner_params!r} chooses where SANER acts; turn SANER on (--optimizer saner or --saner)"
@@ -311,10 +391,6 @@ class TrainConfig:
       )
 
   def _validate_pipeline(self, fail) -> None:
-    from saner_jax.train.pipelines import PIPELINES
-
-    if self.pipeline not in PIPELINES:
-      fail("pipeline", f"unknown value {self.pipeline!r}; choose one of {sorted(PIPELINES)}")
     for field, owners in PIPELINE_FIELDS.items():
       if self.pipeline not in owners and getattr(self, field) != _FIELDS[field].default:
         fail(
@@ -509,11 +585,49 @@ def _load_with_bases(path: pathlib.Path, children: tuple[pathlib.Path, ...]) -> 
   return {**_load_with_bases(base_path, chain), **values}
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-  """One ``--field`` flag per config field, all defaulting to "not given"."""
-  parser.add_argument("--config", help="a YAML config file or a preset name")
-  for name in _FIELDS:
-    parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE")
+_METAVARS = {int: "INT", float: "FLOAT", bool: "BOOL", str: "TEXT"}
+
+
+def _flag_help(field: dataclasses.Field) -> str:
+  """``help`` (one of: ...; default: ...), with argparse's % escaped."""
+  allowed = choices(field.name)
+  default = field.default
+  if isinstance(default, tuple):
+    default = ",".join(str(v) for v in default)
+  elif isinstance(default, bool) or default is None:
+    default = str(default).lower()
+  parts = ([f"one of: {', '.join(allowed)}"] if allowed else []) + [f"default: {default}"]
+  return f"{field.metadata['help']} ({'; '.join(parts)})".replace("%", "%%")
+
+
+def _metavar(name: str) -> str:
+  if choices(name):
+    return "NAME"
+  hint = _TYPES[name]
+  args = typing.get_args(hint)
+  if typing.get_origin(hint) is tuple:
+    return "FLOAT,..."
+  base = next((a for a in args if a is not type(None)), hint)
+  return _METAVARS[base] + ("|none" if type(None) in args else "")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> dict[str, Any]:
+  """``--config`` and one ``--field`` flag per config field, listed by topic and all defaulting to "not given".
+
+  Returns the argument groups by title, for a command's own flags to join.
+  """
+  groups = {title: parser.add_argument_group(title) for title in GROUPS}
+  groups[GROUP_OUTPUT].add_argument(
+    "--config",
+    metavar="FILE|PRESET",
+    help="a YAML config file, or a preset of saner_jax/train/configs such as fashion_mnist_quick or "
+    "paper/cifar10_sym25_resnet18; the flags override its values",
+  )
+  for name, field in _FIELDS.items():
+    groups[field.metadata["group"]].add_argument(
+      f"--{name}", dest=name, default=argparse.SUPPRESS, metavar=_metavar(name), help=_flag_help(field)
+    )
+  return groups
 
 
 def from_args(args: argparse.Namespace) -> TrainConfig:
