@@ -47,6 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without installing the package
   sys.path.insert(0, ROOT)
 
+from saner_jax.train import data as data_lib
 from saner_jax.train import models, pipeline, reporting
 from saner_jax.train import step as step_lib
 from saner_jax.train.config import TrainConfig
@@ -80,10 +81,7 @@ def build(method: str, args) -> tuple[Any, Any, tuple]:
   optimizer = step_lib.build_optimizer(config, steps_per_epoch)
   state = step_lib.init_state(model, optimizer, jax.random.key(0), (args.image_size, args.image_size, 3))
   step = jax.jit(
-    step_lib.make_train_step(
-      model, optimizer, config, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), flip=True, crop_padding=4
-    ),
-    donate_argnums=(0, 1),
+    step_lib.make_train_step(model, optimizer, config, data_lib.get_spec("cifar10")), donate_argnums=(0, 1)
   )
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (args.dataset_size, args.image_size, args.image_size, 3), np.uint8)

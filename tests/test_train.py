@@ -116,6 +116,101 @@ def test_compare_help_explains_its_own_flags(capsys, monkeypatch):
   assert "  --resume " not in out
 
 
+# One case per check, with its whole message: validate's checks are split by
+# topic, and a user reads these lines, so their wording is pinned.
+@pytest.mark.parametrize(
+  "values, message",
+  [
+    (
+      dict(dataset="cifar11"),
+      "--dataset: unknown value 'cifar11'; choose one of ['cifar10', 'cifar100', 'cifar100_n', 'cifar10_n', 'fashion_mnist', 'mnist', 'svhn_cropped']",
+    ),
+    (dict(lr=float("nan")), "--lr: must be a finite number, got nan"),
+    (dict(seed=-1), "--seed: must be in [0, 2**32), got -1"),
+    (dict(noise_rate=1.5), "--noise_rate: must be in [0, 1], got 1.5"),
+    (dict(noise_rate=0.95), "--noise_rate: symmetric noise on 10 classes is defined up to 0.9, got 0.95"),
+    (
+      dict(noise_mode="asymmetric", dataset="svhn_cropped"),
+      "--noise_mode: no asymmetric noise map for dataset 'svhn_cropped'; maps exist for ['cifar10', 'cifar100', 'cifar100_n', 'cifar10_n', 'fashion_mnist', 'mnist']. Use mode='pair_flip' or 'symmetric', or pass dataset= with one of those.",
+    ),
+    (
+      dict(noise_mode="real"),
+      "--noise_mode: 'real' needs human labels; fashion_mnist has none (use cifar10_n or cifar100_n)",
+    ),
+    (
+      dict(dataset="cifar10_n", noise_mode="real", noise_label_key="x"),
+      "--noise_label_key: cifar10_n has ['worse_label', 'aggre_label', 'random_label1', 'random_label2', 'random_label3'], got 'x'",
+    ),
+    (dict(alpha=1.5), "--alpha: must be in [0, 1] for group B, got 1.5"),
+    (dict(alpha=-1.0, saner_group="A"), "--alpha: must be >= 0, got -1.0"),
+    (
+      dict(optimizer="sgd", saner=True),
+      "--saner: SANER reweights SAM's second gradient; it needs a SAM-family optimizer, not sgd",
+    ),
+    (
+      dict(optimizer="sam", saner_params="head"),
+      "--saner_params: 'head' chooses where SANER acts; turn SANER on (--optimizer saner or --saner)",
+    ),
+    (dict(rho=-0.1), "--rho: must be >= 0, got -0.1"),
+    (dict(lr=-1.0), "--lr: must be >= 0, got -1.0"),
+    (dict(momentum=1.5), "--momentum: must be in [0, 1], got 1.5"),
+    (dict(vasso_theta=-0.1), "--vasso_theta: must be in [0, 1], got -0.1"),
+    (dict(substitute_outside=True), "--substitute_outside: needs --substitute_groups, e.g. B"),
+    (
+      dict(optimizer="sam", substitute_groups=""),
+      "--substitute_groups: is empty, which substitutes nothing; give letters from ABC or leave it out",
+    ),
+    (
+      dict(substitute_groups="B"),
+      "--substitute_groups: replaces SANER's reweighting; use --optimizer sam (or another SAM variant) without SANER",
+    ),
+    (
+      dict(optimizer="sgd", substitute_groups="B"),
+      "--substitute_groups: substitutes SAM's second gradient; it needs a SAM-family optimizer, not sgd",
+    ),
+    (dict(batch_size=0), "--batch_size: must be >= 1, got 0"),
+    (dict(epochs=0), "--epochs: must be >= 1, got 0"),
+    (dict(alpha_warmup_epochs=-1), "--alpha_warmup_epochs: must be >= 0, got -1"),
+    (dict(lr_decay=-0.1), "--lr_decay: must be >= 0, got -0.1"),
+    (dict(m_sharpness=3), "--m_sharpness: must divide batch_size 128, got 3"),
+    (dict(grad_accum_steps=3), "--grad_accum_steps: m_sharpness x grad_accum_steps = 1 x 3 must divide batch_size 128"),
+    (dict(lr_milestones=(0.5, 1.0)), "--lr_milestones: must be fractions of training in (0, 1), got (0.5, 1.0)"),
+    (dict(train_examples=0), "--train_examples: must be in [1, 60000], the size of fashion_mnist's train split; got 0"),
+    (
+      dict(test_examples=10**6),
+      "--test_examples: must be in [1, 10000], the size of fashion_mnist's test split; got 1000000",
+    ),
+    (dict(train_examples=100, batch_size=128), "--batch_size: 128 exceeds the 100 training examples"),
+    (dict(sharpness_every=-1), "--sharpness_every: must be >= 0 (0: never), got -1"),
+    (dict(probe_examples=0), "--probe_examples: must be >= 1, got 0"),
+    (
+      dict(forget_rate=0.5),
+      "--forget_rate: applies to --pipeline co_teaching only, not 'none'; drop it or set --pipeline",
+    ),
+    (dict(pipeline="co_teaching", forget_rate=1.0), "--forget_rate: must be in [0, 1), got 1.0"),
+    (dict(pipeline="bootstrap", bootstrap_beta=2.0), "--bootstrap_beta: must be in [0, 1], got 2.0"),
+    (dict(pipeline="co_teaching", num_gradual=-1), "--num_gradual: must be >= 0, got -1"),
+    (dict(pipeline="dividemix", mixup_alpha=0.0), "--mixup_alpha: must be > 0, got 0.0"),
+    (dict(pipeline="plc", tau_end=0.95), "--tau_end: must be <= tau_start 0.9, got 0.95"),
+    (dict(pipeline="joint_optimization", jo_window=0), "--jo_window: must be >= 1, got 0"),
+    (
+      dict(pipeline="joint_optimization", jo_stage1_epochs=200),
+      "--jo_stage1_epochs: must leave both stages an epoch: in [1, 199], got 200",
+    ),
+    (dict(pipeline="dividemix", lambda_u=-1.0), "--lambda_u: must be >= 0, got -1.0"),
+    (
+      dict(pipeline="nope"),
+      "--pipeline: unknown value 'nope'; choose one of ['bootstrap', 'co_teaching', 'dividemix', 'joint_optimization', 'none', 'plc']",
+    ),
+    (dict(saner_params="last"), "--saner_params: unknown value 'last'; choose one of ['all', 'head']"),
+  ],
+)
+def test_validate_names_the_flag_and_the_fix(values, message):
+  with pytest.raises(ConfigError) as error:
+    config_lib.from_mapping(values).validate()
+  assert str(error.value) == message
+
+
 def test_unknown_flag_is_rejected_by_name(capsys):
   with pytest.raises(SystemExit) as exit_info:
     cli.main(["--learning_rate", "0.1"])
@@ -287,7 +382,7 @@ def test_evaluation_is_one_call_over_the_whole_test_set():
   import jax
   import jax.numpy as jnp
 
-  from saner_jax.train import models
+  from saner_jax.train import data, models
 
   cfg = TrainConfig(model="resnet8", eval_batch_size=4)
   model = models.create_model("resnet8", 10)
@@ -297,7 +392,8 @@ def test_evaluation_is_one_call_over_the_whole_test_set():
   predictions = jnp.argmax(model.apply({"params": params, "batch_stats": batch_stats}, x, train=False), -1)
   labels = predictions.at[:3].set((predictions[:3] + 1) % 10)  # three wrong, nine right
   valid = jnp.arange(12) < 10  # the last two are padding: predicted right, not counted
-  evaluate = jax.jit(step_lib.make_eval_step(model, cfg, mean=0.5, std=0.25))
+  spec = dataclasses.replace(data.get_spec("fashion_mnist"), mean=(0.5,), std=(0.25,))
+  evaluate = jax.jit(step_lib.make_eval_step(model, cfg, spec))
   assert int(evaluate(params, batch_stats, images, labels, valid)) == 7
   with pytest.raises(ValueError, match="do not split into batches of 4"):
     evaluate(params, batch_stats, images[:10], labels[:10], valid[:10])

@@ -16,7 +16,7 @@ import math
 import pathlib
 import typing
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -71,6 +71,22 @@ def choices(field: str) -> tuple[str, ...]:
   """The allowed values of a config field, or () where any value of its type goes."""
   values = _FIELDS[field].metadata["choices"]
   return tuple(values() if callable(values) else values)
+
+
+def _fail(field: str, message: str) -> NoReturn:
+  raise ConfigError(f"--{field}: {message}")
+
+
+def _at_least(config: TrainConfig, low: int, *fields: str) -> None:
+  for field in fields:
+    if getattr(config, field) < low:
+      _fail(field, f"must be >= {low}, got {getattr(config, field)}")
+
+
+def _in_unit_interval(config: TrainConfig, *fields: str) -> None:
+  for field in fields:
+    if not 0.0 <= getattr(config, field) <= 1.0:
+      _fail(field, f"must be in [0, 1], got {getattr(config, field)}")
 
 
 @dataclasses.dataclass
@@ -275,152 +291,134 @@ class TrainConfig:
     return f"{name}_head" if self.uses_saner and self.saner_params == "head" else name
 
   def validate(self) -> TrainConfig:
-    """Checks each field; raises ConfigError naming the flag."""
-    from saner_jax.train import models, noise  # the training layer's own deps
+    """Checks each field, topic by topic; raises ConfigError naming the flag."""
+    self._check_choices_and_numbers()
+    spec = self.spec
+    self._check_noise(spec)
+    self._check_optimizer()
+    self._check_substitution()
+    self._check_batches_and_schedule(spec)
+    self._check_model_and_diagnostics(spec)
+    self._check_pipeline()
+    return self
 
-    def fail(field, message):
-      raise ConfigError(f"--{field}: {message}")
-
-    def one_of(field, choices):
-      if getattr(self, field) not in choices:
-        fail(field, f"unknown value {getattr(self, field)!r}; choose one of {sorted(choices)}")
-
+  def _check_choices_and_numbers(self) -> None:
     for field in _FIELDS:
-      if choices(field):
-        one_of(field, choices(field))
+      allowed = choices(field)
+      if allowed and getattr(self, field) not in allowed:
+        _fail(field, f"unknown value {getattr(self, field)!r}; choose one of {sorted(allowed)}")
     for field in _FLOAT_FIELDS:  # nan passes every comparison below, inf some of them
       if not math.isfinite(getattr(self, field)):
-        fail(field, f"must be a finite number, got {getattr(self, field)}")
+        _fail(field, f"must be a finite number, got {getattr(self, field)}")
     if not 0 <= self.seed < 2**32:
-      fail("seed", f"must be in [0, 2**32), got {self.seed}")
-    if not 0.0 <= self.noise_rate <= 1.0:
-      fail("noise_rate", f"must be in [0, 1], got {self.noise_rate}")
-    info = self.spec
+      _fail("seed", f"must be in [0, 2**32), got {self.seed}")
+
+  def _check_noise(self, spec) -> None:
+    from saner_jax.train import noise
+
+    _in_unit_interval(self, "noise_rate")
     if self.noise_mode not in ("none", "real"):
-      highest = noise.max_rate(self.noise_mode, info.num_classes)
+      highest = noise.max_rate(self.noise_mode, spec.num_classes)
       if self.noise_rate > highest:
-        fail(
+        _fail(
           "noise_rate",
-          f"{self.noise_mode} noise on {info.num_classes} classes is defined up to {highest:.3g}, got {self.noise_rate}",
+          f"{self.noise_mode} noise on {spec.num_classes} classes is defined up to {highest:.3g}, got {self.noise_rate}",
         )
     if self.noise_mode == "asymmetric":
       try:
         noise.asymmetric_map(self.dataset)
       except ValueError as e:
-        fail("noise_mode", str(e))
+        _fail("noise_mode", str(e))
     if self.noise_mode == "real":
-      if not info.noisy_label_keys:
-        fail("noise_mode", f"'real' needs human labels; {self.dataset} has none (use cifar10_n or cifar100_n)")
-      if self.noise_label_key not in info.noisy_label_keys:
-        fail("noise_label_key", f"{self.dataset} has {list(info.noisy_label_keys)}, got {self.noise_label_key!r}")
+      if not spec.noisy_label_keys:
+        _fail("noise_mode", f"'real' needs human labels; {self.dataset} has none (use cifar10_n or cifar100_n)")
+      if self.noise_label_key not in spec.noisy_label_keys:
+        _fail("noise_label_key", f"{self.dataset} has {list(spec.noisy_label_keys)}, got {self.noise_label_key!r}")
+
+  def _check_optimizer(self) -> None:
     if self.saner_group == "B" and not 0.0 <= self.alpha <= 1.0:
-      fail("alpha", f"must be in [0, 1] for group B, got {self.alpha}")
-    if self.alpha < 0:
-      fail("alpha", f"must be >= 0, got {self.alpha}")
+      _fail("alpha", f"must be in [0, 1] for group B, got {self.alpha}")
+    _at_least(self, 0, "alpha")
     if self.saner and self.optimizer == "sgd":
-      fail("saner", "SANER reweights SAM's second gradient; it needs a SAM-family optimizer, not sgd")
+      _fail("saner", "SANER reweights SAM's second gradient; it needs a SAM-family optimizer, not sgd")
     if self.saner_params != "all" and not self.uses_saner:
-      fail(
+      _fail(
         "saner_params", f"{self.saner_params!r} chooses where SANER acts; turn SANER on (--optimizer saner or --saner)"
       )
-    self._validate_substitution(fail)
-    for field in ("rho", "asam_eta", "fsam_sigma", "gsam_alpha", "lr", "weight_decay", "lr_decay"):
-      if getattr(self, field) < 0:
-        fail(field, f"must be >= 0, got {getattr(self, field)}")
-    for field in ("momentum", "fsam_lmbda", "vasso_theta"):
-      if not 0.0 <= getattr(self, field) <= 1.0:
-        fail(field, f"must be in [0, 1], got {getattr(self, field)}")
-    if self.sharpness_every < 0:
-      fail("sharpness_every", f"must be >= 0 (0: never), got {self.sharpness_every}")
-    for field in (
-      "batch_size",
-      "eval_batch_size",
-      "epochs",
-      "m_sharpness",
-      "grad_accum_steps",
-      "probe_examples",
-      "sharpness_iterations",
-      "hutchinson_samples",
-    ):
-      if getattr(self, field) < 1:
-        fail(field, f"must be >= 1, got {getattr(self, field)}")
-    if self.alpha_warmup_epochs < 0:
-      fail("alpha_warmup_epochs", f"must be >= 0, got {self.alpha_warmup_epochs}")
+    _at_least(self, 0, "rho", "asam_eta", "fsam_sigma", "gsam_alpha", "lr", "weight_decay")
+    _in_unit_interval(self, "momentum", "fsam_lmbda", "vasso_theta")
+
+  def _check_substitution(self) -> None:
+    from saner_jax.saner import _check_groups
+
+    if self.substitute_groups is None:
+      if self.substitute_outside:
+        _fail("substitute_outside", "needs --substitute_groups, e.g. B")
+      return
+    try:
+      _check_groups(self.substitute_groups, self.substitute_outside)
+    except (TypeError, ValueError) as e:
+      _fail("substitute_groups", str(e))
+    if not self.substitute_groups and not self.substitute_outside:
+      _fail("substitute_groups", "is empty, which substitutes nothing; give letters from ABC or leave it out")
+    if self.perturbation == "sgd":
+      _fail("substitute_groups", "substitutes SAM's second gradient; it needs a SAM-family optimizer, not sgd")
+    if self.uses_saner:
+      _fail(
+        "substitute_groups", "replaces SANER's reweighting; use --optimizer sam (or another SAM variant) without SANER"
+      )
+
+  def _check_batches_and_schedule(self, spec) -> None:
+    _at_least(self, 1, "batch_size", "eval_batch_size", "epochs", "m_sharpness", "grad_accum_steps")
+    _at_least(self, 0, "alpha_warmup_epochs", "lr_decay")
     if self.batch_size % self.m_sharpness:
-      fail("m_sharpness", f"must divide batch_size {self.batch_size}, got {self.m_sharpness}")
+      _fail("m_sharpness", f"must divide batch_size {self.batch_size}, got {self.m_sharpness}")
     if self.batch_size % (self.m_sharpness * self.grad_accum_steps):
-      fail(
+      _fail(
         "grad_accum_steps",
         f"m_sharpness x grad_accum_steps = {self.m_sharpness} x {self.grad_accum_steps} "
         f"must divide batch_size {self.batch_size}",
       )
     if any(not 0.0 < m < 1.0 for m in self.lr_milestones):
-      fail("lr_milestones", f"must be fractions of training in (0, 1), got {self.lr_milestones}")
+      _fail("lr_milestones", f"must be fractions of training in (0, 1), got {self.lr_milestones}")
     for field, split in (("train_examples", "train"), ("test_examples", "test")):
       value = getattr(self, field)
-      if value is not None and not 1 <= value <= info.sizes[split]:
-        fail(field, f"must be in [1, {info.sizes[split]}], the size of {self.dataset}'s {split} split; got {value}")
-    train_size = self.train_examples or info.sizes["train"]
+      if value is not None and not 1 <= value <= spec.sizes[split]:
+        _fail(field, f"must be in [1, {spec.sizes[split]}], the size of {self.dataset}'s {split} split; got {value}")
+    train_size = self.train_examples or spec.sizes["train"]
     if self.batch_size > train_size:
-      fail("batch_size", f"{self.batch_size} exceeds the {train_size} training examples")
+      _fail("batch_size", f"{self.batch_size} exceeds the {train_size} training examples")
+
+  def _check_model_and_diagnostics(self, spec) -> None:
+    from saner_jax.train import models
+
     try:
-      models.check_input(self.model, info.image_shape)
+      models.check_input(self.model, spec.image_shape)
     except ValueError as e:
-      fail("model", str(e))
-    self._validate_pipeline(fail)
-    return self
+      _fail("model", str(e))
+    if self.sharpness_every < 0:
+      _fail("sharpness_every", f"must be >= 0 (0: never), got {self.sharpness_every}")
+    _at_least(self, 1, "probe_examples", "sharpness_iterations", "hutchinson_samples")
 
-  def _validate_substitution(self, fail) -> None:
-    from saner_jax.saner import _check_groups
-
-    if self.substitute_groups is None:
-      if self.substitute_outside:
-        fail("substitute_outside", "needs --substitute_groups, e.g. B")
-      return
-    try:
-      _check_groups(self.substitute_groups, self.substitute_outside)
-    except (TypeError, ValueError) as e:
-      fail("substitute_groups", str(e))
-    if not self.substitute_groups and not self.substitute_outside:
-      fail("substitute_groups", "is empty, which substitutes nothing; give letters from ABC or leave it out")
-    if self.perturbation == "sgd":
-      fail("substitute_groups", "substitutes SAM's second gradient; it needs a SAM-family optimizer, not sgd")
-    if self.uses_saner:
-      fail(
-        "substitute_groups", "replaces SANER's reweighting; use --optimizer sam (or another SAM variant) without SANER"
-      )
-
-  def _validate_pipeline(self, fail) -> None:
+  def _check_pipeline(self) -> None:
     for field, owners in PIPELINE_FIELDS.items():
       if self.pipeline not in owners and getattr(self, field) != _FIELDS[field].default:
-        fail(
+        _fail(
           field, f"applies to --pipeline {' or '.join(owners)} only, not {self.pipeline!r}; drop it or set --pipeline"
         )
     if not 0.0 <= self.forget_rate < 1.0:
-      fail("forget_rate", f"must be in [0, 1), got {self.forget_rate}")
-    for field in ("bootstrap_beta", "p_threshold"):
-      if not 0.0 <= getattr(self, field) <= 1.0:
-        fail(field, f"must be in [0, 1], got {getattr(self, field)}")
-    for field in (
-      "pipeline_warmup_epochs",
-      "num_gradual",
-      "forget_exponent",
-      "lambda_u",
-      "tau_step",
-      "jo_alpha",
-      "jo_beta",
-    ):
-      if getattr(self, field) < 0:
-        fail(field, f"must be >= 0, got {getattr(self, field)}")
+      _fail("forget_rate", f"must be in [0, 1), got {self.forget_rate}")
+    _in_unit_interval(self, "bootstrap_beta", "p_threshold")
+    _at_least(self, 0, "pipeline_warmup_epochs", "num_gradual", "forget_exponent", "lambda_u", "tau_step")
+    _at_least(self, 0, "jo_alpha", "jo_beta")
+    _at_least(self, 1, "jo_window")
     for field in ("sharpen_temperature", "mixup_alpha"):
       if getattr(self, field) <= 0:
-        fail(field, f"must be > 0, got {getattr(self, field)}")
+        _fail(field, f"must be > 0, got {getattr(self, field)}")
     if self.tau_end > self.tau_start:
-      fail("tau_end", f"must be <= tau_start {self.tau_start}, got {self.tau_end}")
-    if self.jo_window < 1:
-      fail("jo_window", f"must be >= 1, got {self.jo_window}")
+      _fail("tau_end", f"must be <= tau_start {self.tau_start}, got {self.tau_end}")
     if self.pipeline == "joint_optimization" and not 1 <= self.jo_stage1_epochs_resolved < self.epochs:
-      fail(
+      _fail(
         "jo_stage1_epochs", f"must leave both stages an epoch: in [1, {self.epochs - 1}], got {self.jo_stage1_epochs}"
       )
 

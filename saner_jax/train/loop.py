@@ -322,21 +322,11 @@ def compile_steps(run: Run, objective: step_lib.Objective = step_lib.label_cross
 
   ``objective(logits, labels)`` is the training loss (default: cross-entropy).
   """
-  info = run.data.info
+  spec = run.data.info
   # Replicated outputs keep the state where the next step (and orbax's
   # restore, which copies the shardings of the state) expects it.
-  train_step = step_lib.make_train_step(
-    run.model,
-    run.optimizer,
-    run.config,
-    mean=info.mean,
-    std=info.std,
-    flip=info.flip,
-    crop_padding=info.crop_padding,
-    mesh=run.mesh,
-    objective=objective,
-  )
-  eval_step = step_lib.make_eval_step(run.model, run.config, mean=info.mean, std=info.std, mesh=run.mesh)
+  train_step = step_lib.make_train_step(run.model, run.optimizer, run.config, spec, mesh=run.mesh, objective=objective)
+  eval_step = step_lib.make_eval_step(run.model, run.config, spec, mesh=run.mesh)
   return Steps(
     train=jax.jit(train_step, donate_argnums=(0, 1), out_shardings=run.replicated),
     eval=jax.jit(eval_step),
@@ -397,10 +387,7 @@ def supervised(run: Run, objective: step_lib.Objective = step_lib.label_cross_en
   ``objective(logits, labels)`` is its loss (default: cross-entropy).
   """
   steps = compile_steps(run, objective)
-  info = run.data.info
-  measure = probe.make_probe(
-    run.config, run.optimizer, run.data.num_classes, run.data.train, mean=info.mean, std=info.std
-  )
+  measure = probe.make_probe(run.config, run.optimizer, run.data.num_classes, run.data.train, run.data.info)
 
   def epoch(state, epoch):
     state, fields = train_epoch(run, steps, state, epoch)

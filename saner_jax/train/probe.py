@@ -41,6 +41,7 @@ import saner_jax
 from saner_jax import analysis
 from saner_jax.train import pipeline
 from saner_jax.train.config import TrainConfig
+from saner_jax.train.data import DatasetSpec
 
 DECOMPOSITION_PREFIX = "decomp_"
 SHARPNESS_KEYS = ("sharpness_lambda_max", "sharpness_trace")
@@ -61,7 +62,7 @@ def _as_record(values: dict[str, Any], prefix: str = "") -> dict[str, float | No
 
 
 def make_probe(
-  config: TrainConfig, optimizer: Any, num_classes: int, data: pipeline.DeviceData, *, mean: Any, std: Any
+  config: TrainConfig, optimizer: Any, num_classes: int, data: pipeline.DeviceData, spec: DatasetSpec
 ) -> Callable[[Any, int], dict[str, float | None]]:
   """``measure(state, epoch) -> record entries``; an empty dict when nothing is logged."""
   from saner_jax.train import models
@@ -71,7 +72,7 @@ def make_probe(
     return lambda state, epoch: {}
   model = models.create_model(config.model, num_classes, dtype=config.compute_dtype)
   batch = pipeline.gather(data, jnp.asarray(probe_indices(config, data.size)))
-  images = pipeline.normalize(batch.images, mean, std, config.compute_dtype)
+  images = pipeline.normalize(batch.images, spec.mean, spec.std, config.compute_dtype)
   perturbation = optimizer.perturbation or saner_jax.sam(config.rho)
 
   def per_example(params: Any, batch_stats: Any) -> jax.Array:

@@ -28,6 +28,7 @@ import saner_jax
 from saner_jax import diagnostics, parallel
 from saner_jax.train import pipeline
 from saner_jax.train.config import TrainConfig
+from saner_jax.train.data import DatasetSpec
 
 
 class TrainState(NamedTuple):
@@ -179,12 +180,13 @@ def label_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return cross_entropy(logits, labels)
 
 
-def make_batch_fn(config: TrainConfig, *, mean, std, flip: bool, crop_padding: int, mesh: Mesh | None = None):
+def make_batch_fn(config: TrainConfig, spec: DatasetSpec, *, mesh: Mesh | None = None):
   """``batch(data, permutation, batch_index, key, step) -> (indices, batch, images)``.
 
   Gathers batch ``batch_index`` of the epoch's ``permutation`` (split over
   the mesh's ``"data"`` axis, so each device gathers its slice), augments it
-  with randomness from ``(key, step)`` and normalises it.
+  with randomness from ``(key, step)`` as ``spec`` allows (its crop padding,
+  its flip) and normalises it with the spec's mean and std.
   """
   mesh = parallel.data_mesh() if mesh is None else mesh
   batch_sharding = NamedSharding(mesh, P("data"))
@@ -194,8 +196,8 @@ def make_batch_fn(config: TrainConfig, *, mean, std, flip: bool, crop_padding: i
     batch = jax.lax.with_sharding_constraint(pipeline.gather(data, indices), batch_sharding)
     images = batch.images
     if config.augment:
-      images = pipeline.random_crop_flip(jax.random.fold_in(key, step), images, crop_padding, flip)
-    return indices, batch, pipeline.normalize(images, mean, std, config.compute_dtype)
+      images = pipeline.random_crop_flip(jax.random.fold_in(key, step), images, spec.crop_padding, spec.flip)
+    return indices, batch, pipeline.normalize(images, spec.mean, spec.std, config.compute_dtype)
 
   return batch_fn
 
@@ -293,11 +295,8 @@ def make_train_step(
   model: nn.Module,
   optimizer: Optimizer,
   config: TrainConfig,
+  spec: DatasetSpec,
   *,
-  mean,
-  std,
-  flip: bool,
-  crop_padding: int,
   mesh: Mesh | None = None,
   objective: Objective = label_cross_entropy,
 ) -> Callable:
@@ -305,9 +304,10 @@ def make_train_step(
 
   ``mesh`` (default: every device, :func:`saner_jax.data_mesh`) has the axis
   ``"data"`` the batch is split over; SGD ignores ``perturbation_mode``.
-  ``objective(logits, labels)`` is the loss (default: cross-entropy).
+  ``objective(logits, labels)`` is the loss (default: cross-entropy). ``spec``
+  is the dataset's: its augmentation and normalisation.
   """
-  batch_fn = make_batch_fn(config, mean=mean, std=std, flip=flip, crop_padding=crop_padding, mesh=mesh)
+  batch_fn = make_batch_fn(config, spec, mesh=mesh)
   update = make_update(model, optimizer, config, objective=objective, mesh=mesh)
 
   def step(state: TrainState, metrics, data: pipeline.DeviceData, permutation, batch_index, key):
@@ -318,7 +318,7 @@ def make_train_step(
   return step
 
 
-def make_eval_step(model: nn.Module, config: TrainConfig, *, mean, std, mesh: Mesh | None = None) -> Callable:
+def make_eval_step(model: nn.Module, config: TrainConfig, spec: DatasetSpec, *, mesh: Mesh | None = None) -> Callable:
   """``eval(params, batch_stats, images, labels, valid) -> correct count`` over a whole test set.
 
   One call evaluates every image: a ``lax.map`` over batches of
@@ -335,7 +335,7 @@ def make_eval_step(model: nn.Module, config: TrainConfig, *, mean, std, mesh: Me
     images, labels, valid = batch
     if sharding is not None:
       images = jax.lax.with_sharding_constraint(images, sharding)
-    x = pipeline.normalize(images, mean, std, config.compute_dtype)
+    x = pipeline.normalize(images, spec.mean, spec.std, config.compute_dtype)
     logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
     return jnp.sum((jnp.argmax(logits, -1) == labels) & valid)
 

@@ -70,10 +70,7 @@ def _zero_metrics(run, keys=()) -> dict[str, jax.Array]:
 
 
 def _batch_fn(run):
-  info = run.data.info
-  return step_lib.make_batch_fn(
-    run.config, mean=info.mean, std=info.std, flip=info.flip, crop_padding=info.crop_padding, mesh=run.mesh
-  )
+  return step_lib.make_batch_fn(run.config, run.data.info, mesh=run.mesh)
 
 
 def _init_nets(run, optimizer, networks: int, key=None):
@@ -144,8 +141,7 @@ def _epoch(run, step, state, epoch, keys=()):
 def _evaluate(run, networks: int):
   """``evaluate(nets) -> test accuracy`` of network 0."""
   loop = _loop()
-  info = run.data.info
-  eval_step = jax.jit(step_lib.make_eval_step(run.model, run.config, mean=info.mean, std=info.std, mesh=run.mesh))
+  eval_step = jax.jit(step_lib.make_eval_step(run.model, run.config, run.data.info, mesh=run.mesh))
   pick = _first if networks == 2 else (lambda tree: tree)
   return lambda nets: loop.evaluate(run, eval_step, pick(nets.params), pick(nets.batch_stats))
 
