@@ -156,6 +156,26 @@ ocp.handlers.JsonCheckpointHandler.async_save = hang_in_epoch_2
 sys.exit(cli.main(sys.argv[1:]))
 """
 
+# Run by the CLI subprocess of the full-disk test: from the save of epoch 2
+# on, the kernel refuses to let any file of the process grow past 4 KiB
+# (RLIMIT_FSIZE; with SIGXFSZ ignored a write fails with EFBIG, as one fails
+# with ENOSPC on a full disk), so TensorStore's write of the arrays fails.
+LIMIT_FROM_SAVE_2 = """
+import resource, signal, sys
+from saner_jax.train import checkpointing, cli
+
+original = checkpointing.save
+
+def limited_from_epoch_2(checkpoints, state, progress):
+  if progress.epoch == 2:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+  return original(checkpoints, state, progress)
+
+checkpointing.save = limited_from_epoch_2
+cli.run()
+"""
+
 
 @pytest.fixture(scope="module")
 def compilation_cache(tmp_path_factory) -> dict[str, str]:
@@ -300,6 +320,36 @@ def test_a_kill_during_a_save_keeps_the_previous_checkpoint_and_the_lock_dies_wi
   output = _finish(cli_run(run_dir, "--resume"))
   assert f"resumed {run_dir} after epoch 1" in output, output
   assert _results(run_dir) == _results(straight)
+
+
+def test_a_refused_checkpoint_write_is_one_line_and_resume_skips_the_partial_save(straight, cli_run, tmp_path):
+  run_dir = tmp_path / "run"
+  output = _finish(cli_run(run_dir, code=LIMIT_FROM_SAVE_2), code=1)
+  assert output.strip().splitlines()[-1] == (
+    f"error: cannot write the checkpoint of epoch 2 to {run_dir.absolute() / 'checkpoints'}: File too large "
+    "(its partial save is never restored); the checkpoint of epoch 1 is kept; "
+    f"once {run_dir} can be written again, "
+    f"continue with: python -m saner_jax.train --config {run_dir / 'config.yaml'} --resume"
+  ), output
+  assert [p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.isdigit()]  # the partial save is there
+  output = _finish(cli_run(run_dir, "--resume"))
+  assert f"resumed {run_dir} after epoch 1" in output, output
+  assert _results(run_dir) == _results(straight)
+
+
+def test_a_full_disk_for_the_logs_is_one_line_naming_the_problem(idx_dir, tmp_path, capsys):
+  """/dev/full refuses every write with ENOSPC: metrics.csv's temporary file points there."""
+  run_dir = tmp_path / "run"
+  run_dir.mkdir()
+  (run_dir / "metrics.csv.tmp").symlink_to("/dev/full")
+  flags = [f"--{k}={v}" for k, v in {**TINY, "epochs": 1, "data_dir": idx_dir, "out_dir": run_dir}.items()]
+  assert cli.main(flags) == 1
+  out = capsys.readouterr()
+  assert _one_error_line(out.err) == (
+    f"error: cannot write the logs of epoch 1 to {run_dir}: No space left on device; "
+    f"the checkpoint of epoch 1 is kept; once {run_dir} can be written again, "
+    f"continue with: python -m saner_jax.train --config {run_dir / 'config.yaml'} --resume"
+  )
 
 
 def test_ctrl_c_is_one_line_saying_what_is_kept_and_how_to_resume(cli_run, tmp_path):

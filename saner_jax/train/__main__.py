@@ -1,5 +1,3 @@
-import sys
+from saner_jax.train.cli import run
 
-from saner_jax.train.cli import main
-
-sys.exit(main())
+run()

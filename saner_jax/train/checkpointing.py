@@ -14,15 +14,22 @@ complete, so a save cut short by a kill is never taken for a checkpoint
 cannot parse, but array data with flipped bytes restores silently: the
 digest catches that. :func:`restore_latest` restores the newest checkpoint
 that reads and verifies, and moves newer, damaged ones aside, never
-deleting them.
+deleting them. A save the system refuses to write (a full disk, a quota, a
+file-size limit) raises :class:`WriteError`, and leaves only the temporary
+folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
+import os
 import pathlib
-from collections.abc import Callable, Mapping, Sequence
+import re
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -34,6 +41,73 @@ UNUSABLE_DIR = "unusable_checkpoints"  # where damaged checkpoints are moved, ne
 
 class CheckpointError(RuntimeError):
   """No checkpoint of a run can be restored; the message names each and why."""
+
+
+class WriteError(Exception):
+  """The system refused a write under ``path`` (a full disk, a quota, a file-size limit, ...).
+
+  Attributes:
+    path: the directory written to.
+    what: what was being written, e.g. "the checkpoint of epoch 3".
+    problem: the system's words, e.g. "No space left on device".
+    note: what became of the write, if anything needs saying.
+  """
+
+  def __init__(self, what: str, path: pathlib.Path, problem: str, note: str = ""):
+    super().__init__(f"cannot write {what} to {path}: {problem}" + (f" ({note})" if note else ""))
+    self.what, self.path, self.problem, self.note = what, path, problem, note
+
+
+def _refusal(error: BaseException | None) -> str | None:
+  """The system's words for the refused write behind ``error``, if one is: an OSError in its chain, or
+  TensorStore's report of one (a ValueError whose message ends ``[os_error_code='28']``)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError):
+      return error.strerror or str(error)
+    code = re.search(r"\[os_error_code='(\d+)'\]", str(error))
+    if code:
+      return os.strerror(int(code[1]))
+    error = error.__cause__ or error.__context__
+  return None
+
+
+@contextlib.contextmanager
+def refused_writes(what: str, path: pathlib.Path, note: str = "") -> Iterator[None]:
+  """Turns the system's refusal of a write in the block into a :class:`WriteError`; other errors pass."""
+  try:
+    yield
+  except Exception as e:
+    problem = _refusal(e)
+    if problem is None:
+      raise
+    raise WriteError(what, path, problem, note) from e
+
+
+class _NotRefusedWrites(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and _refusal(record.exc_info[1]))
+
+
+def quiet_refused_writes() -> None:
+  """Drops, for the rest of the process, the noise of a save the system refused, for a program that
+  reports the :class:`WriteError` itself in one line (the CLI).
+
+  Orbax's writer threads each log the refused write with a traceback
+  (through absl's logger), and the writes they abandon complain that their
+  event loop is closed (as unraisable exceptions), some of them after the
+  error has been reported; both are dropped, while other log records and
+  exceptions pass.
+  """
+  hook = sys.unraisablehook
+
+  def unraisable(u: Any) -> None:
+    if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+      hook(u)
+
+  logging.getLogger("absl").addFilter(_NotRefusedWrites())
+  sys.unraisablehook = unraisable
 
 
 class Progress(NamedTuple):
@@ -102,17 +176,23 @@ def save(checkpoints: ocp.CheckpointManager, state: Any, progress: Progress) -> 
 
   Every process calls it: orbax writes each array's shards from the
   processes that hold them.
+
+  Raises:
+    WriteError: the system refused a write; the checkpoint is left as
+      orbax's temporary folder, which is not a checkpoint.
   """
   meta = {**progress._asdict(), "history": list(progress.history)}
-  checkpoints.save(
-    progress.epoch,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      meta=ocp.args.JsonSave(meta),
-      digest=ocp.args.JsonSave({"sha256": digest(state, meta)}),
-    ),
-  )
-  checkpoints.wait_until_finished()
+  what, directory = f"the checkpoint of epoch {progress.epoch}", pathlib.Path(checkpoints.directory)
+  with refused_writes(what, directory, note="its partial save is never restored"):
+    checkpoints.save(
+      progress.epoch,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave(meta),
+        digest=ocp.args.JsonSave({"sha256": digest(state, meta)}),
+      ),
+    )
+    checkpoints.wait_until_finished()
 
 
 class _Unusable(Exception):

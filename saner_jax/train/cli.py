@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
   """Runs the command; returns the exit status (2 for a bad flag or config, 1 for other user errors).
 
   Errors that are the user's (flags, configs, data, an out_dir in use, a run
-  that diverged, no usable checkpoint) print one line; anything else is a
-  bug and raises with its traceback.
+  that diverged, a full disk, no usable checkpoint) print one line; anything
+  else is a bug and raises with its traceback.
   """
   from saner_jax.train import checkpointing, loop
 
@@ -195,5 +195,19 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The program (``python -m saner_jax.train``, ``saner-train``): exits with :func:`main`'s status.
+
+  Without ``--debug``, the noise of a save the system refused is dropped
+  for the life of the process (:func:`saner_jax.train.checkpointing.quiet_refused_writes`):
+  the error line says it all.
+  """
+  from saner_jax.train import checkpointing
+
+  if "--debug" not in sys.argv[1:]:
+    checkpointing.quiet_refused_writes()
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

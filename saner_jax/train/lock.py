@@ -23,7 +23,7 @@ from saner_jax.train.config import ConfigError
 LOCK_NAME = ".lock"
 
 
-def _unusable(out_dir: pathlib.Path, error: OSError) -> ConfigError:
+def unusable(out_dir: pathlib.Path, error: OSError) -> ConfigError:
   """The one-line error for an out_dir that cannot be created or written."""
   if out_dir.exists() and not out_dir.is_dir():
     problem = "it exists and is not a directory"
@@ -49,7 +49,7 @@ def hold(out_dir: str | os.PathLike) -> Iterator[None]:
     out_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
   except OSError as e:
-    raise _unusable(out_dir, e) from e
+    raise unusable(out_dir, e) from e
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -63,7 +63,7 @@ def hold(out_dir: str | os.PathLike) -> Iterator[None]:
       os.ftruncate(fd, 0)
       os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} (started {started})\n".encode(), 0)
     except OSError as e:  # a full disk
-      raise _unusable(out_dir, e) from e
+      raise unusable(out_dir, e) from e
     yield
   finally:
     os.close(fd)  # releases the lock

@@ -226,7 +226,10 @@ def _claim_out_dir(config: TrainConfig, resume: bool) -> pathlib.Path:
     multihost_utils.sync_global_devices("saner_jax: out_dir checked")
   out_dir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    try:
+      (out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    except OSError as e:  # a full disk
+      raise lock.unusable(out_dir, e) from e
   return out_dir
 
 
@@ -453,11 +456,14 @@ def save(run: Run, checkpoints: Any, state: Any, progress: checkpointing.Progres
 
   Every process calls it (orbax writes from each); ``logs`` is the
   :class:`saner_jax.train.reporting.MetricsLog` on process 0, None elsewhere.
+  Raises :class:`saner_jax.train.checkpointing.WriteError` where the system
+  refuses a write.
   """
   if checkpoints is not None:
     checkpointing.save(checkpoints, state, progress)
   if logs is not None:
-    logs.write(progress.history)
+    with checkpointing.refused_writes(f"the logs of epoch {progress.epoch}", run.out_dir):
+      logs.write(progress.history)
   if run.display != "none":
     print(reporting.epoch_line(progress.history[-1], run.config.epochs), flush=True)
 
@@ -482,8 +488,9 @@ def summarise(run: Run, progress: checkpointing.Progress) -> dict[str, Any]:
     "convolutions": run.convolutions.path,
   }
   if run.primary:
-    (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
-    reporting.plot_run(history, run.out_dir / "curves.png", title=config.run_name)
+    with checkpointing.refused_writes("the summary", run.out_dir):
+      (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+      reporting.plot_run(history, run.out_dir / "curves.png", title=config.run_name)
   return summary
 
 
@@ -509,7 +516,7 @@ def recipe_of(config: TrainConfig) -> Callable[[Run], Recipe]:
 
 
 class RunStopped(Exception):
-  """A run ended early in a way its user can act on: it diverged or was interrupted.
+  """A run ended early in a way its user can act on: it diverged, was interrupted or could not write.
 
   The message says which checkpoint is kept and what to do; ``exit_code`` is
   the CLI's exit status (130 after Ctrl-C, as a shell reports SIGINT).
@@ -521,23 +528,26 @@ class RunStopped(Exception):
 
 
 def _stopped(run: Run, epoch: int, cause: BaseException) -> RunStopped:
-  """What a diverged or interrupted ``epoch`` leaves, as one message."""
+  """What a diverged, interrupted or unwritable ``epoch`` leaves, as one message."""
   interrupted = isinstance(cause, KeyboardInterrupt)
+  unwritable = isinstance(cause, checkpointing.WriteError)
   what = f"interrupted in epoch {epoch}" if interrupted else str(cause)
+  code = 130 if interrupted else 1
   kept = checkpointing.completed_epochs(run.out_dir) if run.config.checkpoint else []
+  once = f"once {run.out_dir} can be written again, " if unwritable else ""
   if kept:
     todo = (
-      f"continue with: python -m saner_jax.train --config {run.out_dir / 'config.yaml'} --resume"
-      if interrupted
+      f"{once}continue with: python -m saner_jax.train --config {run.out_dir / 'config.yaml'} --resume"
+      if interrupted or unwritable
       else "start a new --out_dir with a lower --lr or --rho"
     )
-    return RunStopped(f"{what}; the checkpoint of epoch {kept[-1]} is kept; {todo}", 130 if interrupted else 1)
+    return RunStopped(f"{what}; the checkpoint of epoch {kept[-1]} is kept; {todo}", code)
   if not run.config.checkpoint and epoch > 1:
     return RunStopped(f"{what}; the logs of epochs 1-{epoch - 1} are kept, but without checkpoints it cannot resume")
-  again = "run the same command again" if interrupted else "run again with a lower --lr or --rho"
-  return RunStopped(
-    f"{what}; no checkpoint was written, so {run.out_dir} holds no run: {again}", 130 if interrupted else 1
+  again = (
+    "run again with a lower --lr or --rho" if not (interrupted or unwritable) else f"{once}run the same command again"
   )
+  return RunStopped(f"{what}; no checkpoint was written, so {run.out_dir} holds no run: {again}", code)
 
 
 def train(
@@ -555,7 +565,8 @@ def train(
   Raises:
     ConfigError: a bad config, or an ``out_dir`` that is unusable, in use,
       or holds another run.
-    RunStopped: the run diverged or was interrupted (Ctrl-C).
+    RunStopped: the run diverged, was interrupted (Ctrl-C) or could not
+      write a checkpoint or log (a full disk).
     checkpointing.CheckpointError: ``resume`` found no checkpoint that restores.
   """
   initialize_distributed(config)
@@ -566,13 +577,14 @@ def train(
     checkpoints = checkpointing.manager(run.out_dir) if config.checkpoint else None
     state, progress = restore(run, checkpoints, parts.init(), resume=resume)
     wall_offset = progress.wall_time_s
-    logs = reporting.MetricsLog(run.out_dir) if run.primary else None
-    if logs is not None:
-      logs.write(progress.history, tensorboard=False)  # the restored epochs are in TensorBoard already
-    if run.primary:
-      _announce(run)
     epoch = progress.epoch + 1
     try:
+      logs = None
+      if run.primary:
+        with checkpointing.refused_writes("the logs", run.out_dir):
+          logs = reporting.MetricsLog(run.out_dir)
+          logs.write(progress.history, tensorboard=False)  # the restored epochs are in TensorBoard already
+        _announce(run)
       for epoch in range(progress.epoch + 1, config.epochs + 1):
         t_epoch = time.perf_counter()
         state, fields = parts.epoch(state, epoch)
@@ -580,6 +592,6 @@ def train(
         now = time.perf_counter()
         progress = record_epoch(progress, epoch, fields, test_acc, now - t_epoch, wall_offset + now - run.started)
         save(run, checkpoints, state, progress, logs)
-    except (FloatingPointError, KeyboardInterrupt) as e:
+      return summarise(run, progress)
+    except (FloatingPointError, KeyboardInterrupt, checkpointing.WriteError) as e:
       raise _stopped(run, epoch, e) from e
-    return summarise(run, progress)
