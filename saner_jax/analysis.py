@@ -78,6 +78,87 @@ def _check_noise_mask(noise_mask: Any, losses: jax.Array) -> None:
     )
 
 
+def coordinate_kinds(clean_grads: Any, noisy_grads: Any) -> dict[str, Any]:
+  r"""Which coordinates are noisy-dominated, clean-dominated or aligned.
+
+  With :math:`c` and :math:`n` the clean and noisy parts of the gradient
+  (:func:`clean_noisy_grads`), coordinate :math:`i` is noisy-dominated when
+  :math:`n_i c_i < 0` and :math:`|n_i| > |c_i|`, clean-dominated when
+  :math:`n_i c_i < 0` and :math:`|c_i| > |n_i|`, aligned when both have the
+  same strict sign, and of no kind otherwise (see the module docstring).
+
+  Args:
+    clean_grads: :math:`c`, any pytree.
+    noisy_grads: :math:`n`, the same structure.
+
+  Returns:
+    ``{"noisy_dom": ..., "clean_dom": ..., "aligned": ...}``, each a pytree
+    of boolean masks shaped like the gradients. Jit-able.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from saner_jax import analysis
+    >>> kinds = analysis.coordinate_kinds(jnp.array([-0.5, -0.05, 1.0]), jnp.array([0.1, 1.0, 2.0]))
+    >>> print({kind: mask.tolist() for kind, mask in kinds.items()})
+    {'noisy_dom': [False, True, False], 'clean_dom': [True, False, False], 'aligned': [False, False, True]}
+  """
+  _validation.check_same_structure("noisy_grads", noisy_grads, clean_grads, "clean_grads")
+  per_leaf = [_kind_masks(c, n) for c, n in zip(jax.tree.leaves(clean_grads), jax.tree.leaves(noisy_grads))]
+  treedef = jax.tree.structure(clean_grads)
+  return {kind: jax.tree.unflatten(treedef, [masks[kind] for masks in per_leaf]) for kind in KINDS}
+
+
+def clean_noisy_grads(
+  per_example_loss_fn: Callable[..., Any], *, has_aux: bool = False
+) -> Callable[..., tuple[Any, Any]]:
+  r"""Builds the gradients of a batch loss's clean and noisy parts.
+
+  For per-example losses :math:`\ell_j` and noise mask :math:`z_j`,
+
+  .. math::
+     c = \nabla \tfrac1N \textstyle\sum_{j:\,\lnot z_j} \ell_j(w), \qquad
+     n = \nabla \tfrac1N \textstyle\sum_{j:\,z_j} \ell_j(w), \qquad
+     c + n = \nabla L_B(w),
+
+  both over the full batch size :math:`N`, so that they add up to the batch
+  gradient. Cost: one forward and two backward passes.
+
+  Args:
+    per_example_loss_fn: ``fn(params, *args, **kwargs)`` returning the
+      ``[N]`` per-example losses, or ``(losses, aux)`` with ``has_aux``
+      (``aux`` is ignored).
+    has_aux: whether the loss returns ``(losses, aux)``.
+
+  Returns:
+    ``fn(params, noise_mask, *args, **kwargs)`` returning ``(c, n)``, two
+    pytrees like ``params``; ``noise_mask`` is a boolean ``[N]`` array, True
+    where the label is noisy. Jit-able.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from saner_jax import analysis
+    >>> losses = lambda w, x, y: 0.5 * (x @ w - y) ** 2
+    >>> x, y = jnp.array([[1.0, 0.1], [0.1, 1.0]]), jnp.array([1.0, -2.0])
+    >>> c, n = analysis.clean_noisy_grads(losses)(jnp.zeros(2), jnp.array([False, True]), x, y)
+    >>> print(c, n)
+    [-0.5  -0.05] [0.1 1. ]
+  """
+
+  def split(params: Any, noise_mask: jax.Array, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    def losses(p: Any) -> Any:
+      out = per_example_loss_fn(p, *args, **kwargs)
+      return out[0] if has_aux else out  # the aux (BatchNorm updates) is not kept
+
+    values, vjp = jax.vjp(losses, params)
+    _check_noise_mask(noise_mask, values)
+    weight = jnp.asarray(1.0 / values.shape[0], values.dtype)
+    (clean,) = vjp(jnp.where(noise_mask, 0.0, weight).astype(values.dtype))
+    (noisy,) = vjp(jnp.where(noise_mask, weight, 0.0).astype(values.dtype))
+    return clean, noisy
+
+  return split
+
+
 def clean_noisy_decomposition(
   per_example_loss_fn: Callable[..., Any],
   perturbation: optax.GradientTransformation,
@@ -88,7 +169,8 @@ def clean_noisy_decomposition(
   r"""Builds the clean/noisy gradient decomposition of one probe batch.
 
   See the module docstring for :math:`c, n, c', n'` and the kinds of
-  coordinate. With :math:`G_X` SANER's groups between :math:`g^{SAM}` and
+  coordinate (:func:`clean_noisy_grads` and :func:`coordinate_kinds` give
+  them coordinate by coordinate). With :math:`G_X` SANER's groups between :math:`g^{SAM}` and
   :math:`g` (:func:`saner_jax.group_mask`), the returned dict holds:
 
   - ``frac_{kind}``: the share of all coordinates of each kind;
@@ -140,28 +222,15 @@ def clean_noisy_decomposition(
   """
   _validation.check_scalar_range("alpha", alpha, 0.0, 1.0)
 
-  def losses_and_vjp(params: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[jax.Array, Any]:
-    def losses(p: Any) -> Any:
-      out = per_example_loss_fn(p, *args, **kwargs)
-      return out[0] if has_aux else out  # the aux (BatchNorm updates) is not kept
-
-    return jax.vjp(losses, params)
-
-  def split(params: Any, noise_mask: jax.Array, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-    losses, vjp = losses_and_vjp(params, args, kwargs)
-    _check_noise_mask(noise_mask, losses)
-    weight = jnp.asarray(1.0 / losses.shape[0], losses.dtype)
-    (clean,) = vjp(jnp.where(noise_mask, 0.0, weight).astype(losses.dtype))
-    (noisy,) = vjp(jnp.where(noise_mask, weight, 0.0).astype(losses.dtype))
-    return clean, noisy
+  split = clean_noisy_grads(per_example_loss_fn, has_aux=has_aux)
 
   def decomposition(
     params: Any, perturbation_state: Any, noise_mask: jax.Array, *args: Any, **kwargs: Any
   ) -> dict[str, jax.Array]:
-    clean, noisy = split(params, noise_mask, args, kwargs)
+    clean, noisy = split(params, noise_mask, *args, **kwargs)
     g = jax.tree.map(jnp.add, clean, noisy)
     eps, _ = perturbation.update(g, perturbation_state, params)
-    clean_p, noisy_p = split(optax.apply_updates(params, eps), noise_mask, args, kwargs)
+    clean_p, noisy_p = split(optax.apply_updates(params, eps), noise_mask, *args, **kwargs)
     g_sam = jax.tree.map(jnp.add, clean_p, noisy_p)
     c, n, c_p, n_p, g_flat, s_flat = map(_flat, (clean, noisy, clean_p, noisy_p, g, g_sam))
     return _summary(c, n, c_p, n_p, g_flat, s_flat, noise_mask, alpha)

@@ -100,6 +100,46 @@ def test_decomposition_matches_numpy(variant):
   assert expected["noisy_weight_saner"] != pytest.approx(expected["noisy_weight_sam"])
 
 
+@VARIANTS
+def test_per_coordinate_parts_and_kinds_match_numpy(variant):
+  """clean_noisy_grads and coordinate_kinds, on a nested pytree, equal the reference's c, n and kinds."""
+  x, y, noise, params = _mlp_data()
+  nested = {"hidden": {"w": params["w1"]}, "out": params["w2"]}
+  per_example = lambda p, x, y: _per_example({"w1": p["hidden"]["w"], "w2": p["out"]}, x, y)
+  with jax.enable_x64(True):
+    _, (c, n) = _np_reference(params, x, y, noise)
+    clean, noisy = variant(analysis.clean_noisy_grads(per_example))(nested, jnp.asarray(noise), x, y)
+    kinds = variant(analysis.coordinate_kinds)(clean, noisy)
+  assert jax.tree.structure(clean) == jax.tree.structure(nested) == jax.tree.structure(kinds["aligned"])
+  flat = lambda tree: np.concatenate([np.ravel(tree["hidden"]["w"]), np.ravel(tree["out"])])  # the reference's order
+  np.testing.assert_allclose(flat(clean), c, rtol=1e-12)
+  np.testing.assert_allclose(flat(noisy), n, rtol=1e-12)
+  opposite = np.sign(c) * np.sign(n) < 0
+  expected = {
+    "noisy_dom": opposite & (np.abs(n) > np.abs(c)),
+    "clean_dom": opposite & (np.abs(c) > np.abs(n)),
+    "aligned": np.sign(c) * np.sign(n) > 0,
+  }
+  for kind, mask in expected.items():
+    assert mask.any(), kind  # the data exercise every kind
+    np.testing.assert_array_equal(flat(kinds[kind]), mask, err_msg=kind)
+
+
+def test_coordinate_kinds_hand_example():
+  """A zero part (index 3) or a tie (4) is of no kind; signs decide, not a product that underflows (5)."""
+  clean = jnp.array([-0.5, -0.05, 1.0, 0.0, 2.0, 2e-30], jnp.float32)  # 2e-30 * -1e-30 underflows to -0
+  noisy = jnp.array([0.1, 1.0, 2.0, 3.0, -2.0, -1e-30], jnp.float32)
+  kinds = analysis.coordinate_kinds(clean, noisy)
+  assert kinds["noisy_dom"].tolist() == [False, True, False, False, False, False]
+  assert kinds["clean_dom"].tolist() == [True, False, False, False, False, True]
+  assert kinds["aligned"].tolist() == [False, False, True, False, False, False]
+
+
+def test_coordinate_kinds_refuses_mismatched_trees():
+  with pytest.raises(ValueError, match=r"noisy_grads must have the same tree structure as clean_grads"):
+    analysis.coordinate_kinds({"a": jnp.ones(2)}, {"b": jnp.ones(2)})
+
+
 def test_decomposition_hand_example():
   """Linear model, two examples, w = 0: the gradients are -y_j x_j / 2.
 
