@@ -245,12 +245,25 @@ def test_base_is_read_first_and_the_file_overrides_it(tmp_path, monkeypatch):
     ({"run.yaml": "base: _a\n", "_a.yaml": "base: _b\n", "_b.yaml": "base: _a\n"}, r"form a cycle \(.*run.yaml -> "),
     ({"run.yaml": "base: run\n"}, r"run.yaml -> .*run.yaml\); remove the base: key that closes it"),
     ({"run.yaml": "base: _a\n", "_a.yaml": "- lr\n"}, r"_a.yaml \(the base of .*run.yaml\) must hold a mapping"),
+    # PyYAML's own message spans four lines (an excerpt and a caret); the error keeps its first and where.
+    (
+      {"run.yaml": "lr: : 0.1\n"},
+      r"run.yaml is not valid YAML: mapping values are not allowed here at line 1, column 5$",
+    ),
+    (
+      {"run.yaml": "base: _a\n", "_a.yaml": "lr: [0.1\n"},
+      r"_a.yaml \(the base of .*run.yaml\) is not valid YAML: .* line 2",
+    ),
+    (
+      {"run.yaml": b"lr: 0.1\n\xff\xfe"},
+      r"run.yaml is not UTF-8 text \(invalid start byte at byte 8\); give a YAML file$",
+    ),
   ],
 )
 def test_a_bad_base_is_one_line_naming_the_file(files, message, tmp_path, monkeypatch):
   monkeypatch.setattr(config_lib, "PRESET_DIR", tmp_path)
   for name, text in files.items():
-    (tmp_path / name).write_text(text)
+    (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
   with pytest.raises(ConfigError, match=message) as error:
     config_lib.load_yaml("run")
   assert "\n" not in str(error.value)

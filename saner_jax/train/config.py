@@ -563,8 +563,12 @@ def _load_with_bases(path: pathlib.Path, children: tuple[pathlib.Path, ...]) -> 
   where = f"{path} (the base of {children[-1]})" if children else str(path)
   try:
     values = yaml.safe_load(path.read_text()) or {}
+  except OSError as e:
+    raise ConfigError(f"--config: cannot read {where}: {e.strerror or e}") from None
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"--config: {where} is not UTF-8 text ({e.reason} at byte {e.start}); give a YAML file") from None
   except yaml.YAMLError as e:
-    raise ConfigError(f"--config: {where} is not valid YAML: {e}") from None
+    raise ConfigError(f"--config: {where} is not valid YAML: {_yaml_problem(e)}") from None
   if not isinstance(values, dict):
     raise ConfigError(f"--config: {where} must hold a mapping of config keys (`key: value` lines)")
   if "base" not in values:
@@ -581,6 +585,13 @@ def _load_with_bases(path: pathlib.Path, children: tuple[pathlib.Path, ...]) -> 
     cycle = " -> ".join(str(p) for p in (*chain, base_path))
     raise ConfigError(f"--config: the base: keys form a cycle ({cycle}); remove the base: key that closes it")
   return {**_load_with_bases(base_path, chain), **values}
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+  """PyYAML's complaint in one line: its problem and where, without the quoted excerpt it prints below."""
+  mark = getattr(error, "problem_mark", None)
+  problem = getattr(error, "problem", None) or " ".join(str(error).split())
+  return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 _METAVARS = {int: "INT", float: "FLOAT", bool: "BOOL", str: "TEXT"}
