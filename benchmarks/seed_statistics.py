@@ -36,6 +36,8 @@ METRICS = {
   "last test %": lambda s: 100 * s["last_test_acc"],
   "memorised %": lambda s: 100 * s["final"]["noisy_memorised"],
 }
+# Left out of the report where a run is missing (an ablation directory holds SANER alone).
+DEFAULT_PAIRS = ["sam:saner", "sgd:sam"]
 _RUN_DIR = re.compile(r"^(?P<run>.+)_seed(?P<seed>\d+)$")
 
 
@@ -69,10 +71,14 @@ def paired(a: dict[int, dict], b: dict[int, dict], metric) -> tuple[int, float, 
   return n, mean, std, mean - half, mean + half
 
 
-def report(out_dirs: list[pathlib.Path], pairs: list[tuple[str, str]]) -> str:
+def report(out_dirs: list[pathlib.Path], pairs: list[tuple[str, str]], every_pair: bool = False) -> str:
+  """The markdown report; a pair naming a run not found is left out, or with ``every_pair`` an error."""
   runs = load(out_dirs)
   if not runs:
     raise SystemExit(f"error: no finished runs (<run>_seed<k>/summary.json) under {' '.join(map(str, out_dirs))}")
+  missing = sorted({name for pair in pairs for name in pair} - set(runs))
+  if every_pair and missing:
+    raise SystemExit(f"error: --pairs: no finished runs named {missing}; the runs found are {sorted(runs)}")
   lines = ["| run | seeds | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
   for name, by_seed in runs.items():
     cells = []
@@ -97,11 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     "out_dirs", nargs="+", type=pathlib.Path, help="compare output directories (runs are pooled by name and seed)"
   )
   parser.add_argument(
-    "--pairs", nargs="+", default=["sam:saner", "sgd:sam"], help="A:B pairs; the report gives B - A paired by seed"
+    "--pairs",
+    nargs="+",
+    help="A:B pairs; the report gives B - A paired by seed (default: sam:saner sgd:sam, those of them found)",
   )
   args = parser.parse_args(argv)
   pairs = []
-  for pair in args.pairs:
+  for pair in args.pairs or DEFAULT_PAIRS:
     a, sep, b = pair.partition(":")
     if not sep or not a or not b:
       parser.error(f"--pairs: {pair!r} is not A:B (for example sam:saner)")
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
   for out_dir in args.out_dirs:
     if not out_dir.is_dir():
       parser.error(f"{out_dir} is not a directory")
-  print(report(args.out_dirs, pairs))
+  print(report(args.out_dirs, pairs, every_pair=args.pairs is not None))
   return 0
 
 

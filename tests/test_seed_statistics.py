@@ -43,3 +43,14 @@ def test_the_same_run_twice_is_refused(tmp_path):
   _write(tmp_path / "b", "sam", 0, 0.70, 0.70, 0.2)
   with pytest.raises(SystemExit, match="more than one of the directories"):
     seed_statistics.load([tmp_path / "a", tmp_path / "b"])
+
+
+def test_a_pair_naming_no_run_is_an_error_only_when_given(tmp_path, capsys):
+  """A typo in --pairs is refused; the default pairs skip what a directory lacks (an ablation holds SANER alone)."""
+  _write(tmp_path, "saner", 0, 0.70, 0.70, 0.2)
+  with pytest.raises(
+    SystemExit, match=r"^error: --pairs: no finished runs named \['sanr'\]; the runs found are \['saner'\]$"
+  ):
+    seed_statistics.main([str(tmp_path), "--pairs", "saner:sanr"])
+  assert seed_statistics.main([str(tmp_path)]) == 0
+  assert "| saner | 1 |" in capsys.readouterr().out
