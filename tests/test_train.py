@@ -211,11 +211,22 @@ def test_validate_names_the_flag_and_the_fix(values, message):
   assert str(error.value) == message
 
 
-def test_unknown_flag_is_rejected_by_name(capsys):
+@pytest.mark.parametrize(
+  "argv, message",
+  [
+    (["--learning_rate", "0.1"], "unrecognized arguments: --learning_rate 0.1; see python -m saner_jax.train --help"),
+    (["--saner"], "argument --saner: expected one argument; see python -m saner_jax.train --help"),
+    (
+      ["compare", "--seeds", "x"],
+      "argument --seeds: invalid int value: 'x'; see python -m saner_jax.train compare --help",
+    ),
+  ],
+)
+def test_a_bad_flag_is_one_error_line_pointing_to_help(argv, message, capsys):
   with pytest.raises(SystemExit) as exit_info:
-    cli.main(["--learning_rate", "0.1"])
+    cli.main(argv)
   assert exit_info.value.code == 2
-  assert "--learning_rate" in capsys.readouterr().err
+  assert capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_unknown_config_key_is_named(tmp_path):

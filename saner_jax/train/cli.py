@@ -20,6 +20,7 @@ import pathlib
 import shlex
 import sys
 import traceback
+from typing import NoReturn
 
 from saner_jax.train import config as config_lib
 from saner_jax.train import data
@@ -40,8 +41,15 @@ Example:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse, with a bad flag reported as the CLI's other mistakes are: one ``error:`` line, not usage first."""
+
+  def error(self, message: str) -> NoReturn:
+    self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def _parser(prog: str, usage: str, description: str, epilog: str) -> argparse.ArgumentParser:
-  return argparse.ArgumentParser(
+  return _Parser(
     prog=prog,
     usage=usage,  # argparse's own lists every flag
     description=description,
