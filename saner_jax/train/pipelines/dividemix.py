@@ -14,6 +14,8 @@ a squared error, weighted by ``lambda_u``, on the unlabelled part.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,13 +45,18 @@ def clean_probability(losses: np.ndarray, seed: int) -> np.ndarray:
 
   scikit-learn's :class:`~sklearn.mixture.GaussianMixture` with DivideMix's
   settings (``max_iter=10, tol=1e-2, reg_covar=5e-4``); ``seed`` fixes its
-  k-means initialisation, so a resumed run fits the same mixture.
+  k-means initialisation, so a resumed run fits the same mixture. Ten EM
+  iterations often stop short of ``tol`` by design; scikit-learn's
+  ConvergenceWarning about it, printed every epoch, is silenced.
   """
+  from sklearn.exceptions import ConvergenceWarning
   from sklearn.mixture import GaussianMixture
 
   x = normalise_losses(losses).reshape(-1, 1)
   gmm = GaussianMixture(n_components=2, max_iter=10, tol=1e-2, reg_covar=5e-4, random_state=seed)
-  gmm.fit(x)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", ConvergenceWarning)
+    gmm.fit(x)
   return gmm.predict_proba(x)[:, int(np.argmin(gmm.means_[:, 0]))].astype(np.float32)
 
 
