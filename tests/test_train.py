@@ -517,3 +517,22 @@ def test_resume_refuses_a_changed_config(tmp_path, idx_dir):
   )
   with pytest.raises(ConfigError, match="lr"):
     loop.train(changed, resume=True)
+
+
+def test_step_builders_still_take_the_loose_spec_keywords_with_a_deprecation_warning():
+  from saner_jax.train import models, step
+  from saner_jax.train.config import TrainConfig
+
+  config = TrainConfig(dataset="fashion_mnist")
+  with pytest.warns(DeprecationWarning, match=r"make_batch_fn\(mean=, std=\) is deprecated .* pass the dataset spec"):
+    spec = step.resolve_spec(config, None, {"mean": [0.5], "std": [0.25]}, "make_batch_fn")
+  assert spec == dataclasses.replace(config.spec, mean=(0.5,), std=(0.25,))
+  assert step.resolve_spec(config, config.spec, {}, "make_batch_fn") is config.spec
+  with pytest.raises(TypeError, match="not both"):
+    step.resolve_spec(config, config.spec, {"mean": [0.5]}, "make_eval_step")
+  with pytest.raises(TypeError, match=r"unexpected keyword arguments \['meen'\]"):
+    step.resolve_spec(config, None, {"meen": [0.5]}, "make_eval_step")
+  with pytest.raises(TypeError, match="needs the dataset spec"):
+    step.resolve_spec(config, None, {}, "make_train_step")
+  with pytest.warns(DeprecationWarning, match=r"make_eval_step\(mean=, std=\)"):
+    step.make_eval_step(models.create_model("resnet8", 10), config, mean=(0.5,), std=(0.25,))

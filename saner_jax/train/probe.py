@@ -62,12 +62,22 @@ def _as_record(values: dict[str, Any], prefix: str = "") -> dict[str, float | No
 
 
 def make_probe(
-  config: TrainConfig, optimizer: Any, num_classes: int, data: pipeline.DeviceData, spec: DatasetSpec
+  config: TrainConfig,
+  optimizer: Any,
+  num_classes: int,
+  data: pipeline.DeviceData,
+  spec: DatasetSpec | None = None,
+  **loose: Any,
 ) -> Callable[[Any, int], dict[str, float | None]]:
-  """``measure(state, epoch) -> record entries``; an empty dict when nothing is logged."""
-  from saner_jax.train import models
-  from saner_jax.train.step import cross_entropy
+  """``measure(state, epoch) -> record entries``; an empty dict when nothing is logged.
 
+  ``spec`` is the dataset's (its normalisation); 0.1's ``mean=``/``std=``
+  keywords still work until 0.3.0, with a DeprecationWarning.
+  """
+  from saner_jax.train import models
+  from saner_jax.train.step import cross_entropy, resolve_spec
+
+  spec = resolve_spec(config, spec, loose, "make_probe")
   if not (config.log_decomposition or config.sharpness_every):
     return lambda state, epoch: {}
   model = models.create_model(config.model, num_classes, dtype=config.compute_dtype)

@@ -14,6 +14,8 @@ config's ``perturbation_mode``. On one device the constraints are no-ops.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -180,7 +182,36 @@ def label_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return cross_entropy(logits, labels)
 
 
-def make_batch_fn(config: TrainConfig, spec: DatasetSpec, *, mesh: Mesh | None = None):
+_LOOSE_SPEC_ARGS = ("mean", "std", "flip", "crop_padding")
+
+
+def resolve_spec(config: TrainConfig, spec: DatasetSpec | None, loose: dict[str, Any], caller: str) -> DatasetSpec:
+  """The dataset spec a step builder uses, accepting 0.1's loose keywords for one release.
+
+  Before 0.2.0 the builders took ``mean``, ``std``, ``flip`` and
+  ``crop_padding`` one by one; those keywords still work, with a
+  DeprecationWarning, and override the fields of ``config.spec``.
+  """
+  unknown = sorted(set(loose) - set(_LOOSE_SPEC_ARGS))
+  if unknown:
+    raise TypeError(f"{caller}() got unexpected keyword arguments {unknown}")
+  if not loose:
+    if spec is None:
+      raise TypeError(f"{caller}() needs the dataset spec: pass config.spec")
+    return spec
+  if spec is not None:
+    raise TypeError(f"{caller}(): pass the dataset spec or the old {'/'.join(loose)} keywords, not both")
+  warnings.warn(
+    f"{caller}({', '.join(k + '=' for k in loose)}) is deprecated since saner_jax 0.2.0 and goes in 0.3.0;"
+    " pass the dataset spec (config.spec) instead",
+    DeprecationWarning,
+    stacklevel=3,
+  )
+  fields = {k: tuple(v) if k in ("mean", "std") else v for k, v in loose.items()}
+  return dataclasses.replace(config.spec, **fields)
+
+
+def make_batch_fn(config: TrainConfig, spec: DatasetSpec | None = None, *, mesh: Mesh | None = None, **loose: Any):
   """``batch(data, permutation, batch_index, key, step) -> (indices, batch, images)``.
 
   Gathers batch ``batch_index`` of the epoch's ``permutation`` (split over
@@ -188,6 +219,7 @@ def make_batch_fn(config: TrainConfig, spec: DatasetSpec, *, mesh: Mesh | None =
   with randomness from ``(key, step)`` as ``spec`` allows (its crop padding,
   its flip) and normalises it with the spec's mean and std.
   """
+  spec = resolve_spec(config, spec, loose, "make_batch_fn")
   mesh = parallel.data_mesh() if mesh is None else mesh
   batch_sharding = NamedSharding(mesh, P("data"))
 
@@ -295,10 +327,11 @@ def make_train_step(
   model: nn.Module,
   optimizer: Optimizer,
   config: TrainConfig,
-  spec: DatasetSpec,
+  spec: DatasetSpec | None = None,
   *,
   mesh: Mesh | None = None,
   objective: Objective = label_cross_entropy,
+  **loose: Any,
 ) -> Callable:
   """``step(state, metrics, data, permutation, batch_index, key) -> (state, metrics)``.
 
@@ -307,6 +340,7 @@ def make_train_step(
   ``objective(logits, labels)`` is the loss (default: cross-entropy). ``spec``
   is the dataset's: its augmentation and normalisation.
   """
+  spec = resolve_spec(config, spec, loose, "make_train_step")
   batch_fn = make_batch_fn(config, spec, mesh=mesh)
   update = make_update(model, optimizer, config, objective=objective, mesh=mesh)
 
@@ -318,7 +352,9 @@ def make_train_step(
   return step
 
 
-def make_eval_step(model: nn.Module, config: TrainConfig, spec: DatasetSpec, *, mesh: Mesh | None = None) -> Callable:
+def make_eval_step(
+  model: nn.Module, config: TrainConfig, spec: DatasetSpec | None = None, *, mesh: Mesh | None = None, **loose: Any
+) -> Callable:
   """``eval(params, batch_stats, images, labels, valid) -> correct count`` over a whole test set.
 
   One call evaluates every image: a ``lax.map`` over batches of
@@ -327,6 +363,7 @@ def make_eval_step(model: nn.Module, config: TrainConfig, spec: DatasetSpec, *, 
   once per batch. Each batch is split over the mesh's ``"data"`` axis when
   its size divides by the axis, and evaluated whole on every device otherwise.
   """
+  spec = resolve_spec(config, spec, loose, "make_eval_step")
   mesh = parallel.data_mesh() if mesh is None else mesh
   batch_size = config.eval_batch_size
   sharding = NamedSharding(mesh, P("data")) if batch_size % mesh.shape["data"] == 0 else None
