@@ -71,8 +71,8 @@ def make_probe(
 ) -> Callable[[Any, int], dict[str, float | None]]:
   """``measure(state, epoch) -> record entries``; an empty dict when nothing is logged.
 
-  ``spec`` is the dataset's (its normalisation); 0.1's ``mean=``/``std=``
-  keywords still work until 0.3.0, with a DeprecationWarning.
+  ``spec`` is the dataset's (its normalisation); 0.2.0's ``mean=``/``std=``
+  keywords still work until 0.4.0, with a DeprecationWarning.
   """
   from saner_jax.train import models
   from saner_jax.train.step import cross_entropy, resolve_spec

@@ -186,9 +186,9 @@ _LOOSE_SPEC_ARGS = ("mean", "std", "flip", "crop_padding")
 
 
 def resolve_spec(config: TrainConfig, spec: DatasetSpec | None, loose: dict[str, Any], caller: str) -> DatasetSpec:
-  """The dataset spec a step builder uses, accepting 0.1's loose keywords for one release.
+  """The dataset spec a step builder uses, accepting the old loose keywords for one release.
 
-  Before 0.2.0 the builders took ``mean``, ``std``, ``flip`` and
+  Up to 0.2.0 the builders took ``mean``, ``std``, ``flip`` and
   ``crop_padding`` one by one; those keywords still work, with a
   DeprecationWarning, and override the fields of ``config.spec``.
   """
@@ -202,7 +202,7 @@ def resolve_spec(config: TrainConfig, spec: DatasetSpec | None, loose: dict[str,
   if spec is not None:
     raise TypeError(f"{caller}(): pass the dataset spec or the old {'/'.join(loose)} keywords, not both")
   warnings.warn(
-    f"{caller}({', '.join(k + '=' for k in loose)}) is deprecated since saner_jax 0.2.0 and goes in 0.3.0;"
+    f"{caller}({', '.join(k + '=' for k in loose)}) is deprecated (saner_jax 0.3.0) and goes in 0.4.0;"
     " pass the dataset spec (config.spec) instead",
     DeprecationWarning,
     stacklevel=3,
