@@ -524,7 +524,10 @@ def test_step_builders_still_take_the_loose_spec_keywords_with_a_deprecation_war
   from saner_jax.train.config import TrainConfig
 
   config = TrainConfig(dataset="fashion_mnist")
-  with pytest.warns(DeprecationWarning, match=r"make_batch_fn\(mean=, std=\) is deprecated \(saner_jax 0.3.0\) and goes in 0.4.0; pass the dataset spec"):
+  with pytest.warns(
+    DeprecationWarning,
+    match=r"make_batch_fn\(mean=, std=\) is deprecated \(saner_jax 0.3.0\) and goes in 0.4.0; pass the dataset spec",
+  ):
     spec = step.resolve_spec(config, None, {"mean": [0.5], "std": [0.25]}, "make_batch_fn")
   assert spec == dataclasses.replace(config.spec, mean=(0.5,), std=(0.25,))
   assert step.resolve_spec(config, config.spec, {}, "make_batch_fn") is config.spec
