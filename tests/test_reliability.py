@@ -186,6 +186,12 @@ def compilation_cache(tmp_path_factory) -> dict[str, str]:
   }
 
 
+def _default_sigint() -> None:
+  # A job a shell starts in the background has SIGINT ignored, and Python keeps an ignored SIGINT
+  # (no KeyboardInterrupt): the child gets the default, as from a terminal, wherever pytest runs.
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def cli_run(idx_dir, compilation_cache):
   """``cli_run(out_dir, *flags, code=None)``: the CLI in a subprocess, on the IDX fixture."""
@@ -201,6 +207,7 @@ def cli_run(idx_dir, compilation_cache):
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
       text=True,
+      preexec_fn=_default_sigint,
     )
     procs.append(proc)
     return proc

@@ -95,10 +95,11 @@ def quiet_refused_writes() -> None:
   reports the :class:`WriteError` itself in one line (the CLI).
 
   Orbax's writer threads each log the refused write with a traceback
-  (through absl's logger), and the writes they abandon complain that their
-  event loop is closed (as unraisable exceptions), some of them after the
-  error has been reported; both are dropped, while other log records and
-  exceptions pass.
+  (through absl's logger, or asyncio's "Task exception was never retrieved"
+  when a loaded machine delays them), and the writes they abandon complain
+  that their event loop is closed (as unraisable exceptions), some of them
+  after the error has been reported; all are dropped, while other log
+  records and exceptions pass.
   """
   hook = sys.unraisablehook
 
@@ -106,7 +107,8 @@ def quiet_refused_writes() -> None:
     if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
       hook(u)
 
-  logging.getLogger("absl").addFilter(_NotRefusedWrites())
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).addFilter(_NotRefusedWrites())
   sys.unraisablehook = unraisable
 
 
