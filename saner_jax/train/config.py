@@ -2,7 +2,7 @@
 
 A run is reproduced by its ``config.yaml`` alone: the trainer writes the
 resolved config next to its logs, and ``--config that.yaml`` runs it again.
-Defaults are the authors' (DESIGN.md §1): lr 0.1, momentum 0.9, weight decay
+Defaults are the authors' (github.com/lhchau/saner, the paper's App. B): lr 0.1, momentum 0.9, weight decay
 5e-4, batch 128, 200 epochs, multistep decay at 50% and 75%, rho 0.1,
 alpha 0.5 warmed up over 50 epochs.
 """
