@@ -283,6 +283,10 @@ def _hvp_fn(
   return lambda params, v: jax.jvp(grad, (params,), (v,))[1]
 
 
+def _traced(tree: Any) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
 def _normalised(tree: Any) -> Any:
   norm = optax.tree.norm(_validation.widened(tree))
   return jax.tree.map(lambda x: (x / norm).astype(x.dtype), tree)
@@ -311,6 +315,13 @@ def hessian_top_eigenvalue(
   largest-magnitude eigenvalue is its top one, :math:`\lambda_{\max}`, the
   usual sharpness measure; far from one it may be a negative eigenvalue, as
   in PyHessian. Inner products are in at least float32.
+
+  Under ``jit`` the iteration is a ``lax.while_loop``. Called outside
+  ``jit``, it is a Python loop over one compiled step, with the same
+  arithmetic: XLA's CPU backend runs the convolutions of a while loop's body
+  as much slower generic kernels (a ResNet-8 product on 256 images took 75 s
+  in the loop against 2.8 s compiled alone on a 2-core CPU), so call it
+  eagerly on a CPU.
 
   Args:
     loss_fn: ``loss_fn(params, *args, **kwargs)``, a scalar, or ``(scalar,
@@ -344,22 +355,38 @@ def hessian_top_eigenvalue(
   start = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
   wide = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
 
-  def rayleigh(v: Any) -> tuple[jax.Array, Any]:
-    hv = hvp(params, v)
+  def rayleigh(p: Any, v: Any) -> tuple[jax.Array, Any]:
+    hv = hvp(p, v)
     return optax.tree.vdot(_validation.widened(v), _validation.widened(hv)), hv
+
+  def changing(lam: jax.Array, previous: jax.Array) -> jax.Array:
+    return jnp.abs(lam - previous) >= tol * (jnp.abs(previous) + 1e-6)
+
+  def step(p: Any, v: Any) -> tuple[jax.Array, Any]:
+    lam, hv = rayleigh(p, v)
+    return lam, _normalised(hv)
+
+  v, lam, previous = _normalised(start), jnp.zeros([], wide), jnp.zeros([], wide)
+  if not _traced((params, args, kwargs)):
+    compiled = jax.jit(step)
+    for i in range(max_iterations):
+      if i >= 2 and not changing(lam, previous):
+        break
+      previous = lam
+      lam, v = compiled(params, v)
+    return lam
 
   def cond(state: tuple[Any, ...]) -> jax.Array:
     i, _, lam, previous = state
-    going: jax.Array = (i < max_iterations) & ((i < 2) | (jnp.abs(lam - previous) >= tol * (jnp.abs(previous) + 1e-6)))
+    going: jax.Array = (i < max_iterations) & ((i < 2) | changing(lam, previous))
     return going
 
   def body(state: tuple[Any, ...]) -> tuple[Any, ...]:
     i, v, lam, _ = state
-    new_lam, hv = rayleigh(v)
-    return i + 1, _normalised(hv), new_lam, lam
+    new_lam, new_v = step(params, v)
+    return i + 1, new_v, new_lam, lam
 
-  init = (jnp.zeros([], jnp.int32), _normalised(start), jnp.zeros([], wide), jnp.zeros([], wide))
-  _, _, lam, _ = jax.lax.while_loop(cond, body, init)
+  _, _, lam, _ = jax.lax.while_loop(cond, body, (jnp.zeros([], jnp.int32), v, lam, previous))
   return lam
 
 
@@ -379,8 +406,10 @@ def hessian_trace(
      \qquad v_k \text{ with i.i.d. Rademacher } (\pm 1) \text{ entries},
 
   unbiased, with variance :math:`2 \sum_{i \ne j} H_{ij}^2 / m` (Hutchinson,
-  1990; PyHessian's ``trace``). The products run one after another
-  (``lax.map``), holding one vector in memory.
+  1990; PyHessian's ``trace``). The products run one after another,
+  holding one vector in memory: under ``jit`` as a ``lax.map``, outside it
+  as a Python loop over one compiled product (much faster for convolutions
+  on a CPU; see :func:`hessian_top_eigenvalue`).
 
   Args:
     loss_fn: as for :func:`hessian_top_eigenvalue`.
@@ -408,10 +437,14 @@ def hessian_trace(
   hvp = _hvp_fn(loss_fn, has_aux, args, kwargs)
   leaves, treedef = jax.tree.flatten(params)
 
-  def one(sample_key: jax.Array) -> jax.Array:
+  def one(p: Any, sample_key: jax.Array) -> jax.Array:
     keys = jax.random.split(sample_key, len(leaves))
     v = jax.tree.unflatten(treedef, [jax.random.rademacher(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
-    product: jax.Array = optax.tree.vdot(_validation.widened(v), _validation.widened(hvp(params, v)))
+    product: jax.Array = optax.tree.vdot(_validation.widened(v), _validation.widened(hvp(p, v)))
     return product
 
-  return jnp.mean(jax.lax.map(one, jax.random.split(key, num_samples)))
+  sample_keys = jax.random.split(key, num_samples)
+  if not _traced((params, args, kwargs)):
+    compiled = jax.jit(one)
+    return jnp.mean(jnp.stack([compiled(params, k) for k in sample_keys]))
+  return jnp.mean(jax.lax.map(lambda k: one(params, k), sample_keys))

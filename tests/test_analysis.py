@@ -9,6 +9,8 @@ one of them with BatchNorm statistics passed through. Under jit and without.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -284,3 +286,28 @@ def test_sharpness_bad_arguments():
     analysis.hessian_top_eigenvalue(loss, jnp.ones(2), key=jax.random.key(0), max_iterations=0)
   with pytest.raises(ValueError, match=r"num_samples must be >= 1, got 0"):
     analysis.hessian_trace(loss, jnp.ones(2), key=jax.random.key(0), num_samples=0)
+
+
+def _top(loss, p, *a, max_iterations, tol):
+  return analysis.hessian_top_eigenvalue(
+    loss, p, *a, key=jax.random.key(1), has_aux=True, max_iterations=max_iterations, tol=tol
+  )
+
+
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+def test_eager_python_loop_equals_the_jitted_while_loop(problem):
+  # Outside jit the iteration runs in Python over one compiled step (fast convolutions
+  # on XLA's CPU backend); it must stop at the same iterate and give the same values.
+  with jax.enable_x64(True):
+    loss, params, args = PROBLEMS[problem]()
+    for iterations, tol in ((7, 0.0), (500, 1e-4)):
+      top = functools.partial(_top, loss, max_iterations=iterations, tol=tol)
+      assert float(top(params, *args)) == pytest.approx(float(jax.jit(top)(params, *args)), rel=1e-12)
+    trace = lambda p, *a: analysis.hessian_trace(loss, p, *a, key=jax.random.key(2), has_aux=True, num_samples=9)
+    assert float(trace(params, *args)) == pytest.approx(float(jax.jit(trace)(params, *args)), rel=1e-12)
+    # Fewer iterations give a different estimate, so the equality above pins the stopping point.
+    two = analysis.hessian_top_eigenvalue(loss, params, *args, key=jax.random.key(1), has_aux=True, max_iterations=2)
+    seven = analysis.hessian_top_eigenvalue(
+      loss, params, *args, key=jax.random.key(1), has_aux=True, max_iterations=7, tol=0.0
+    )
+    assert float(two) != pytest.approx(float(seven), rel=1e-9)

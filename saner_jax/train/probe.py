@@ -100,7 +100,8 @@ def make_probe(
     perturbation_state = state.perturbation_state if optimizer.perturbation else perturbation.init(state.params)
     return split(state.params, perturbation_state, batch.noise_mask, state.batch_stats)
 
-  @jax.jit
+  # Not jitted as a whole: the analysis functions then loop in Python over one
+  # compiled product, which XLA's CPU backend runs far faster than a while loop.
   def sharpness(state: Any, key: jax.Array) -> dict[str, jax.Array]:
     eigen_key, trace_key = jax.random.split(key)
     args = (eval_loss, state.params, state.batch_stats)
