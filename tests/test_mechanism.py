@@ -334,7 +334,7 @@ def test_probe_logs_the_decomposition_every_epoch(tmp_path, idx_dir):
   assert (tmp_path / "run" / "curves.png").stat().st_size > 0
 
 
-@pytest.mark.slow  # compiling two Hessian-vector products of a ResNet takes minutes on 2 cores
+@pytest.mark.slow  # a ResNet's Hessian-vector products compile and run for about a minute on 2 cores
 def test_probe_logs_sharpness_every_n_epochs_and_at_the_last(tmp_path, idx_dir):
   flags = ["--optimizer", "sam", "--sharpness_every", "2", "--sharpness_iterations", "3", "--hutchinson_samples", "2"]
   records, header = _probe_run(tmp_path, idx_dir, 3, flags)
