@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import step_time  # the same steps as the step-time benchmark
 
 from saner_jax import cpu_conv
-from saner_jax.train import models, report
+from saner_jax.train import models, reporting
 
 METHODS = ("sgd", "sam", "saner")
 
@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
   choice = cpu_conv.choose()
   command = shlex.join(["python", "benchmarks/scaling.py", *(sys.argv[1:] if argv is None else argv)])
   say(f"command: {command}")
-  say(f"git: {report.git_revision()}")
+  say(f"git: {reporting.git_revision()}")
   say(f"jax {jax.__version__}, {os.cpu_count()} CPUs; convolutions: {choice.reason}")
   say(f"median of {args.rounds} interleaved rounds per size, after one compiling step")
   say()
@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
       )
   worst = max(rows, key=lambda r: r["saner/sam"])
   say(f"\nlargest SANER/SAM: {worst['saner/sam']:.3f} ({worst['model']}, batch {worst['batch_size']})")
-  record = {"command": command, "git": report.git_revision(), "convolutions": choice.path, "rows": rows}
+  record = {"command": command, "git": reporting.git_revision(), "convolutions": choice.path, "rows": rows}
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:

@@ -50,3 +50,15 @@ def test_scaling_runs_at_a_tiny_size(tmp_path):
   assert all(len(row["times_s"][m]) == 2 for m in ("sgd", "sam", "saner"))
   assert row["saner/sam"] == pytest.approx(row["median_s"]["saner"] / row["median_s"]["sam"])
   assert "largest SANER/SAM" in (tmp_path / "s.txt").read_text()
+
+
+def test_saner_overhead_counts_the_reweighting_at_a_tiny_size(tmp_path):
+  overhead = _script("saner_overhead")
+  record = overhead.main(["--models", "resnet8", "--batch-sizes", "8", "--out", str(tmp_path / "o")])
+  [row] = record["rows"]
+  sam, saner = row["cost"]["sam"], row["cost"]["saner"]
+  # SANER's step holds SAM's two passes plus elementwise work on the parameters: more, but little more.
+  assert sam["flops"] < saner["flops"] < 1.1 * sam["flops"]
+  assert row["saner/sam flops"] == pytest.approx(saner["flops"] / sam["flops"])
+  assert record["largest"] == max(row["saner/sam flops"], row["saner/sam bytes"])
+  assert "largest SANER/SAM ratio" in (tmp_path / "o.txt").read_text()
