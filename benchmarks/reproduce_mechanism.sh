@@ -7,9 +7,11 @@
 # STAGE: headline   SGD, SAM, SANER, seeds 0-9, 40% then 60% symmetric noise
 #        groups     the paper's Figs 2-4: SGD-GrA and SGD-GrB beside SGD and SAM, seeds 0-1, 40% and 60%
 #        ablations  alpha, warm-up, rho and SANER on the head only, seeds 0-1, 40%
+#        decomposition  SGD, SAM, SANER with the clean/noisy decomposition every epoch and
+#                   sharpness at the last, seeds 0-1, 40%
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-stage=${1:?give a stage: headline, groups or ablations}
+stage=${1:?give a stage: headline, groups, ablations or decomposition}
 out=${2:-benchmarks/results/fashion_mnist}
 run() { python -m saner_jax.train compare --config fashion_mnist_quick --progress lines --cpu_conv true "$@"; }
 case "$stage" in
@@ -37,5 +39,11 @@ case "$stage" in
       for rho in 0.05 0.2; do run "${base[@]}" --runs sam saner --rho "$rho" --out_dir "$out/ablations/rho$rho"; done
       run "${base[@]}" --runs saner_head --out_dir "$out/ablations/head"
     done ;;
-  *) echo "error: unknown stage $stage; use headline, groups or ablations" >&2; exit 2 ;;
+  decomposition)
+    for seed in 0 1; do
+      run --noise_mode symmetric --noise_rate 0.4 --runs sgd sam saner --seeds "$seed" --log_decomposition true \
+        --sharpness_every 30 --sharpness_iterations 20 --hutchinson_samples 10 --out_dir "$out/decomposition/sym40"
+    done
+    python benchmarks/decomposition_table.py "$out/decomposition/sym40" --epochs 1 10 20 30 ;;
+  *) echo "error: unknown stage $stage; use headline, groups, ablations or decomposition" >&2; exit 2 ;;
 esac
