@@ -29,6 +29,7 @@ import os
 import pathlib
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -97,9 +98,10 @@ def quiet_refused_writes() -> None:
   Orbax's writer threads each log the refused write with a traceback
   (through absl's logger, or asyncio's "Task exception was never retrieved"
   when a loaded machine delays them), and the writes they abandon complain
-  that their event loop is closed (as unraisable exceptions), some of them
-  after the error has been reported; all are dropped, while other log
-  records and exceptions pass.
+  that their event loop is closed (as unraisable exceptions) or, when the
+  interpreter exits first, that their coroutines were never awaited (a
+  RuntimeWarning), some of them after the error has been reported; all are
+  dropped, while other log records, exceptions and warnings pass.
   """
   hook = sys.unraisablehook
 
@@ -110,6 +112,7 @@ def quiet_refused_writes() -> None:
   for name in ("absl", "asyncio"):
     logging.getLogger(name).addFilter(_NotRefusedWrites())
   sys.unraisablehook = unraisable
+  warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
 
 
 class Progress(NamedTuple):
