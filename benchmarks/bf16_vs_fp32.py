@@ -124,11 +124,7 @@ def main(argv=None) -> dict:
     },
   }
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".txt", "w") as f:
-      f.write(text + "\n")
-    with open(args.out + ".json", "w") as f:
-      json.dump(result, f, indent=2)
+    reporting.write_results(args.out, result, text)
     print(f"\nwrote {args.out}.txt and {args.out}.json")
   return result
 

@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
   if args.child:
     print(json.dumps(_compile_all()))
     return {}
-  from saner_jax.train import reporting as report
+  from saner_jax.train import reporting
 
   runs = {}
   with tempfile.TemporaryDirectory() as cache:
@@ -82,19 +82,16 @@ def main(argv=None) -> dict:
       runs[label] = json.loads(child.stdout.strip().splitlines()[-1])
   lines = [
     "command: python benchmarks/compile_cache.py",
-    f"git: {report.git_revision()}",
+    f"git: {reporting.git_revision()}",
     "compile time (s) of the main job's functions, a fresh process each, one shared cache directory:",
     f"{'function':<10} {'cold':>7} {'warm':>7}",
     *(f"{n:<10} {runs['cold'][n]:7.2f} {runs['warm'][n]:7.2f}" for n in NAMES),
     f"{'total':<10} {sum(runs['cold'].values()):7.2f} {sum(runs['warm'].values()):7.2f}",
   ]
   print("\n".join(lines))
-  record = {"command": "python benchmarks/compile_cache.py", "git": report.git_revision(), "seconds": runs}
+  record = {"command": "python benchmarks/compile_cache.py", "git": reporting.git_revision(), "seconds": runs}
   if args.out:
-    with open(args.out + ".json", "w") as f:
-      json.dump(record, f, indent=2)
-    with open(args.out + ".txt", "w") as f:
-      f.write("\n".join(lines) + "\n")
+    reporting.write_results(args.out, record, "\n".join(lines))
   return record
 
 

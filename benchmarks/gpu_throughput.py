@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import shlex
 import statistics
@@ -194,11 +193,7 @@ def main(argv=None) -> dict[str, Any]:
     "results": results,
   }
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-      json.dump(record, f, indent=2)
-    with open(args.out + ".txt", "w") as f:
-      f.write(out.getvalue())
+    reporting.write_results(args.out, record, out.getvalue())
     print(f"wrote {args.out}.json and .txt")
   return record
 

@@ -706,11 +706,7 @@ def main(argv=None) -> dict[str, Any]:
     "layers_ms": layers,
   }
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-      json.dump(result, f, indent=2)
-    with open(args.out + ".txt", "w") as f:
-      f.write(printed.getvalue())
+    reporting.write_results(args.out, result, printed.getvalue())
     print(f"\nwrote {args.out}.txt and {args.out}.json")
   return result
 

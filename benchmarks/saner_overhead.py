@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import shlex
 import sys
@@ -91,11 +90,7 @@ def main(argv=None) -> dict:
   say(f"\nlargest SANER/SAM ratio (flops or bytes): {worst:.5f}")
   record = {"command": command, "git": reporting.git_revision(), "rows": rows, "largest": worst}
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-      json.dump(record, f, indent=2)
-    with open(args.out + ".txt", "w") as f:
-      f.write(out.getvalue())
+    reporting.write_results(args.out, record, out.getvalue())
   return record
 
 

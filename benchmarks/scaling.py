@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import shlex
 import statistics
@@ -116,11 +115,7 @@ def main(argv=None) -> dict:
   say(f"\nlargest SANER/SAM: {worst['saner/sam']:.3f} ({worst['model']}, batch {worst['batch_size']})")
   record = {"command": command, "git": reporting.git_revision(), "convolutions": choice.path, "rows": rows}
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-      json.dump(record, f, indent=2)
-    with open(args.out + ".txt", "w") as f:
-      f.write(out.getvalue())
+    reporting.write_results(args.out, record, out.getvalue())
   return record
 
 

@@ -20,6 +20,6 @@ step bash scripts/docs.sh
 # The examples in the core's docstrings.
 step python -m pytest -q -p no:xdist --doctest-modules \
   saner_jax/{perturbations,saner,sharpness,parallel,diagnostics,analysis}.py
-# Everything runs, the paper-scale configs marked slow included (about
-# 10 minutes on 2 cores); pass -m "not slow" for a quicker local run.
+# Everything runs, the cases marked slow included; pass -m "not slow" for
+# a quicker local run.
 step python -m pytest -n 2 "$@"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 
 import pytest
@@ -62,3 +63,14 @@ def test_saner_overhead_counts_the_reweighting_at_a_tiny_size(tmp_path):
   assert row["saner/sam flops"] == pytest.approx(saner["flops"] / sam["flops"])
   assert record["largest"] == max(row["saner/sam flops"], row["saner/sam bytes"])
   assert "largest SANER/SAM ratio" in (tmp_path / "o.txt").read_text()
+
+
+def test_results_are_written_as_json_and_text_into_a_new_folder_and_replaced_whole(tmp_path):
+  from saner_jax.train import reporting
+
+  prefix = tmp_path / "new" / "bench"
+  reporting.write_results(prefix, {"ratio": 0.5, "rows": [1, 2]}, "ratio 0.5")
+  reporting.write_results(prefix, {"ratio": 1.5}, "ratio 1.5\n")
+  assert json.loads((tmp_path / "new" / "bench.json").read_text()) == {"ratio": 1.5}
+  assert (tmp_path / "new" / "bench.txt").read_text() == "ratio 1.5\n"
+  assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["bench.json", "bench.txt"]  # no temporary left

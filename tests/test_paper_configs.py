@@ -1,13 +1,15 @@
-"""The paper-scale presets in saner_jax/train/configs/paper: complete, valid, runnable.
+"""The paper-scale presets in saner_jax/train/configs/paper and pipelines: complete, valid, runnable.
 
-Each preset trains for one epoch of a tiny batch on TFDS mock data. Only
-what must shrink for CI is overridden (batch sizes, example counts, epochs,
-and no checkpoints or progress output); the model, dataset, noise and
-optimizer are the preset's own; the pipeline presets alone train a smaller
-network (see PIPELINE_CI). Presets with the same model and class count
-compile the same train step, so JAX's persistent compilation cache, in a
-temporary directory for this module, turns their compiles into one each.
-"""
+Each preset is checked against the paper's values. One preset per dataset,
+noise setting, model and pipeline trains for one epoch of a tiny batch on
+TFDS mock data; the others are shown to be one of those with another model
+or setting, so their runs would repeat these. Only what must shrink for CI
+is overridden (batch sizes, example counts, epochs, and no checkpoints or
+progress output); the model, dataset, noise and optimizer are the preset's
+own; the pipeline presets alone train a smaller network (see PIPELINE_CI).
+Presets with the same model and class count compile the same train step,
+so JAX's persistent compilation cache, in a temporary directory for this
+module, turns their compiles into one each."""
 
 from __future__ import annotations
 
@@ -96,20 +98,26 @@ def test_preset_sets_its_setting_model_and_out_dir(preset):
   assert {k: getattr(cfg, k) for k in expected} == expected
 
 
-# Every ResNet-18 preset runs, which covers each dataset and noise setting.
-# Of the costlier models (on a 2-core CPU each class count is a cold compile
-# of 30 s or more, and a WRN-28-10 step takes seconds even when cached) one
-# preset each runs unmarked, the rest are marked `slow`.
-REPRESENTATIVES = ("paper/cifar100_sym50_resnet34", "paper/cifar100_sym50_wrn28_10")
+# Every ResNet-18 preset trains, which covers each dataset and noise setting;
+# of the costlier models (on a 2-core CPU each is a cold compile of 30 s or
+# more, and a WRN-28-10 step takes seconds) one preset each trains, one per
+# class count. The others are their setting's ResNet-18 preset with another
+# model (test_preset_is_its_settings_resnet18_preset_with_another_model), so
+# training them would repeat a run above with a model that has run.
+TRAINED = [p for p in PRESETS if p.endswith("resnet18")] + [
+  "paper/cifar10_sym50_resnet34",
+  "paper/cifar100_sym50_wrn28_10",
+]
 
 
-def _marked(preset: str):
-  if preset.endswith("resnet18") or preset in REPRESENTATIVES:
-    return preset
-  return pytest.param(preset, marks=pytest.mark.slow)
+@pytest.mark.parametrize("preset", [p for p in PRESETS if not p.endswith("resnet18")])
+def test_preset_is_its_settings_resnet18_preset_with_another_model(preset):
+  model = next(m for m in MODELS if preset.endswith(m))
+  resnet18 = config_lib.load_yaml(preset[: -len(model)] + "resnet18")
+  assert config_lib.load_yaml(preset) == {**resnet18, "model": model, "out_dir": f"runs/{preset}"}
 
 
-@pytest.mark.parametrize("preset", [_marked(p) for p in PRESETS])
+@pytest.mark.parametrize("preset", TRAINED)
 def test_preset_trains_on_mock_data(preset, tmp_path, mock_tfds, monkeypatch):
   values = config_lib.load_yaml(preset)
   cfg = config_lib.from_mapping({**values, **CI_SIZES, **CI_OUTPUT, "out_dir": str(tmp_path / "run")})
@@ -192,7 +200,40 @@ def test_fashion_mnist_pipeline_preset_is_the_quick_preset_in_its_pipeline(pipel
   assert set(values) - set(quick) - {"pipeline", "out_dir"} <= set(config_lib.PIPELINE_FIELDS)
 
 
-@pytest.mark.parametrize("preset", PIPELINE_PRESETS)
+def _over_paper_preset(preset: str) -> tuple[str, dict]:
+  """A pipeline preset's pipeline, and what it sets over its setting's paper ResNet-18 preset (out_dir aside)."""
+  pipeline, setting = next(
+    (p, preset[len(f"pipelines/{p}_") : -len("_resnet18")]) for p in PIPELINE_NAMES if f"/{p}_" in preset
+  )
+  values, paper = config_lib.load_yaml(preset), config_lib.load_yaml(f"paper/{setting}_resnet18")
+  assert set(paper) <= set(values)
+  missing = object()
+  return pipeline, {k: v for k, v in values.items() if k != "out_dir" and paper.get(k, missing) != v}
+
+
+def test_a_pipelines_presets_set_the_same_values_over_their_settings_paper_preset():
+  over = {}
+  for preset in PIPELINE_PRESETS:
+    pipeline, values = _over_paper_preset(preset)
+    over.setdefault(pipeline, []).append(values)
+  for pipeline, sets in over.items():
+    assert len(sets) == 4 and all(v == sets[0] for v in sets), pipeline
+    assert sets[0]["pipeline"] == pipeline
+
+
+# One preset per pipeline trains, the settings spread over them: the others
+# are the same values over another setting's paper preset (the test above),
+# and every setting trains in the paper presets' runs.
+PIPELINES_TRAINED = [
+  "pipelines/bootstrap_cifar100_sym50_resnet18",
+  "pipelines/co_teaching_cifar10_sym25_resnet18",
+  "pipelines/dividemix_cifar100_sym25_resnet18",
+  "pipelines/plc_cifar10_sym50_resnet18",
+  "pipelines/joint_optimization_cifar10_sym25_resnet18",
+]
+
+
+@pytest.mark.parametrize("preset", PIPELINES_TRAINED)
 def test_pipeline_preset_trains_on_mock_data(preset, tmp_path, mock_tfds):
   values = config_lib.load_yaml(preset)
   ci = PIPELINE_CI.get(values["pipeline"], {})

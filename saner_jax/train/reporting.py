@@ -50,6 +50,23 @@ def git_revision() -> str | None:
     return None
 
 
+def _replace_text(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)  # a kill mid-write leaves the previous file whole
+
+
+def write_results(prefix: str | os.PathLike, record: dict[str, Any], text: str) -> None:
+  """Writes a benchmark's ``record`` to ``<prefix>.json`` and its printed report ``text`` to ``<prefix>.txt``.
+
+  The folder is created if needed; each file is replaced whole, never left half-written.
+  """
+  prefix = pathlib.Path(prefix)
+  prefix.parent.mkdir(parents=True, exist_ok=True)
+  _replace_text(prefix.with_name(prefix.name + ".json"), json.dumps(record, indent=2) + "\n")
+  _replace_text(prefix.with_name(prefix.name + ".txt"), text if text.endswith("\n") else text + "\n")
+
+
 class MetricsLog:
   """``metrics.jsonl`` and ``metrics.csv``, always rewritten whole from the history.
 
