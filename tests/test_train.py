@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import pytest
+import yaml
 from conftest import read_metrics as _metrics
 
 from saner_jax.train import cli, loop
@@ -248,11 +249,33 @@ def test_base_is_read_first_and_the_file_overrides_it(tmp_path, monkeypatch):
     config_lib.load_yaml("sub/_mid")
 
 
+def test_a_users_config_builds_on_a_file_beside_it_or_on_a_preset(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # the base is found next to the file, not in the working directory
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "common.yaml").write_text("base: paper/_base\nepochs: 7\nlr: 0.05\n")
+  (tmp_path / "mine" / "run.yaml").write_text("base: common\nseed: 3\nlr: 0.02\n")
+  paper_base = yaml.safe_load((config_lib.PRESET_DIR / "paper" / "_base.yaml").read_text())
+  expected = {**paper_base, "epochs": 7, "lr": 0.02, "seed": 3}
+  assert config_lib.load_yaml(str(tmp_path / "mine" / "run.yaml")) == expected
+  (tmp_path / "mine" / "paper").mkdir()  # a file beside it comes before the preset of the same name
+  (tmp_path / "mine" / "paper" / "_base.yaml").write_text("momentum: 0.5\n")
+  assert config_lib.load_yaml(str(tmp_path / "mine" / "run.yaml")) == {
+    "momentum": 0.5,
+    "epochs": 7,
+    "lr": 0.02,
+    "seed": 3,
+  }
+
+
 @pytest.mark.parametrize(
   "files, message",
   [
-    ({"run.yaml": "base: nowhere\n"}, r"run.yaml has base 'nowhere', which is no preset; name one relative to .*"),
-    ({"run.yaml": "base: [a]\n"}, r"run.yaml has base \['a'\], which is no preset"),
+    (
+      {"run.yaml": "base: nowhere\n"},
+      r"run.yaml has base 'nowhere', which is neither a YAML file beside it nor a preset; give a path relative to .*",
+    ),
+    ({"run.yaml": "base: [a]\n"}, r"run.yaml has base \['a'\], which is neither a YAML file beside it nor a preset"),
+    ({"run.yaml": "base:\n"}, r"run.yaml has base None, which is neither"),
     ({"run.yaml": "base: _a\n", "_a.yaml": "base: _b\n", "_b.yaml": "base: _a\n"}, r"form a cycle \(.*run.yaml -> "),
     ({"run.yaml": "base: run\n"}, r"run.yaml -> .*run.yaml\); remove the base: key that closes it"),
     ({"run.yaml": "base: _a\n", "_a.yaml": "- lr\n"}, r"_a.yaml \(the base of .*run.yaml\) must hold a mapping"),

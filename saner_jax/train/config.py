@@ -551,10 +551,12 @@ def resolve_preset(path_or_name: str) -> pathlib.Path:
 
 
 def load_yaml(path_or_name: str) -> dict[str, Any]:
-  """A config file's keys, over those of the preset its ``base:`` key names.
+  """A config file's keys, over those of the file its ``base:`` key names.
 
-  ``base: paper/_base`` (a preset name, relative to saner_jax/train/configs)
-  is read first, its own ``base:`` before it, and the file's keys override it.
+  The base is read first, its own ``base:`` before it, and the file's keys
+  override it. ``base:`` names a YAML file relative to the folder of the
+  file that names it (``base: common.yaml``, ``.yaml`` optional), or else a
+  preset (``base: paper/_base``, relative to saner_jax/train/configs).
   """
   return _load_with_bases(resolve_preset(path_or_name), ())
 
@@ -574,11 +576,13 @@ def _load_with_bases(path: pathlib.Path, children: tuple[pathlib.Path, ...]) -> 
   if "base" not in values:
     return values
   base = values.pop("base")
-  base_path = PRESET_DIR / f"{str(base).removesuffix('.yaml')}.yaml"
-  if not isinstance(base, str) or not base_path.is_file():
+  name = f"{base.removesuffix('.yaml')}.yaml" if isinstance(base, str) and base else None
+  # A file next to the one that names it (a user's own shared settings) comes before a shipped preset.
+  base_path = next((p for p in (path.parent / name, PRESET_DIR / name) if p.is_file()), None) if name else None
+  if base_path is None:
     raise ConfigError(
-      f"--config: {path} has base {base!r}, which is no preset; name one relative to {PRESET_DIR}, "
-      "e.g. base: paper/_base"
+      f"--config: {path} has base {base!r}, which is neither a YAML file beside it nor a preset; "
+      f"give a path relative to {path.parent} or a preset name relative to {PRESET_DIR}, e.g. base: paper/_base"
     )
   chain = (*children, path)
   if base_path.resolve() in {p.resolve() for p in chain}:
