@@ -5,13 +5,14 @@
 # finished run is collected, not rerun.
 #   bash benchmarks/reproduce_mechanism.sh STAGE [OUT_DIR]
 # STAGE: headline   SGD, SAM, SANER, seeds 0-9, 40% then 60% symmetric noise
+#        asymmetric the same at 40% asymmetric (class-pair) noise
 #        groups     the paper's Figs 2-4: SGD-GrA and SGD-GrB beside SGD and SAM, seeds 0-1, 40% and 60%
 #        ablations  alpha, warm-up, rho and SANER on the head only, seeds 0-1, 40%
 #        decomposition  SGD, SAM, SANER with the clean/noisy decomposition every epoch and
 #                   sharpness at the last, seeds 0-1, 40%
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-stage=${1:?give a stage: headline, groups, ablations or decomposition}
+stage=${1:?give a stage: headline, asymmetric, groups, ablations or decomposition}
 out=${2:-benchmarks/results/fashion_mnist}
 run() { python -m saner_jax.train compare --config fashion_mnist_quick --progress lines --cpu_conv true "$@"; }
 case "$stage" in
@@ -21,6 +22,10 @@ case "$stage" in
         run --noise_mode symmetric --noise_rate "$rate" --runs sgd sam saner --seeds "$seed" \
           --out_dir "$out/headline/sym${rate#0.}0"
       done
+    done ;;
+  asymmetric)
+    for seed in $(seq 0 9); do
+      run --noise_mode asymmetric --noise_rate 0.4 --runs sgd sam saner --seeds "$seed" --out_dir "$out/headline/asym40"
     done ;;
   groups)
     # The SGD and SAM runs beside them are the headline's seeds 0-1.
@@ -45,5 +50,5 @@ case "$stage" in
         --sharpness_every 30 --sharpness_iterations 20 --hutchinson_samples 10 --out_dir "$out/decomposition/sym40"
     done
     python benchmarks/decomposition_table.py "$out/decomposition/sym40" --epochs 1 10 20 30 ;;
-  *) echo "error: unknown stage $stage; use headline, groups, ablations or decomposition" >&2; exit 2 ;;
+  *) echo "error: unknown stage $stage; use headline, asymmetric, groups, ablations or decomposition" >&2; exit 2 ;;
 esac
