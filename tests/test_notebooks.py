@@ -92,3 +92,18 @@ def test_notebook_runs_tiny(path, tmp_path, monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
   client.execute()  # raises CellExecutionError, with the traceback, on any cell error
+
+
+RENDERED_DIR = REPO / "docs" / "notebooks"
+
+
+@pytest.mark.parametrize("name", ["quickstart", "toy_example"])
+def test_the_docs_render_each_cpu_notebook_with_the_same_cells_and_their_outputs(name):
+  rendered = nbformat.read(RENDERED_DIR / f"{name}.ipynb", as_version=4)
+  clean = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4)
+  rerun = f"docs/notebooks/{name}.ipynb is out of date with notebooks/; run python scripts/render_notebooks.py {name}"
+  assert [(c.cell_type, c.source) for c in rendered.cells] == [(c.cell_type, c.source) for c in clean.cells], rerun
+  code = [c for c in rendered.cells if c.cell_type == "code"]
+  assert all(c.execution_count is not None for c in code), rerun  # every cell ran, in a full run
+  assert any(o.get("data", {}).get("image/png") for c in code for o in c.outputs)  # the figures are there
+  assert not any(o.output_type == "error" for c in code for o in c.outputs)
