@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -115,10 +114,8 @@ def main(argv=None) -> dict:
     "ratio_to_plain": {p: median[p] / plain for p in median} if plain else None,
     "first_epoch_s": compile_s,
   }
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
-  with open(os.path.splitext(args.out)[0] + ".txt", "w") as f:
-    f.write(f"command: {command}\ngit: {result['git_revision']}\n\n" + "\n".join(lines) + "\n")
+  report = f"command: {command}\ngit: {result['git_revision']}\n\n" + "\n".join(lines)
+  reporting.write_results(os.path.splitext(args.out)[0], result, report)
   return result
 
 

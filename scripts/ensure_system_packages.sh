@@ -2,7 +2,7 @@
 # Installs the Debian packages the project uses, those missing, when apt-get
 # is available:
 #   dataset-fashion-mnist  the real data of the main job, the notebooks and some tests;
-#   g++ and libdnnl-dev    to build saner_jax.cpu_conv's oneDNN convolutions (opt-in, CPU).
+#   g++ and libdnnl-dev    to build saner_jax.cpu_conv's oneDNN convolutions (the CPU default).
 set -euo pipefail
 data_dir=${SANER_JAX_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
 missing=()

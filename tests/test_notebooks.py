@@ -92,6 +92,8 @@ def test_notebook_runs_tiny(path, tmp_path, monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
   client.execute()  # raises CellExecutionError, with the traceback, on any cell error
+  printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+  assert "DeprecationWarning: saner_jax" not in printed, "the notebook imports a moved name:\n" + printed[-2000:]
 
 
 RENDERED_DIR = REPO / "docs" / "notebooks"
