@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> dict:
   with tempfile.TemporaryDirectory(prefix="main_job_time_") as tmp:
     clone, cache = pathlib.Path(tmp) / "repo", pathlib.Path(tmp) / "jax_cache"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    revision = subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True, check=True
+    ).stdout.strip()  # what the clone runs: the committed HEAD, whatever this checkout's edits
     # As on a new machine: no active venv or import path of this checkout, an empty compile cache.
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if "/.venv/" not in p + "/")
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
   training_s = sum(r["train_s"] for r in runs.values())
   lines = [
     f"command: {command}",
-    f"git: {reporting.git_revision()}",
+    f"git: {revision} (the clone)",
     "",
     f"install (fresh clone: venv, package and extras): {install_s:7.1f} s",
     f"main job (bash scripts/main_job.sh, empty compile cache): {job_s:7.1f} s wall",
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
   print(text)
   record = {
     "command": command,
-    "git": reporting.git_revision(),
+    "git": revision,
     "install_s": install_s,
     "main_job_s": job_s,
     "training_s": training_s,
