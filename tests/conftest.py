@@ -97,3 +97,56 @@ def onednn() -> pathlib.Path:
 def read_metrics(run_dir: pathlib.Path) -> list[dict]:
   """A run's ``metrics.jsonl`` as a list of records."""
   return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# Metrics that count something: coordinates of the gradient (the group
+# fractions) or examples (the accuracies). Two formulations of the same run
+# agree on them only to a few counts, not to the last bit: a last-bit
+# difference in one gradient or logit (a reassociated sum, or another CPU's
+# oneDNN kernels rounding differently) moves one coordinate or example across
+# a group or argmax boundary. The continuous metrics (losses, cosines) stay
+# tight, and they are what catches a real difference.
+COORDINATE_FRACTIONS = ("group_A", "group_B", "group_C")
+EXAMPLE_FRACTIONS = ("train_acc", "clean_acc", "noisy_memorised", "test_acc", "best_test_acc")
+
+
+def assert_same_run_metrics(
+  got: dict,
+  want: dict,
+  *,
+  parameters: int,
+  examples: int,
+  coordinates_slack: int = 4,
+  examples_slack: int = 1,
+  rtol: float = 1e-4,
+  ignore: tuple[str, ...] = ("epoch_time_s", "wall_time_s"),
+) -> None:
+  """Two records of the same run, within ``coordinates_slack`` of ``parameters``
+  coordinates per step on the group fractions, ``examples_slack`` of the
+  smallest set of ``examples`` on the accuracies, and ``rtol`` on the rest."""
+  assert set(got) == set(want), set(got) ^ set(want)
+  for key, value in want.items():
+    if key in ignore:
+      continue
+    if value is None or isinstance(value, str):
+      assert got[key] == value, key
+      continue
+    if key in COORDINATE_FRACTIONS:
+      tolerance = dict(abs=coordinates_slack / parameters, rel=0)
+    elif key in EXAMPLE_FRACTIONS:
+      tolerance = dict(abs=examples_slack / examples, rel=0)
+    else:
+      tolerance = dict(rel=rtol, abs=1e-6)
+    assert got[key] == pytest.approx(value, **tolerance), (key, got[key], value, tolerance)
+
+
+def parameter_count(model: str, num_classes: int, image_shape: tuple[int, int, int]) -> int:
+  """The trainable parameters of a toolkit model, from shapes alone (no compute)."""
+  import jax
+  import jax.numpy as jnp
+
+  from saner_jax.train import models
+
+  net = models.create_model(model, num_classes)
+  shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))

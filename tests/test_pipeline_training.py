@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import assert_same_run_metrics, parameter_count
 from conftest import read_metrics as _metrics
 from test_train import REPO, TINY, _finish, _outputs, _without_times
 
@@ -89,10 +90,15 @@ def _records(summary_dir):
 def test_pipeline_reduces_to_the_plain_trainer(pipeline, values, tmp_path, idx_dir):
   plain = loop.train(_tiny(tmp_path, idx_dir, optimizer="saner"))
   run = loop.train(_tiny(tmp_path, idx_dir, optimizer="saner", pipeline=pipeline, **values))
-  for key, value in plain["final"].items():
-    if key in ("epoch_time_s", "wall_time_s") or value is None:
-      continue
-    assert run["final"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+  # The pipeline's loss is another formulation of cross-entropy: equal to
+  # rounding, so the counted metrics agree to a few coordinates or examples.
+  noisy = round(plain["realised_noise_rate"] * plain["train_examples"])
+  assert_same_run_metrics(
+    {k: v for k, v in run["final"].items() if k in plain["final"]},
+    plain["final"],
+    parameters=parameter_count("resnet8", 10, (28, 28, 1)),
+    examples=min(noisy, TINY["test_examples"]),
+  )
 
 
 def _cli(idx_dir, out_dir, pipeline, *extra):
