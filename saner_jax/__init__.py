@@ -10,6 +10,15 @@ The package has three tiers:
   compiler and oneDNN at run time.
 """
 
+import sys as _sys
+
+from saner_jax import _cli_signals
+
+# The training CLI handles Ctrl-C and SIGTERM from its first second on, before
+# JAX is imported (saner_jax/_cli_signals.py); importing the library changes nothing.
+if _cli_signals.running_the_cli(getattr(_sys, "orig_argv", [])):
+  _cli_signals.install(raising=False)  # recorded, raised once the CLI runs
+
 from saner_jax import analysis, diagnostics, parallel
 from saner_jax.parallel import data_mesh, sharded_sharpness_aware_grad
 from saner_jax.perturbations import asam, friendly_sam, sam, vasso

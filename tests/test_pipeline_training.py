@@ -91,12 +91,19 @@ def test_pipeline_reduces_to_the_plain_trainer(pipeline, values, tmp_path, idx_d
   plain = loop.train(_tiny(tmp_path, idx_dir, optimizer="saner"))
   run = loop.train(_tiny(tmp_path, idx_dir, optimizer="saner", pipeline=pipeline, **values))
   # The pipeline's loss is another formulation of cross-entropy: equal to
-  # rounding, so the counted metrics agree to a few coordinates or examples.
+  # rounding, so the counted metrics agree to some coordinates or examples.
+  # Coordinates where SAM barely changes the gradient sit on the A/B
+  # boundary, and rounding decides them: with oneDNN capped at AVX2
+  # (ONEDNN_MAX_CPU_ISA=AVX2) bootstrap's group A moved by 35 of ResNet-8's
+  # 75k coordinates per step, so the slack is 0.1% of them (75); the
+  # losses, at rtol 1e-4, are what catches a real difference.
   noisy = round(plain["realised_noise_rate"] * plain["train_examples"])
+  parameters = parameter_count("resnet8", 10, (28, 28, 1))
   assert_same_run_metrics(
     {k: v for k, v in run["final"].items() if k in plain["final"]},
     plain["final"],
-    parameters=parameter_count("resnet8", 10, (28, 28, 1)),
+    parameters=parameters,
+    coordinates_slack=parameters // 1000,
     examples=min(noisy, TINY["test_examples"]),
   )
 

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -52,6 +53,10 @@ def _one_error_line(err: str) -> str:
     (["--batch_size", "60001"], "--batch_size"),
     (["--train_examples", "60001"], "--train_examples"),
     (["--test_examples", "10001"], "--test_examples"),
+    (["--weight_decay", "-1e-4"], "--weight_decay"),  # a value, not a flag, though it starts with "-"
+    (["--lr", "-inf"], "--lr"),
+    (["--pipeline", "dividemix", "--epochs", "3"], "--pipeline_warmup_epochs"),  # the warm-up would be all of it
+    (["--pipeline", "plc", "--epochs", "3", "--pipeline_warmup_epochs", "4"], "--pipeline_warmup_epochs"),
   ],
 )
 def test_bad_values_fail_before_anything_loads(flags, flag, capsys, tmp_path):
@@ -62,6 +67,25 @@ def test_bad_values_fail_before_anything_loads(flags, flag, capsys, tmp_path):
   line = _one_error_line(capsys.readouterr().err)
   assert line.startswith(f"error: {flag}: "), line
   assert not out_dir.exists()
+
+
+@pytest.mark.parametrize(
+  "out_dir, problem",
+  [
+    ("", "is empty"),
+    (" ", "is empty"),
+    ("runs/" + "x" * 300, "a part of the path is 300 bytes long, over the system's limit of 255"),
+    ("/".join(["runs"] + ["y" * 200] * 20), "the run's deepest files would have paths of"),
+  ],
+)
+def test_an_out_dir_the_system_cannot_hold_fails_before_anything_is_written(
+  out_dir, problem, capsys, tmp_path, monkeypatch
+):
+  monkeypatch.chdir(tmp_path)  # an empty --out_dir would be the working directory
+  assert cli.main(["--out_dir", out_dir, "--data_dir", str(tmp_path / "no_data")]) == 2
+  line = _one_error_line(capsys.readouterr().err)
+  assert line.startswith(f"error: --out_dir: {problem}"), line
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_a_scalar_milestone_in_yaml_is_one_milestone(tmp_path):
@@ -166,11 +190,11 @@ from saner_jax.train import checkpointing, cli
 
 original = checkpointing.save
 
-def limited_from_epoch_2(checkpoints, state, progress):
+def limited_from_epoch_2(checkpoints, state, progress, **kwargs):
   if progress.epoch == 2:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
-  return original(checkpoints, state, progress)
+  return original(checkpoints, state, progress, **kwargs)
 
 checkpointing.save = limited_from_epoch_2
 cli.run()
@@ -221,7 +245,7 @@ def cli_run(idx_dir, compilation_cache):
 def _finish(proc: subprocess.Popen, code: int = 0) -> str:
   output, _ = proc.communicate(timeout=600)
   assert proc.returncode == code, output
-  assert "Traceback" not in output, output
+  assert "Traceback" not in output and "Exception ignored" not in output, output
   return output
 
 
@@ -302,7 +326,13 @@ def test_a_corrupt_latest_checkpoint_falls_back_and_ends_as_an_uninterrupted_run
   }
 
   output = _finish(cli_run(run_dir, "--resume"))
-  assert f"checkpoint of epoch 3 is unusable ({reason}" in output, output
+  # One warning line, whole, and not asyncio's report of each abandoned read task.
+  assert "never retrieved" not in output, output
+  [warning] = [line for line in output.splitlines() if "warning" in line]
+  assert re.fullmatch(
+    rf"warning: the checkpoint of epoch 3 is unusable \({re.escape(reason)}.*\); moved to {run_dir}/unusable_checkpoints/3",
+    warning,
+  ), output
   assert f"resumed {run_dir} after epoch 2" in output
   assert _results(run_dir) == _results(straight)
   # The bad checkpoint is kept, byte for byte, out of the way of the new one.
@@ -346,7 +376,7 @@ def test_a_refused_checkpoint_write_is_one_line_and_resume_skips_the_partial_sav
 
 def test_a_full_disk_for_the_logs_is_one_line_naming_the_problem(idx_dir, tmp_path, capsys):
   """/dev/full refuses every write with ENOSPC: metrics.csv's temporary file points there."""
-  run_dir = tmp_path / "run"
+  run_dir = tmp_path / "my run"  # the printed command quotes it for the shell
   run_dir.mkdir()
   (run_dir / "metrics.csv.tmp").symlink_to("/dev/full")
   flags = [f"--{k}={v}" for k, v in {**TINY, "epochs": 1, "data_dir": idx_dir, "out_dir": run_dir}.items()]
@@ -355,7 +385,7 @@ def test_a_full_disk_for_the_logs_is_one_line_naming_the_problem(idx_dir, tmp_pa
   assert _one_error_line(out.err) == (
     f"error: cannot write the logs of epoch 1 to {run_dir}: No space left on device; "
     f"the checkpoint of epoch 1 is kept; once {run_dir} can be written again, "
-    f"continue with: python -m saner_jax.train --config {run_dir / 'config.yaml'} --resume"
+    f"continue with: python -m saner_jax.train --config '{run_dir / 'config.yaml'}' --resume"
   )
 
 
@@ -396,3 +426,199 @@ def test_debug_prints_the_traceback_of_a_user_error(capsys, tmp_path):
   err = capsys.readouterr().err
   assert err.startswith("Traceback") and "ConfigError: --seed" in err
   assert err.strip().splitlines()[-1] == "error: --seed: must be in [0, 2**32), got -1"
+
+
+# ---------------------------------------------------------------------------
+# The run's identity is in its checkpoints (issue 18, item 2)
+
+
+def _half_done(straight: pathlib.Path, run_dir: pathlib.Path) -> pathlib.Path:
+  """A copy of the straight run stopped after epoch 2: its last checkpoint and summary removed."""
+  shutil.copytree(straight, run_dir)
+  shutil.rmtree(run_dir / "checkpoints" / "3")
+  (run_dir / "summary.json").unlink()
+  return run_dir
+
+
+def _set_in_yaml(path: pathlib.Path, key: str, value: str) -> None:
+  lines = [f"{key}: {value}" if line.startswith(f"{key}:") else line for line in path.read_text().splitlines()]
+  path.write_text("\n".join(lines) + "\n")
+
+
+def test_resume_compares_with_the_checkpoint_not_the_editable_config_yaml(straight, tmp_path, capsys):
+  run_dir = _half_done(straight, tmp_path / "run")
+  _set_in_yaml(run_dir / "config.yaml", "lr", "0.05")
+  assert cli.main(["--config", str(run_dir / "config.yaml"), "--resume"]) == 2
+  assert _one_error_line(capsys.readouterr().err) == (
+    f"error: --resume: {run_dir} was started with another config (as its checkpoint records); "
+    "differing keys: lr (0.1 -> 0.05); resume with the values it was started with, or start a new --out_dir"
+  )
+
+
+def _cli_command(compilation_cache, *args, cwd=REPO) -> subprocess.Popen:
+  return subprocess.Popen(
+    [sys.executable, "-m", "saner_jax.train", *map(str, args)],
+    cwd=cwd,
+    env={**os.environ, "JAX_PLATFORMS": "cpu", **compilation_cache},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    preexec_fn=_default_sigint,
+  )
+
+
+def test_a_moved_run_and_a_relative_out_dir_resume_where_they_are(straight, compilation_cache, tmp_path):
+  # Moved: its config.yaml still names the old place, which no longer exists.
+  moved = _half_done(straight, tmp_path / "moved")
+  _set_in_yaml(moved / "config.yaml", "out_dir", str(tmp_path / "old_place"))
+  # Relative: run from tmp_path as "relative", resumed from another working directory.
+  relative = _half_done(straight, tmp_path / "relative")
+  _set_in_yaml(relative / "config.yaml", "out_dir", "relative")
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  procs = [
+    _cli_command(compilation_cache, "--config", run / "config.yaml", "--resume", cwd=cwd)
+    for run, cwd in ((moved, REPO), (relative, elsewhere))
+  ]
+  for run_dir, proc in zip((moved, relative), procs):
+    output = _finish(proc)
+    assert f"resumed {run_dir} after epoch 2" in output, output
+    assert _results(run_dir) == _results(straight)
+  assert not (tmp_path / "old_place").exists() and not (REPO / "relative").exists()
+  assert list(elsewhere.iterdir()) == []
+
+
+def test_a_run_of_the_previous_release_without_a_config_in_its_checkpoints_still_resumes(
+  straight, cli_run, tmp_path, capsys
+):
+  run_dir = _half_done(straight, tmp_path / "run")
+  for item in (run_dir / "checkpoints").glob("*/config"):  # what the previous release wrote: no config item
+    shutil.rmtree(item)
+  # Its identity is then its config.yaml, as before (an edit to it goes unseen, as it did then).
+  assert cli.main(["--config", str(run_dir / "config.yaml"), "--resume", "--lr", "0.05"]) == 2
+  assert f"(as {run_dir / 'config.yaml'} records); differing keys: lr (0.1 -> 0.05)" in capsys.readouterr().err
+  output = _finish(cli_run(run_dir, "--resume"))
+  assert f"resumed {run_dir} after epoch 2" in output, output
+  assert _results(run_dir) == _results(straight)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a folder whatever its mode")
+def test_an_unreadable_checkpoints_folder_is_one_line(straight, tmp_path, capsys):
+  run_dir = tmp_path / "run"
+  shutil.copytree(straight, run_dir)
+  (run_dir / "checkpoints").chmod(0)
+  try:
+    assert cli.main(["--config", str(run_dir / "config.yaml"), "--resume"]) == 2
+  finally:
+    (run_dir / "checkpoints").chmod(0o755)
+  assert _one_error_line(capsys.readouterr().err) == (
+    f"error: --resume: cannot read {run_dir / 'checkpoints'}: Permission denied; "
+    f"make it readable (chmod -R u+rwX {run_dir / 'checkpoints'}) or start a new --out_dir"
+  )
+
+
+# ---------------------------------------------------------------------------
+# compare never reuses a run made under other settings (issue 18, item 3)
+
+
+@pytest.fixture
+def compared(straight, tmp_path) -> tuple[pathlib.Path, list[str]]:
+  """A comparison directory holding the straight run as sgd seed 0, and the flags that made it."""
+  shutil.copytree(straight, tmp_path / "cmp" / "sgd_seed0")
+  config = json.loads((straight / "summary.json").read_text())["config"]
+  flags = [f"--{k}={config[k]}" for k in TINY if k != "optimizer"] + [f"--data_dir={config['data_dir']}"]
+  return tmp_path / "cmp", ["compare", "--runs", "sgd", "--out_dir", str(tmp_path / "cmp"), *flags]
+
+
+def test_compare_refuses_a_run_made_under_other_settings(compared, capsys):
+  out_dir, argv = compared
+  for extra in ([], ["--collect_only"]):
+    assert cli.main([*argv, "--lr", "0.05", "--noise_rate", "0.2", *extra]) == 2
+    assert _one_error_line(capsys.readouterr().err) == (
+      f"error: compare: {out_dir / 'sgd_seed0'} holds a run made with other settings "
+      f"(as {out_dir / 'sgd_seed0' / 'summary.json'} records): lr (0.1 -> 0.05), noise_rate (0.4 -> 0.2); "
+      "pass its settings to collect it, or choose another --out_dir for these"
+    )
+  assert not (out_dir / "compare.md").exists()
+
+
+def test_compare_collects_a_matching_run_once_per_seed(compared, capsys):
+  out_dir, argv = compared
+  assert cli.main([*argv, "--collect_only", "--seeds", "0", "0"]) == 0
+  assert "| sgd | 1 |" in (out_dir / "compare.md").read_text()
+
+
+def test_compare_names_the_run_and_the_damaged_summary(compared, capsys):
+  out_dir, argv = compared
+  assert cli.main([*argv[:2], "sgd", "adam", *argv[3:]]) == 2
+  assert _one_error_line(capsys.readouterr().err).startswith("error: --runs: 'adam': unknown value 'adam'; choose ")
+  summary = out_dir / "sgd_seed0" / "summary.json"
+  summary.write_text(summary.read_text()[:100])
+  assert cli.main(argv) == 2
+  assert _one_error_line(capsys.readouterr().err).startswith(
+    f"error: compare: cannot read {summary}: JSONDecodeError: "
+  )
+
+
+# ---------------------------------------------------------------------------
+# Signals at any moment (issue 18, item 4)
+
+
+def test_sigint_and_sigterm_at_any_moment_end_with_one_line(cli_run, tmp_path):
+  """In the first second (Python still importing JAX), while the first epoch compiles, and mid-run."""
+  cases = [
+    (signal.SIGINT, 0.2, r"interrupted before training began; nothing was trained"),
+    (signal.SIGTERM, 0.8, r"terminated by SIGTERM before training began; nothing was trained"),
+    (signal.SIGINT, "convolutions:", r"interrupted in epoch 1; no checkpoint was written, .*"),
+    (signal.SIGTERM, "convolutions:", r"terminated by SIGTERM in epoch 1; no checkpoint was written, .*"),
+    (signal.SIGTERM, " 1/50 |", r"terminated by SIGTERM in epoch \d+; the checkpoint of epoch \d+ is kept; .*"),
+  ]
+  started = time.monotonic()
+  procs = [cli_run(tmp_path / f"run{i}", "--epochs=50") for i in range(len(cases))]
+  for proc, (signum, when, _) in zip(procs, cases):
+    if isinstance(when, float):  # seconds after the processes started
+      time.sleep(max(0.0, when - (time.monotonic() - started)))
+    else:
+      _wait_for_line(proc, when)
+    proc.send_signal(signum)
+  for proc, (signum, when, message) in zip(procs, cases):
+    output = _finish(proc, code=128 + signum)  # no segfault (139), no lost signal (0)
+    assert re.fullmatch(f"error: {message}", output.strip().splitlines()[-1]), (when, output)
+
+
+SWALLOWED = """
+import gc, os, signal
+from saner_jax import _cli_signals
+
+_cli_signals.install()
+
+def raise_inside(phase, info):  # the handler runs, and raises, inside a callback whose exceptions Python drops
+  gc.callbacks.remove(raise_inside)
+  os.kill(os.getpid(), signal.SIGINT)
+  sum(range(1000))
+
+gc.callbacks.append(raise_inside)
+gc.collect()
+print("still running", flush=True)
+try:
+  _cli_signals.check()
+except _cli_signals.Interrupted as e:
+  print("check raised", e.name, e.exit_code)
+"""
+
+
+def test_an_interrupt_a_callback_swallowed_is_raised_at_the_next_check():
+  proc = subprocess.run([sys.executable, "-c", SWALLOWED], capture_output=True, text=True, timeout=120, cwd=REPO)
+  # Swallowed, and silently: the next check raises it.
+  assert proc.stdout.splitlines() == ["still running", "check raised SIGINT 130"], proc.stdout
+  assert proc.stderr == "", proc.stderr
+
+
+def test_the_reliability_probe_holds_every_case():
+  """scripts/reliability_probe.py, as CI runs it: every case of docs/reliability.md it drives holds."""
+  proc = subprocess.run(
+    [sys.executable, str(REPO / "scripts" / "reliability_probe.py")], capture_output=True, text=True, timeout=900
+  )
+  last = proc.stdout.strip().splitlines()[-1]
+  match = re.fullmatch(r"(\d+) cases, (\d+) hold", last)
+  assert match and match[1] == match[2] and proc.returncode == 0, proc.stdout + proc.stderr

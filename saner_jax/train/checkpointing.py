@@ -1,9 +1,12 @@
 """Orbax checkpoints of a run: its state and its progress, verified on restore.
 
-A checkpoint holds three items: ``state``, any pytree of arrays (the loop's
+A checkpoint holds four items: ``state``, any pytree of arrays (the loop's
 :class:`saner_jax.train.step.TrainState`, or whatever a pipeline trains:
 two networks, corrected labels); ``meta``, the run's :class:`Progress` as
-JSON; and ``digest``, a SHA-256 of both. The progress carries the whole
+JSON; ``digest``, a SHA-256 of both; and ``config``, the run's resolved
+config with its own SHA-256, the run's identity (:func:`stored_config`): a
+resume compares against it, never against the editable ``config.yaml``.
+Checkpoints of earlier releases have no ``config`` and still restore. The progress carries the whole
 metrics history, so a resumed run rewrites complete, unduplicated logs from
 the checkpoint alone. Checkpoints are numbered by epoch; the latest two are
 kept.
@@ -86,8 +89,13 @@ def refused_writes(what: str, path: pathlib.Path, note: str = "") -> Iterator[No
     raise WriteError(what, path, problem, note) from e
 
 
+_ABANDONED = ("Task exception was never retrieved", "Future exception was never retrieved")
+
+
 class _NotRefusedWrites(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
+    if record.name == "asyncio" and str(record.msg).startswith(_ABANDONED):
+      return False
     return not (record.exc_info and _refusal(record.exc_info[1]))
 
 
@@ -102,6 +110,12 @@ def quiet_refused_writes() -> None:
   interpreter exits first, that their coroutines were never awaited (a
   RuntimeWarning), some of them after the error has been reported; all are
   dropped, while other log records, exceptions and warnings pass.
+
+  Reading a damaged checkpoint leaves orbax's read tasks failed and
+  abandoned too: asyncio logs each, once per damaged chunk, as "Task
+  exception was never retrieved" (hundreds of lines, interleaved with the
+  warning that says which checkpoint was moved aside). These are dropped
+  as well: :func:`restore_latest` reports the checkpoint in one line.
   """
   hook = sys.unraisablehook
 
@@ -176,8 +190,15 @@ def digest(state: Any, meta: Mapping[str, Any]) -> str:
   return h.hexdigest()
 
 
-def save(checkpoints: ocp.CheckpointManager, state: Any, progress: Progress) -> None:
-  """Saves ``state``, ``progress`` and their digest as checkpoint ``progress.epoch``.
+def _config_digest(config: Mapping[str, Any]) -> str:
+  return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def save(
+  checkpoints: ocp.CheckpointManager, state: Any, progress: Progress, *, config: Mapping[str, Any] | None = None
+) -> None:
+  """Saves ``state``, ``progress`` and their digest as checkpoint ``progress.epoch``, with ``config``
+  (the run's resolved config as a JSON mapping, if given) and its digest.
 
   Every process calls it: orbax writes each array's shards from the
   processes that hold them.
@@ -195,9 +216,35 @@ def save(checkpoints: ocp.CheckpointManager, state: Any, progress: Progress) -> 
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave(meta),
         digest=ocp.args.JsonSave({"sha256": digest(state, meta)}),
+        **({"config": ocp.args.JsonSave({"config": dict(config), "sha256": _config_digest(config)})} if config else {}),
       ),
     )
     checkpoints.wait_until_finished()
+
+
+def stored_config(out_dir: pathlib.Path) -> dict[str, Any] | None:
+  """The resolved config saved in the newest checkpoint of ``out_dir`` that has a readable, verified one.
+
+  None when no checkpoint has one (no checkpoints, or those of an earlier
+  release, which saved no config). Reads only the small JSON item, not the
+  arrays.
+
+  Raises:
+    OSError: ``checkpoints/`` cannot be listed (e.g. no permission).
+  """
+  for epoch in reversed(completed_epochs(out_dir)):
+    item = pathlib.Path(out_dir).absolute() / "checkpoints" / str(epoch) / "config"
+    try:
+      saved = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item)
+    except Exception:  # missing (an earlier release), unreadable or damaged: try the one before
+      continue
+    if (
+      isinstance(saved, dict)
+      and isinstance(saved.get("config"), dict)
+      and saved.get("sha256") == _config_digest(saved["config"])
+    ):
+      return saved["config"]
+  return None
 
 
 class _Unusable(Exception):
@@ -260,7 +307,16 @@ def restore_latest(
       continue
     if failed and jax.process_index() == 0:
       for bad, why in failed:
-        warn(f"warning: the checkpoint of epoch {bad} is unusable ({why}); moved to {_move_aside(checkpoints, bad)}")
+        try:
+          moved = _move_aside(checkpoints, bad)
+        except OSError as e:  # e.g. no write permission on it: moving a folder rewrites its ".."
+          path = pathlib.Path(checkpoints.directory) / str(bad)
+          raise CheckpointError(
+            f"--resume: the checkpoint of epoch {bad} is unusable ({why}) and cannot be moved aside "
+            f"({e.strerror or e}); make it writable (chmod -R u+rwX {path}) or move it out of "
+            f"{checkpoints.directory}, then resume"
+          ) from e
+        warn(f"warning: the checkpoint of epoch {bad} is unusable ({why}); moved to {moved}")
     if failed:
       if jax.process_count() > 1:
         from jax.experimental import multihost_utils

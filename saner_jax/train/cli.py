@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import shlex
 import sys
 import traceback
@@ -42,7 +43,16 @@ Example:
 
 
 class _Parser(argparse.ArgumentParser):
-  """argparse, with a bad flag reported as the CLI's other mistakes are: one ``error:`` line, not usage first."""
+  """argparse, with a bad flag reported as the CLI's other mistakes are: one ``error:`` line, not usage first.
+
+  A value that reads as a negative number, exponent or ``-inf`` included
+  (``--weight_decay -1e-4``), is a value, not a flag; argparse's own test
+  knows only ``-1`` and ``-.5``. The config's checks then say what is wrong with it.
+  """
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
 
   def error(self, message: str) -> NoReturn:
     self.exit(2, f"error: {message}; see {self.prog} --help\n")
@@ -107,12 +117,57 @@ def _compare_parser() -> argparse.ArgumentParser:
 
 
 def run_config(name: str, seed: int, base: config_lib.TrainConfig, out_dir: pathlib.Path) -> config_lib.TrainConfig:
-  """The config of one comparison entry, ``name`` as :func:`config.run_name_values` reads it."""
+  """The config of one comparison entry, ``name`` as :func:`config.run_name_values` reads it.
+
+  An error in a value the name sets names the run (``--runs: 'adam': ...``),
+  not a flag the user never passed.
+  """
   values = config_lib.run_name_values(name)
-  return config_lib.from_mapping(
-    {**values, "seed": seed, "out_dir": str(out_dir / f"{name}_seed{seed}")},
-    base,
-  ).validate()
+  try:
+    return config_lib.from_mapping(
+      {**values, "seed": seed, "out_dir": str(out_dir / f"{name}_seed{seed}")},
+      base,
+    ).validate()
+  except ConfigError as e:
+    flag = str(e).partition(": ")[0].removeprefix("--")
+    if flag in values:
+      raise ConfigError(f"--runs: {name!r}: {str(e).partition(': ')[2]}") from None
+    raise
+
+
+def _finished_summary(run_dir: pathlib.Path) -> dict | None:
+  """The run's ``summary.json``, None while it has none; an unreadable one is a one-line ConfigError."""
+  path = run_dir / "summary.json"
+  try:
+    summary = json.loads(path.read_text())
+    if not isinstance(summary, dict):
+      raise ValueError("not a JSON object")
+    return summary
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    problem = e.strerror if isinstance(e, OSError) else f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    raise ConfigError(
+      f"compare: cannot read {path}: {problem}; delete it, and compare finishes the run from its checkpoints"
+    ) from None
+
+
+def _check_same_settings(cfg: config_lib.TrainConfig, run_dir: pathlib.Path, summary: dict | None) -> None:
+  """Refuses a run directory made under other settings than ``cfg`` (its summary's config, else its checkpoint's)."""
+  from saner_jax.train import loop
+
+  if summary is None and not loop._holds_run(run_dir):  # nothing, or a start that failed: nothing to reuse
+    return
+  identity = (summary["config"], str(run_dir / "summary.json")) if summary and "config" in summary else None
+  identity = identity or loop.run_identity(run_dir)
+  if identity is None:
+    return
+  changed = loop.config_changes(identity[0], cfg)
+  if changed:
+    raise ConfigError(
+      f"compare: {run_dir} holds a run made with other settings (as {identity[1]} records): {changed}; "
+      "pass its settings to collect it, or choose another --out_dir for these"
+    )
 
 
 def run_or_collect(
@@ -125,17 +180,24 @@ def run_or_collect(
   from saner_jax.train import loop
 
   out_dir = pathlib.Path(base.out_dir)
+  runs, seeds = list(dict.fromkeys(runs)), list(dict.fromkeys(seeds))  # a repeat is the same run
   configs = {name: [run_config(name, seed, base, out_dir) for seed in seeds] for name in runs}
+  # Every run directory is checked before any trains: a run made under other
+  # settings is never collected, nor resumed under these.
+  for seed_configs in configs.values():
+    for cfg in seed_configs:
+      run_dir = pathlib.Path(cfg.out_dir)
+      _check_same_settings(cfg, run_dir, _finished_summary(run_dir))
   summaries, histories = {}, {}
   for name, seed_configs in configs.items():
     summaries[name], histories[name] = [], []
     for cfg in seed_configs:
       run_dir = pathlib.Path(cfg.out_dir)
-      if not (run_dir / "summary.json").exists():
+      if _finished_summary(run_dir) is None:
         if collect_only:
           raise ConfigError(f"--collect_only: {run_dir} has no finished run")
         loop.train(cfg, resume=(run_dir / "config.yaml").exists())
-      summaries[name].append(json.loads((run_dir / "summary.json").read_text()))
+      summaries[name].append(_finished_summary(run_dir))
       histories[name].append([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()])
   return summaries, histories
 
@@ -164,6 +226,26 @@ def compare(args: argparse.Namespace) -> dict:
   return summaries
 
 
+def _resume_where_pointed(args: argparse.Namespace, config: config_lib.TrainConfig) -> config_lib.TrainConfig:
+  """``--config DIR/config.yaml --resume`` resumes the run in DIR, wherever its ``out_dir`` says it was.
+
+  A run directory that was moved, or whose relative ``out_dir`` is resumed
+  from another working directory, resumes where it is, never in a new
+  directory at the old place. An explicit ``--out_dir`` wins.
+  """
+  if "out_dir" in vars(args) or not args.config:
+    return config
+  here = pathlib.Path(args.config).parent
+  if not (
+    pathlib.Path(args.config).is_file() and ((here / "checkpoints").is_dir() or (here / "metrics.jsonl").is_file())
+  ):
+    return config
+  if pathlib.Path(config.out_dir).absolute() != here.absolute():
+    print(f"resuming the run in {here}, where --config is (its config names {config.out_dir})", flush=True)
+    config.out_dir = str(here)
+  return config
+
+
 def _report(error: BaseException, debug: bool, message: str | None = None) -> None:
   """One ``error:`` line for the user's own mistakes; the traceback too with --debug."""
   if debug:
@@ -171,23 +253,29 @@ def _report(error: BaseException, debug: bool, message: str | None = None) -> No
   print(f"error: {message or error}", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-  """Runs the command; returns the exit status (2 for a bad flag or config, 1 for other user errors).
+def main(argv: list[str] | None = None, *, handle_signals: bool = False) -> int:
+  """Runs the command; returns the exit status (2 for a bad flag or config, 1 for other user errors,
+  130 or 143 after SIGINT or SIGTERM).
 
   Errors that are the user's (flags, configs, data, an out_dir in use, a run
   that diverged, a full disk, no usable checkpoint) print one line; anything
-  else is a bug and raises with its traceback.
+  else is a bug and raises with its traceback. ``handle_signals`` installs
+  the CLI's SIGINT and SIGTERM handling (:mod:`saner_jax._cli_signals`).
   """
+  from saner_jax import _cli_signals
   from saner_jax.train import checkpointing, loop
 
   argv = sys.argv[1:] if argv is None else argv
   debug = "--debug" in argv
   try:
+    if handle_signals:
+      _cli_signals.install()  # raises a signal recorded while the modules imported
     if argv[:1] == ["compare"]:
       compare(_compare_parser().parse_args(argv[1:]))
     else:
       args = _train_parser().parse_args(argv[1:] if argv[:1] == ["train"] else argv)
-      loop.train(config_lib.from_args(args), resume=args.resume)
+      config = config_lib.from_args(args)
+      loop.train(_resume_where_pointed(args, config) if args.resume else config, resume=args.resume)
   except ConfigError as e:
     _report(e, debug)
     return 2
@@ -198,8 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     _report(e, debug)
     return e.exit_code
   except KeyboardInterrupt as e:  # before the first epoch began
-    _report(e, debug, "interrupted before training began; nothing was trained")
-    return 130
+    _cli_signals.acknowledge()
+    signal = e.name if isinstance(e, _cli_signals.Interrupted) else "SIGINT"
+    what = "interrupted" if signal == "SIGINT" else f"terminated by {signal}"
+    _report(e, debug, f"{what} before training began; nothing was trained")
+    return getattr(e, "exit_code", 130)
   return 0
 
 
@@ -208,13 +299,23 @@ def run() -> None:
 
   Without ``--debug``, the noise of a save the system refused is dropped
   for the life of the process (:func:`saner_jax.train.checkpointing.quiet_refused_writes`):
-  the error line says it all.
+  the error line says it all. Ctrl-C and SIGTERM end it with one line and
+  exit status 130 or 143, at any moment (:mod:`saner_jax._cli_signals`).
   """
+  from saner_jax import _cli_signals
   from saner_jax.train import checkpointing
 
   if "--debug" not in sys.argv[1:]:
     checkpointing.quiet_refused_writes()
-  sys.exit(main())
+  code = main(handle_signals=True)
+  signum = _cli_signals.received()
+  if signum is not None and code == 0:  # after the last point that checks: the work is done, the signal still counts
+    print("error: interrupted as the command ended; its results are complete", file=sys.stderr)
+    code = 128 + signum
+  if signum is not None:
+    # An XLA thread may still be compiling: leave without the interpreter's teardown, which could crash.
+    _cli_signals.exit_now(code)
+  sys.exit(code)
 
 
 if __name__ == "__main__":

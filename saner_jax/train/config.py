@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import importlib
 import math
+import os
 import pathlib
 import typing
 from collections.abc import Callable, Iterable, Sequence
@@ -312,6 +313,28 @@ class TrainConfig:
         _fail(field, f"must be a finite number, got {getattr(self, field)}")
     if not 0 <= self.seed < 2**32:
       _fail("seed", f"must be in [0, 2**32), got {self.seed}")
+    self._check_out_dir()
+
+  def _check_out_dir(self) -> None:
+    """The system's limits on names, checked before anything trains: files deep inside a checkpoint
+    would otherwise fail only at the first save."""
+    if not self.out_dir.strip():
+      _fail("out_dir", "is empty; name a directory, e.g. --out_dir runs/my_run")
+    name_max, path_max = _path_limits()
+    longest = max(pathlib.PurePath(self.out_dir).parts, key=len)
+    if len(longest.encode()) > name_max:
+      _fail(
+        "out_dir",
+        f"a part of the path is {len(longest.encode())} bytes long, over the system's limit of {name_max} "
+        f"({longest[:20]}...); choose a shorter --out_dir",
+      )
+    needed = len(os.fsencode(os.path.abspath(self.out_dir))) + DEEPEST_RUN_FILE
+    if needed > path_max:
+      _fail(
+        "out_dir",
+        f"the run's deepest files would have paths of {needed} bytes, over the system's limit of {path_max}; "
+        f"choose a --out_dir of at most {path_max - DEEPEST_RUN_FILE} bytes as an absolute path",
+      )
 
   def _check_noise(self, spec) -> None:
     from saner_jax.train import noise
@@ -415,6 +438,15 @@ class TrainConfig:
     for field in ("sharpen_temperature", "mixup_alpha"):
       if getattr(self, field) <= 0:
         _fail(field, f"must be > 0, got {getattr(self, field)}")
+    # A warm-up over the whole run would train plainly under the pipeline's name. DivideMix
+    # co-divides from the epoch after its warm-up; PLC corrects labels after epoch warmup_epochs.
+    last_warm = {"dividemix": self.epochs, "plc": self.epochs + 1}.get(self.pipeline)
+    if last_warm is not None and self.pipeline_warmup_epochs >= last_warm:
+      _fail(
+        "pipeline_warmup_epochs",
+        f"{self.pipeline_warmup_epochs} covers all {self.epochs} epochs, so {self.pipeline} would never act "
+        f"(plain training); use at most {last_warm - 1}, or more --epochs",
+      )
     if self.tau_end > self.tau_start:
       _fail("tau_end", f"must be <= tau_start {self.tau_start}, got {self.tau_end}")
     if self.pipeline == "joint_optimization" and not 1 <= self.jo_stage1_epochs_resolved < self.epochs:
@@ -431,6 +463,20 @@ class TrainConfig:
     out = dataclasses.asdict(self)
     out["lr_milestones"] = list(self.lr_milestones)
     return out
+
+
+# The longest path a run writes under its out_dir, with room to spare: orbax's
+# temporary checkpoint folders, e.g. "/checkpoints/12.orbax-checkpoint-tmp-
+# 1718000000000000/state/ocdbt.process_0/d/<32 hex digits>" (about 110 bytes).
+DEEPEST_RUN_FILE = 200
+
+
+def _path_limits() -> tuple[int, int]:
+  """The system's longest file name and path, in bytes (255 and 4096 on Linux)."""
+  try:
+    return os.pathconf("/", "PC_NAME_MAX"), os.pathconf("/", "PC_PATH_MAX")
+  except (OSError, ValueError, AttributeError):  # no pathconf: the POSIX-ish values
+    return 255, 4096
 
 
 def run_name_values(name: str) -> dict[str, Any]:

@@ -25,7 +25,11 @@ LOCK_NAME = ".lock"
 
 def unusable(out_dir: pathlib.Path, error: OSError) -> ConfigError:
   """The one-line error for an out_dir that cannot be created or written."""
-  if out_dir.exists() and not out_dir.is_dir():
+  try:
+    a_file = out_dir.exists() and not out_dir.is_dir()
+  except OSError:  # the path itself is unusable (e.g. a name too long): the error says why
+    a_file = False
+  if a_file:
     problem = "it exists and is not a directory"
   elif isinstance(error, NotADirectoryError):
     problem = "a part of the path is a file, not a directory"

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import pathlib
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -48,7 +49,7 @@ import yaml
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from saner_jax import parallel
+from saner_jax import _cli_signals, parallel
 from saner_jax.train import checkpointing, compilation, lock, pipeline, probe, reporting
 from saner_jax.train import config as config_lib
 from saner_jax.train import step as step_lib
@@ -185,27 +186,75 @@ def _progress_mode(config: TrainConfig) -> str:
   return "bar" if sys.stderr.isatty() and not os.environ.get("CI") else "lines"
 
 
-def _check_resumable(out_dir: pathlib.Path, config: TrainConfig) -> None:
-  # Through the config class, so that a key added since the run was saved
-  # compares as its default.
-  saved = config_lib.from_mapping(yaml.safe_load((out_dir / "config.yaml").read_text())).to_dict()
+def config_changes(saved: dict[str, Any], config: TrainConfig) -> str:
+  """The keys whose values in ``config`` differ from ``saved`` and change the result, as
+  ``"lr (0.1 -> 0.05), ..."``; empty when none do.
+
+  ``saved`` goes through the config class, so that a key added since it was
+  written compares as its default.
+  """
+  saved = config_lib.from_mapping(saved).to_dict()
   current = config.to_dict()
   changed = sorted(k for k in current if k not in _RESUME_FREE_KEYS and saved.get(k) != current[k])
+  return ", ".join(f"{k} ({saved.get(k)!r} -> {current[k]!r})" for k in changed)
+
+
+def run_identity(out_dir: pathlib.Path) -> tuple[dict[str, Any], str] | None:
+  """The config a run in ``out_dir`` was made with, and where it was read.
+
+  Its newest checkpoint's, which nothing edits; for a run of an earlier
+  release (no config in its checkpoints) or one without checkpoints,
+  ``config.yaml``; None where neither is.
+  """
+  try:
+    saved = checkpointing.stored_config(out_dir)
+  except OSError as e:
+    raise _unreadable(out_dir / "checkpoints", e) from e
+  if saved is not None:
+    return saved, "its checkpoint"
+  path = out_dir / "config.yaml"
+  try:
+    return (yaml.safe_load(path.read_text()) or {}), str(path)
+  except FileNotFoundError:
+    return None
+  except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+    raise ConfigError(f"--resume: cannot read {path}: {_problem(e)}; restore the file or start a new --out_dir") from e
+
+
+def _problem(error: BaseException) -> str:
+  if isinstance(error, OSError):
+    return error.strerror or str(error)
+  return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def _unreadable(path: pathlib.Path, error: OSError) -> ConfigError:
+  return ConfigError(
+    f"--resume: cannot read {path}: {_problem(error)}; make it readable (chmod -R u+rwX {shlex.quote(str(path))}) "
+    "or start a new --out_dir"
+  )
+
+
+def _check_resumable(out_dir: pathlib.Path, config: TrainConfig) -> None:
+  identity = run_identity(out_dir)
+  if identity is None:
+    return
+  saved, where = identity
+  changed = config_changes(saved, config)
   if changed:
     raise ConfigError(
-      f"--resume: {out_dir} was started with another config; differing keys: "
-      + ", ".join(f"{k} ({saved.get(k)!r} -> {current[k]!r})" for k in changed)
+      f"--resume: {out_dir} was started with another config (as {where} records); differing keys: {changed}; "
+      "resume with the values it was started with, or start a new --out_dir"
     )
 
 
 def _holds_run(out_dir: pathlib.Path) -> bool:
   """A completed checkpoint, logged epochs or a summary: what a start that failed never leaves."""
   metrics = out_dir / "metrics.jsonl"
-  return bool(
-    checkpointing.completed_epochs(out_dir)
-    or (metrics.is_file() and metrics.stat().st_size)
-    or (out_dir / "summary.json").exists()
-  )
+  try:
+    epochs = checkpointing.completed_epochs(out_dir)
+  except OSError as e:  # checkpoints/ cannot be listed
+    raise _unreadable(out_dir / "checkpoints", e) from e
+  return bool(epochs or (metrics.is_file() and metrics.stat().st_size) or (out_dir / "summary.json").exists())
 
 
 def _claim_out_dir(config: TrainConfig, resume: bool) -> pathlib.Path:
@@ -357,6 +406,7 @@ def run_epoch(run: Run, train_step: Callable, state: Any, epoch: int, metrics: d
 
     batches = tqdm(batches, desc=f"epoch {epoch}/{run.config.epochs}", leave=False)
   for i in batches:
+    _cli_signals.check()  # an interrupt a callback swallowed (no-op outside the CLI)
     state, metrics = train_step(state, metrics, train_set, permutation, i, run.keys.augment)
   sums = {k: float(v) for k, v in jax.device_get(metrics).items()}
   if sums["nonfinite"] or not math.isfinite(sums["loss_sum"]):
@@ -460,7 +510,7 @@ def save(run: Run, checkpoints: Any, state: Any, progress: checkpointing.Progres
   refuses a write.
   """
   if checkpoints is not None:
-    checkpointing.save(checkpoints, state, progress)
+    checkpointing.save(checkpoints, state, progress, config=run.config.to_dict())
   if logs is not None:
     with checkpointing.refused_writes(f"the logs of epoch {progress.epoch}", run.out_dir):
       logs.write(progress.history)
@@ -531,13 +581,20 @@ def _stopped(run: Run, epoch: int, cause: BaseException) -> RunStopped:
   """What a diverged, interrupted or unwritable ``epoch`` leaves, as one message."""
   interrupted = isinstance(cause, KeyboardInterrupt)
   unwritable = isinstance(cause, checkpointing.WriteError)
-  what = f"interrupted in epoch {epoch}" if interrupted else str(cause)
-  code = 130 if interrupted else 1
-  kept = checkpointing.completed_epochs(run.out_dir) if run.config.checkpoint else []
+  terminated = isinstance(cause, _cli_signals.Interrupted) and cause.name != "SIGINT"
+  if interrupted:
+    what = f"{'terminated by ' + cause.name if terminated else 'interrupted'} in epoch {epoch}"  # type: ignore[attr-defined]
+  else:
+    what = str(cause)
+  code = getattr(cause, "exit_code", 130) if interrupted else 1
+  try:
+    kept = checkpointing.completed_epochs(run.out_dir) if run.config.checkpoint else []
+  except OSError:  # checkpoints/ became unreadable: say nothing is kept rather than fail in the report
+    kept = []
   once = f"once {run.out_dir} can be written again, " if unwritable else ""
   if kept:
     todo = (
-      f"{once}continue with: python -m saner_jax.train --config {run.out_dir / 'config.yaml'} --resume"
+      f"{once}continue with: python -m saner_jax.train --config {shlex.quote(str(run.out_dir / 'config.yaml'))} --resume"
       if interrupted or unwritable
       else "start a new --out_dir with a lower --lr or --rho"
     )
@@ -586,12 +643,16 @@ def train(
           logs.write(progress.history, tensorboard=False)  # the restored epochs are in TensorBoard already
         _announce(run)
       for epoch in range(progress.epoch + 1, config.epochs + 1):
+        _cli_signals.check()
         t_epoch = time.perf_counter()
         state, fields = parts.epoch(state, epoch)
         test_acc = parts.evaluate(state)
         now = time.perf_counter()
         progress = record_epoch(progress, epoch, fields, test_acc, now - t_epoch, wall_offset + now - run.started)
         save(run, checkpoints, state, progress, logs)
+      _cli_signals.check()
       return summarise(run, progress)
     except (FloatingPointError, KeyboardInterrupt, checkpointing.WriteError) as e:
+      if isinstance(e, KeyboardInterrupt):
+        _cli_signals.acknowledge()  # a second Ctrl-C must not cut the report short
       raise _stopped(run, epoch, e) from e
