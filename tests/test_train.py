@@ -521,11 +521,10 @@ def test_same_seed_same_run_and_kill_resume_loses_nothing(tmp_path, idx_dir):
   assert _outputs(killed) == _outputs(straight)
   assert (killed / "metrics.csv").read_text().count("\n") == 5
 
-  # The finished runs are collected, not rerun, by compare.
+  # The finished runs are collected, not rerun, by compare, given the settings they were made with.
+  flags = [f"--{k}={v}" for k, v in {**TINY, "epochs": 4, "data_dir": idx_dir}.items()]
   summaries = cli.compare(
-    cli._compare_parser().parse_args(
-      ["--runs", "saner", "--collect_only", "--out_dir", str(tmp_path), "--model", "resnet8", "--epochs", "4"]
-    )
+    cli._compare_parser().parse_args(["--runs", "saner", "--collect_only", "--out_dir", str(tmp_path), *flags])
   )
   assert summaries["saner"][0]["best_test_acc"] == max(r["test_acc"] for r in _metrics(straight))
   assert "| saner | 1 |" in (tmp_path / "compare.md").read_text()
