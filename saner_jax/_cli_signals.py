@@ -86,7 +86,7 @@ def install(*, raising: bool = True) -> None:
     # and all; the interrupt is not lost (check() raises it again), so that print is dropped.
     previous = sys.unraisablehook
 
-    def unraisable(u: "sys.UnraisableHookArgs") -> None:
+    def unraisable(u: sys.UnraisableHookArgs) -> None:
       if not isinstance(u.exc_value, Interrupted):
         previous(u)
 
