@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -379,12 +380,14 @@ def supervised(run):
     config, train, run.steps_per_epoch, process_index=jax.process_index(), process_count=jax.process_count()
   )
   batch_sharding = NamedSharding(run.mesh, P("data"))
-  batches = to_devices(iterator, batch_sharding)
 
   def epoch(state, epoch):
     metrics = jax.device_put(step_lib.zero_metrics(), run.replicated)
-    for _ in range(run.steps_per_epoch):
-      state, metrics = step(state, metrics, next(batches), run.keys.augment)
+    # Exactly one epoch's batches are taken from the iterator, so that the
+    # position saved with the epoch's checkpoint is that of the next batch
+    # to train on, not of those placed on the devices ahead of it.
+    for batch in to_devices(itertools.islice(iterator, run.steps_per_epoch), batch_sharding):
+      state, metrics = step(state, metrics, batch, run.keys.augment)
     sums = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if sums["nonfinite"] or not np.isfinite(sums["loss_sum"]):
       raise FloatingPointError(f"epoch {epoch}: non-finite loss, gradients or weights")
