@@ -229,8 +229,14 @@ def choose(config: TrainConfig) -> tuple[str, str]:
   if config.input_pipeline != "auto":
     return config.input_pipeline, f"--input_pipeline {config.input_pipeline}"
   spec = config.spec
-  if config.pipeline != "none" or config.noise_mode == "instance" or config.log_decomposition or config.sharpness_every:
-    return "device", "auto: the chosen pipeline, noise or probe needs the on-device path"
+  if (
+    config.pipeline != "none"
+    or config.noise_mode == "instance"
+    or config.log_decomposition
+    or config.sharpness_every
+    or config.val_examples
+  ):
+    return "device", "auto: the chosen pipeline, noise, probe or validation set needs the on-device path"
   train = config.train_examples or spec.sizes["train"]
   test = config.test_examples or spec.sizes["test"]
   need = (train + test) * int(np.prod(spec.image_shape))
@@ -262,6 +268,8 @@ class StreamData:
   realised_noise_rate: float
   info: Any
   test_valid: Any = None
+  val: Any = None  # no --val_examples on this path
+  val_noise_rate: float | None = None
 
 
 def _split(config: TrainConfig, spec, split: str):
@@ -402,7 +410,9 @@ def supervised(run):
     state = step_lib.init_state(run.model, run.optimizer, run.keys.init, run.data.image_shape)
     return pipeline.place(state, run.replicated)
 
-  def evaluate(state):
+  def evaluate(state, split="test"):
+    if split != "test":
+      raise ValueError(f"the streaming path evaluates the test split only, not {split!r}")
     test = run.data.test
     predicted = predictions(run, state.params, state.batch_stats, test.source, test.labels)
     return float(np.mean(predicted == test.labels))
