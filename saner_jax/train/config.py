@@ -113,6 +113,17 @@ class TrainConfig:
   )
   train_examples: int | None = _field(None, GROUP_DATA, "train on a seeded subset of this many examples; none: all")
   test_examples: int | None = _field(None, GROUP_DATA, "evaluate on the first this many test examples; none: all")
+  val_examples: int = _field(
+    0,
+    GROUP_DATA,
+    "hold out this many training examples for validation, disjoint from the training subset and the test set; "
+    "the run then reports the test accuracy at the epoch of best validation accuracy (0: no validation)",
+  )
+  val_clean: bool = _field(
+    False,
+    GROUP_DATA,
+    "validate on the held-out examples' true labels; false: on their noisy labels, which is what a practitioner has",
+  )
   noise_mode: str = _field("symmetric", GROUP_DATA, "how the training labels are corrupted", _owned("noise", "MODES"))
   noise_rate: float = _field(0.4, GROUP_DATA, "the share of training labels corrupted; unused with real noise")
   noise_label_key: str = _field("worse_label", GROUP_DATA, "CIFAR-N's human label set, for --noise_mode real")
@@ -425,7 +436,20 @@ class TrainConfig:
       value = getattr(self, field)
       if value is not None and not 1 <= value <= spec.sizes[split]:
         _fail(field, f"must be in [1, {spec.sizes[split]}], the size of {self.dataset}'s {split} split; got {value}")
-    train_size = self.train_examples or spec.sizes["train"]
+    if self.val_examples < 0:
+      _fail("val_examples", f"must be >= 0 (0: no validation), got {self.val_examples}")
+    if self.val_clean and not self.val_examples:
+      _fail("val_clean", "validates the held-out examples, so it needs --val_examples N (N > 0)")
+    size = spec.sizes["train"]
+    if self.train_examples and self.val_examples > size - self.train_examples:
+      _fail(
+        "val_examples",
+        f"{self.val_examples} exceeds the {size - self.train_examples} examples of {self.dataset}'s train split "
+        f"left beside --train_examples {self.train_examples}; lower either",
+      )
+    if not self.train_examples and self.val_examples >= size:
+      _fail("val_examples", f"{self.val_examples} leaves none of {self.dataset}'s {size} training examples to train on")
+    train_size = self.train_examples or spec.sizes["train"] - self.val_examples
     if self.batch_size > train_size:
       _fail("batch_size", f"{self.batch_size} exceeds the {train_size} training examples")
 
@@ -582,6 +606,18 @@ def _coerce(name: str, value: Any) -> Any:
     return base(value)
   except (TypeError, ValueError):
     raise ConfigError(f"--{name}: expected {getattr(base, '__name__', base)}, got {value!r}") from None
+
+
+def coerce(name: str, value: Any) -> Any:
+  """A flag's value (a string, or a YAML value) as its field's type; raises ConfigError naming the flag."""
+  if name not in _FIELDS:
+    raise ConfigError(f"unknown config key {name!r}")
+  return _coerce(name, value)
+
+
+def field_names() -> tuple[str, ...]:
+  """The config's keys, which are also the trainer's flags."""
+  return tuple(_FIELDS)
 
 
 def from_mapping(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
