@@ -100,12 +100,19 @@ def _require_clean_grads(name: str, updates: optax.Updates, clean_grads: optax.U
 
 
 class SanerState(NamedTuple):
-  """State of :func:`saner`: the step count that ``alpha`` is evaluated on."""
+  """State of :func:`saner`: the step count that ``alpha`` is evaluated on.
+
+  With ``reuse_mask=True``, ``mask`` holds the group mask of the last
+  sharpness-aware step (booleans shaped like the parameters); None otherwise.
+  """
 
   count: chex.Array
+  mask: Any = None
 
 
-def saner(alpha: optax.ScalarOrSchedule = 0.5, group: Group = "B") -> optax.GradientTransformationExtraArgs:
+def saner(
+  alpha: optax.ScalarOrSchedule = 0.5, group: Group = "B", *, reuse_mask: bool = False
+) -> optax.GradientTransformationExtraArgs:
   r"""SANER: down-weight the coordinates that SAM shrinks without flipping.
 
   .. math::
@@ -146,15 +153,37 @@ def saner(alpha: optax.ScalarOrSchedule = 0.5, group: Group = "B") -> optax.Grad
     >>> print(updates)
     [-0.25 -2.    1.   -0.  ]
 
+  On the steps a :func:`saner_jax.with_policy` perturbation skips, the
+  helpers return :math:`g^{SAM} = g`: every coordinate is then in no group
+  and the clean gradient passes through unchanged. With ``reuse_mask=True``
+  and ``sharpness_aware=False`` passed to ``update``, the mask :math:`M` of
+  the last sharpness-aware step is applied instead,
+  :math:`d_i = \alpha g_i` for :math:`i \in M`, else :math:`g_i`, in the
+  spirit of LookSAM's reuse of the last SAM step's information (Liu et al.,
+  CVPR 2022). Before the first sharpness-aware step the mask is empty.
+
+  Reusing the mask between sharpness-aware steps:
+
+    >>> tx = saner_jax.saner(0.5, reuse_mask=True)
+    >>> state = tx.init(g)
+    >>> d, state = tx.update(g_sam, state, clean_grads=g, sharpness_aware=True)
+    >>> d, state = tx.update(g, state, clean_grads=g, sharpness_aware=False)
+    >>> print(d)
+    [0.5 1.  1.  1. ]
+
   Args:
     alpha: factor for the chosen group, a float or a schedule evaluated on
       this transform's step count. For group B it must lie in [0, 1]; for the
       ablation groups A and C any alpha >= 0 is allowed (alpha > 1 amplifies).
     group: "B" (SANER), or "A" / "C" for the paper's ablations.
+    reuse_mask: keep the mask of the last sharpness-aware step in the state
+      and apply it on skipped steps (one boolean per parameter of memory).
 
   Returns:
-    A transform whose ``update(updates, state, params=None, *, clean_grads)``
-    reweights ``updates`` (the perturbed-point gradients). A NaN in either
+    A transform whose ``update(updates, state, params=None, *, clean_grads,
+    sharpness_aware=True)`` reweights ``updates`` (the perturbed-point
+    gradients); ``sharpness_aware`` is the helper's
+    :attr:`saner_jax.SharpnessAwareGrads.sharpness_aware`. A NaN in either
     gradient puts its coordinate in no group, so the perturbed gradient passes
     through unchanged there (an inf compares like a large number); use
     :func:`saner_jax.diagnostics.gradient_diagnostics` to detect it, or wrap
@@ -166,9 +195,12 @@ def saner(alpha: optax.ScalarOrSchedule = 0.5, group: Group = "B") -> optax.Grad
   _check_group(group)
   _validation.check_scalar_range("alpha", alpha, 0.0, 1.0 if group == "B" else float("inf"))
 
+  if not isinstance(reuse_mask, bool):
+    raise TypeError(f"reuse_mask must be True or False, got {reuse_mask!r}")
+
   def init_fn(params: optax.Params) -> SanerState:
-    del params
-    return SanerState(count=jnp.zeros([], jnp.int32))
+    mask = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), bool), params) if reuse_mask else None
+    return SanerState(count=jnp.zeros([], jnp.int32), mask=mask)
 
   def update_fn(
     updates: optax.Updates,
@@ -176,17 +208,17 @@ def saner(alpha: optax.ScalarOrSchedule = 0.5, group: Group = "B") -> optax.Grad
     params: optax.Params | None = None,
     *,
     clean_grads: optax.Updates | None = None,
+    sharpness_aware: Any = True,
     **extra_args: Any,
   ) -> tuple[optax.Updates, SanerState]:
     del params, extra_args
     clean_grads = _require_clean_grads("saner", updates, clean_grads)
     factor = _validation.resolve(alpha, state.count)
-    reweighted = jax.tree.map(
-      lambda u, g: jnp.where(group_mask(u, g, group), factor * u, u).astype(u.dtype),
-      updates,
-      clean_grads,
-    )
-    return reweighted, SanerState(optax.safe_increment(state.count))
+    masks = jax.tree.map(lambda u, g: group_mask(u, g, group), updates, clean_grads)
+    if reuse_mask:
+      masks = jax.tree.map(lambda fresh, last: jnp.where(sharpness_aware, fresh, last), masks, state.mask)
+    reweighted = jax.tree.map(lambda u, m: jnp.where(m, factor * u, u).astype(u.dtype), updates, masks)
+    return reweighted, SanerState(optax.safe_increment(state.count), masks if reuse_mask else None)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

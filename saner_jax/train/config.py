@@ -27,6 +27,9 @@ PERTURBATIONS = ("sgd", "sam", "asam", "friendly_sam", "vasso", "gsam")
 # "saner" alone is shorthand for SAM with SANER on, the paper's default.
 OPTIMIZERS = PERTURBATIONS + ("saner",)
 LR_SCHEDULES = ("multistep", "cosine", "constant")
+# When a SAM-family step takes its second pass (saner_jax.policies); each policy's own flag.
+SAM_POLICIES = ("always", "every", "random", "adaptive")
+SAM_POLICY_FIELDS = {"sam_every": "every", "sam_prob": "random", "sam_c": "adaptive"}
 SANER_PARAMS = ("all", "head")
 DTYPES = ("float32", "bfloat16")
 PRESET_DIR = pathlib.Path(__file__).resolve().parent / "configs"
@@ -190,6 +193,19 @@ class TrainConfig:
     0.01, GROUP_OPTIMIZER, "GSAM's alpha, the share of the clean gradient's part orthogonal to SAM's removed"
   )
   m_sharpness: int = _field(1, GROUP_OPTIMIZER, "perturb each of this many slices of a batch with its own gradient")
+  sam_policy: str = _field(
+    "always",
+    GROUP_OPTIMIZER,
+    "which steps take the second pass; the others cost one pass, as SGD's: every (every --sam_every steps), "
+    "random (with probability --sam_prob), adaptive (AE-SAM: when |g|^2 > running mean + --sam_c running std)",
+    SAM_POLICIES,
+  )
+  sam_every: int = _field(2, GROUP_OPTIMIZER, "--sam_policy every: the interval k, >= 1")
+  sam_prob: float = _field(0.5, GROUP_OPTIMIZER, "--sam_policy random: the probability p of a two-pass step")
+  sam_c: float = _field(0.0, GROUP_OPTIMIZER, "--sam_policy adaptive: the threshold c in running std, >= 0")
+  saner_reuse_mask: bool = _field(
+    False, GROUP_OPTIMIZER, "with SANER and a --sam_policy: apply the last two-pass step's mask on one-pass steps"
+  )
   perturbation_mode: str = _field(
     "synced",
     GROUP_PARALLEL,
@@ -336,7 +352,16 @@ class TrainConfig:
     if self.substitute_groups:
       return f"{self.optimizer}+{'only' if self.substitute_outside else 'gr'}{self.substitute_groups}"
     name = "saner" if self.optimizer == "saner" else (f"{self.optimizer}+saner" if self.saner else self.optimizer)
-    return f"{name}_head" if self.uses_saner and self.saner_params == "head" else name
+    name = f"{name}_head" if self.uses_saner and self.saner_params == "head" else name
+    return name + self.policy_suffix
+
+  @property
+  def policy_suffix(self) -> str:
+    """``""``, or the run name's ``@every2``, ``@p0.5``, ``@ae1`` with ``-reuse`` for SANER's mask reuse."""
+    if self.sam_policy == "always":
+      return ""
+    value = {"every": f"every{self.sam_every}", "random": f"p{self.sam_prob:g}", "adaptive": f"ae{self.sam_c:g}"}
+    return f"@{value[self.sam_policy]}" + ("-reuse" if self.saner_reuse_mask else "")
 
   def validate(self) -> TrainConfig:
     """Checks each field, topic by topic; raises ConfigError naming the flag."""
@@ -345,6 +370,7 @@ class TrainConfig:
     self._check_noise(spec)
     self._check_optimizer()
     self._check_substitution()
+    self._check_sam_policy()
     self._check_batches_and_schedule(spec)
     self._check_model_and_diagnostics(spec)
     self._check_pipeline()
@@ -410,6 +436,20 @@ class TrainConfig:
       )
     _at_least(self, 0, "rho", "asam_eta", "fsam_sigma", "gsam_alpha", "lr", "weight_decay")
     _in_unit_interval(self, "momentum", "fsam_lmbda", "vasso_theta")
+
+  def _check_sam_policy(self) -> None:
+    _at_least(self, 1, "sam_every")
+    _in_unit_interval(self, "sam_prob")
+    _at_least(self, 0, "sam_c")
+    for field, owner in SAM_POLICY_FIELDS.items():
+      if self.sam_policy != owner and getattr(self, field) != _FIELDS[field].default:
+        _fail(field, f"applies to --sam_policy {owner} only, not {self.sam_policy!r}; drop it or set --sam_policy")
+    if self.sam_policy != "always" and self.perturbation == "sgd":
+      _fail("sam_policy", "chooses the steps that take SAM's second pass; it needs a SAM-family optimizer, not sgd")
+    if self.saner_reuse_mask and (not self.uses_saner or self.sam_policy == "always"):
+      _fail(
+        "saner_reuse_mask", "reuses SANER's mask on one-pass steps: it needs SANER and a --sam_policy other than always"
+      )
 
   def _check_substitution(self) -> None:
     from saner_jax.saner import _check_groups
@@ -516,7 +556,15 @@ def run_name_values(name: str) -> dict[str, Any]:
   classifier only), ``OPT+grX`` (the clean gradient on groups X) and
   ``OPT+onlyX`` (SAM's gradient on groups X only). The ``saner_params`` of a
   SANER run without ``_head`` is left to the base config.
+
+  Any of them may end in a policy for the second pass: ``@everyK`` (every K
+  steps), ``@pP`` (with probability P), ``@aeC`` (AE-SAM with threshold C),
+  and then ``-reuse`` for SANER's mask reuse: ``saner@every2``,
+  ``sam@p0.5``, ``saner@ae1-reuse``. Without one the run takes the second
+  pass on every step, whatever the base config says.
   """
+  name, _, policy = name.partition("@")
+  policy_values = _policy_values(name, policy)
   optimizer, plus, suffix = name.partition("+")
   values: dict[str, Any] = {"saner": False, "substitute_groups": None, "substitute_outside": False}
   head = (suffix or optimizer).endswith("_head")
@@ -537,7 +585,29 @@ def run_name_values(name: str) -> dict[str, Any]:
     values["saner_params"] = "head"
   elif not (values["saner"] or optimizer == "saner"):
     values["saner_params"] = "all"
-  return values
+  return {**values, **policy_values}
+
+
+def _policy_values(name: str, policy: str) -> dict[str, Any]:
+  """The config values of a run name's policy suffix (after ``@``); the numbers are checked by validate()."""
+  values: dict[str, Any] = {"sam_policy": "always", "saner_reuse_mask": False}
+  values.update(dict.fromkeys(SAM_POLICY_FIELDS, None))
+  if not policy:
+    return {k: _FIELDS[k].default if v is None else v for k, v in values.items()}
+  body = policy.removesuffix("-reuse")
+  values["saner_reuse_mask"] = body != policy
+  for prefix, kind in (("every", "every"), ("p", "random"), ("ae", "adaptive")):
+    field = next(f for f, owner in SAM_POLICY_FIELDS.items() if owner == kind)
+    if body.startswith(prefix) and len(body) > len(prefix):
+      values["sam_policy"] = kind
+      values[field] = _coerce(field, body.removeprefix(prefix))
+      break
+  else:
+    raise ConfigError(
+      f"--runs: {name}@{policy} has no policy of the forms @everyK, @pP or @aeC (optionally with -reuse), "
+      "e.g. saner@every2 or saner@p0.5-reuse"
+    )
+  return {k: _FIELDS[k].default if v is None else v for k, v in values.items()}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

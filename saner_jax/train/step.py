@@ -78,6 +78,21 @@ def head_mask(params) -> dict[str, bool]:
   return {name: name == "head" for name in params}
 
 
+def sam_policy(config: TrainConfig) -> saner_jax.SharpnessPolicy | None:
+  """The config's policy for the second pass (:mod:`saner_jax.policies`); None for every step.
+
+  The random policy's draws are seeded from the run's seed (and the step),
+  so a resumed run continues them.
+  """
+  if config.sam_policy == "every":
+    return saner_jax.every_k_steps(config.sam_every)
+  if config.sam_policy == "random":
+    return saner_jax.random_steps(config.sam_prob, key=jax.random.fold_in(jax.random.key(config.seed), 21))
+  if config.sam_policy == "adaptive":
+    return saner_jax.adaptive_steps(config.sam_c)
+  return None
+
+
 def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
   """The optax chain and perturbation of a config (authors' order: reweight, then L2)."""
   perturbations = {
@@ -89,6 +104,9 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
     "vasso": lambda: saner_jax.vasso(config.rho, config.vasso_theta),
   }
   perturbation = perturbations[config.perturbation]()
+  policy = sam_policy(config)
+  if perturbation is not None and policy is not None:
+    perturbation = saner_jax.with_policy(perturbation, policy)
   lr = lr_schedule(config, steps_per_epoch)
   parts = []
   if config.perturbation == "gsam":
@@ -99,7 +117,7 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
       alpha = saner_jax.alpha_warmup(config.alpha, config.alpha_warmup_epochs * steps_per_epoch, steps_per_epoch)
     else:  # the ablation groups may amplify (alpha > 1): no warm-up there
       alpha = optax.constant_schedule(config.alpha)
-    reweight = saner_jax.saner(alpha, group=config.saner_group)
+    reweight = saner_jax.saner(alpha, group=config.saner_group, reuse_mask=config.saner_reuse_mask)
     if config.saner_params == "head":  # the authors' SANERLAST
       reweight = optax.masked(reweight, head_mask)
     parts.append(reweight)
@@ -143,6 +161,7 @@ METRIC_KEYS = (
   "cosine",
   "nonfinite",
   "steps",
+  "sam_steps",
 )
 
 
@@ -154,7 +173,9 @@ def epoch_metrics(sums: dict[str, float], two_pass: bool) -> dict[str, float | N
   """An epoch's record fields from its summed step metrics (:data:`METRIC_KEYS`).
 
   Rates are None, not NaN, where nothing was counted (no noisy samples);
-  the group fractions and cosine are None for one-pass SGD.
+  the group fractions and cosine are None for one-pass SGD, and are means
+  over the epoch's sharpness-aware steps (``sam_share`` of its steps; None
+  where it took none).
   """
 
   def ratio(num, den):
@@ -169,8 +190,11 @@ def epoch_metrics(sums: dict[str, float], two_pass: bool) -> dict[str, float | N
   }
   clean, noisy = fields["clean_acc"], fields["noisy_memorised"]
   fields["fit_gap"] = None if clean is None or noisy is None else clean - noisy
+  # Sums from before the policies counted no sharpness-aware steps: every step was one.
+  sam_steps = sums.get("sam_steps", sums["steps"])
   for key in ("group_A", "group_B", "group_C", "cosine"):
-    fields[key] = sums[key] / sums["steps"] if two_pass else None
+    fields[key] = sums[key] / sam_steps if two_pass and sam_steps else None
+  fields["sam_share"] = sam_steps / sums["steps"] if two_pass and sums["steps"] else None
   return fields
 
 
@@ -284,10 +308,20 @@ def make_update(
       loss = result.loss
       batch_stats, logits = result.aux
       updates, opt_state = optimizer.tx.update(
-        result.perturbed_grads, state.opt_state, state.params, clean_grads=result.clean_grads
+        result.perturbed_grads,
+        state.opt_state,
+        state.params,
+        clean_grads=result.clean_grads,
+        sharpness_aware=result.sharpness_aware,
       )
       perturbation_state = result.perturbation_state
-      gradient_stats = diagnostics.gradient_diagnostics(result.perturbed_grads, result.clean_grads)
+      taken = jnp.asarray(result.sharpness_aware, jnp.float32)
+      # Group fractions and cosine of the sharpness-aware steps only (a one-pass step has g_sam = g).
+      gradient_stats = {
+        k: v * taken if k != "nonfinite" else v
+        for k, v in diagnostics.gradient_diagnostics(result.perturbed_grads, result.clean_grads).items()
+      }
+      gradient_stats["sam_steps"] = taken
     # The helpers stack the clean pass's aux over sub- and micro-batches.
     batch_stats, logits = layout.mean(batch_stats), layout.examples(logits)
     new_state = TrainState(
