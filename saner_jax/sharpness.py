@@ -9,10 +9,11 @@ gradients SAM-family methods need,
    g^{SAM} = \nabla L_B(w + \epsilon),
 
 in one jit-able call. The loss may return auxiliary outputs, such as updated
-BatchNorm statistics: only the clean pass's are returned. The perturbed pass
-still normalises with its own batch statistics (train mode), but its updated
-running averages are dropped, as the authors' ``disable_running_stats`` does
-in PyTorch.
+BatchNorm statistics: both passes' are returned (``aux`` and
+``perturbed_aux``), so the caller chooses which running averages to keep.
+Each pass normalises with its own batch statistics (train mode), so that
+choice changes no gradient. Keeping the clean pass's is the common convention
+(google-research/sam); the SANER authors' loop keeps the perturbed pass's.
 
 Both passes can accumulate over micro-batches (``accumulation_steps``) with
 the memory of one micro-batch; :func:`accumulated_value_and_grad` is that
@@ -44,6 +45,10 @@ class SharpnessAwareGrads(NamedTuple):
       per micro-batch (see :func:`accumulated_value_and_grad`).
       :func:`aux_layout` describes these axes and merges them back.
     perturbation_state: the perturbation's new state.
+    perturbed_aux: the perturbed pass's auxiliary output at ``w + eps``, in
+      ``aux``'s layout (None without ``has_aux``). With BatchNorm, its
+      running averages are those the SANER authors keep (see
+      ``docs/method.md``, "BatchNorm and the two passes").
   """
 
   clean_grads: optax.Updates
@@ -51,6 +56,8 @@ class SharpnessAwareGrads(NamedTuple):
   loss: jax.Array
   aux: Any
   perturbation_state: optax.OptState
+  # Last and defaulted, so code that builds the five-field tuple keeps working.
+  perturbed_aux: Any = None
 
 
 class AuxLayout(NamedTuple):
@@ -280,8 +287,9 @@ def sharpness_aware_grad(
 
       With a mean loss and no BatchNorm this is the un-accumulated step up
       to float rounding. With BatchNorm each micro-batch is normalised with
-      its own statistics in both passes, and ``aux`` holds the clean pass's
-      running averages of every micro-batch, for the caller to average.
+      its own statistics in both passes, and ``aux`` (``perturbed_aux``)
+      holds the clean (perturbed) pass's running averages of every
+      micro-batch, for the caller to average.
     batch_argnum: the position in ``loss_fn``'s arguments of the batch, a
       pytree whose leaves share a leading batch axis; only it is split under
       m-sharpness and accumulation. Params are position 0.
@@ -309,8 +317,8 @@ def sharpness_aware_grad(
   ) -> SharpnessAwareGrads:
     (loss, aux), clean = value_and_grad(params, *args, **kwargs)
     eps, new_state = perturbation.update(clean, perturbation_state, params)
-    _, perturbed = value_and_grad(optax.apply_updates(params, eps), *args, **kwargs)
-    return SharpnessAwareGrads(clean, perturbed, loss, aux, new_state)
+    (_, perturbed_aux), perturbed = value_and_grad(optax.apply_updates(params, eps), *args, **kwargs)
+    return SharpnessAwareGrads(clean, perturbed, loss, aux, new_state, perturbed_aux)
 
   def grad_fn(
     params: optax.Params, perturbation_state: optax.OptState, *args: Any, **kwargs: Any
@@ -343,6 +351,7 @@ def sharpness_aware_grad(
         lambda x: x.mean(axis=0).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x[0],
         per_sub_batch.perturbation_state,
       ),
+      perturbed_aux=per_sub_batch.perturbed_aux,
     )
 
   return grad_fn

@@ -28,6 +28,7 @@ PERTURBATIONS = ("sgd", "sam", "asam", "friendly_sam", "vasso", "gsam")
 OPTIMIZERS = PERTURBATIONS + ("saner",)
 LR_SCHEDULES = ("multistep", "cosine", "constant")
 SANER_PARAMS = ("all", "head")
+BN_STATS = ("clean", "perturbed")
 DTYPES = ("float32", "bfloat16")
 PRESET_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
@@ -171,6 +172,14 @@ class TrainConfig:
     0.01, GROUP_OPTIMIZER, "GSAM's alpha, the share of the clean gradient's part orthogonal to SAM's removed"
   )
   m_sharpness: int = _field(1, GROUP_OPTIMIZER, "perturb each of this many slices of a batch with its own gradient")
+  bn_stats: str = _field(
+    "clean",
+    GROUP_OPTIMIZER,
+    "the BatchNorm running statistics a two-pass step keeps (they change evaluation only); clean: the clean "
+    "pass's, the common convention; perturbed: the SANER authors' order, the perturbed pass's, then those of a "
+    "third, forward-only pass at the new weights. SGD has one pass and ignores it",
+    BN_STATS,
+  )
   perturbation_mode: str = _field(
     "synced",
     GROUP_PARALLEL,
