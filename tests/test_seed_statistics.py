@@ -23,7 +23,9 @@ def test_paired_interval_by_hand(tmp_path):
     _write(tmp_path, "sam", seed, sam, sam, 0.2)
     _write(tmp_path, "saner", seed, saner, saner, 0.1)
   runs = seed_statistics.load([tmp_path])
-  n, mean, std, low, high = seed_statistics.paired(runs["sam"], runs["saner"], seed_statistics.METRICS["max test % (diagnostic)"])
+  n, mean, std, low, high = seed_statistics.paired(
+    runs["sam"], runs["saner"], seed_statistics.METRICS["max test % (diagnostic)"]
+  )
   assert n == 3
   assert mean == pytest.approx(2.0)
   assert std == pytest.approx(1.0)
@@ -36,6 +38,19 @@ def test_pairs_only_common_seeds_and_pools_directories(tmp_path):
   _write(tmp_path / "b", "sam+grB", 1, 0.70, 0.70, 0.3)
   text = seed_statistics.report([tmp_path / "a", tmp_path / "b"], [("sam", "sam+grB")])
   assert "| sam+grB − sam | 1 | max test % (diagnostic) | -2.00 |" in text
+
+
+def test_labelled_directories_pair_runs_of_one_name(tmp_path, capsys):
+  for seed, (clean, perturbed) in enumerate([(0.70, 0.71), (0.72, 0.75)]):
+    _write(tmp_path / "clean", "saner", seed, clean, clean, 0.2)
+    _write(tmp_path / "perturbed", "saner", seed, perturbed, perturbed, 0.2)
+  argv = [f"clean={tmp_path / 'clean'}", f"perturbed={tmp_path / 'perturbed'}"]
+  assert seed_statistics.main([*argv, "--pairs", "clean/saner:perturbed/saner"]) == 0
+  text = capsys.readouterr().out
+  assert "| perturbed/saner − clean/saner | 2 | last test % | +2.00 |" in text
+  # Unlabelled, the two directories hold the same run twice.
+  with pytest.raises(SystemExit, match="more than one of the directories"):
+    seed_statistics.load([tmp_path / "clean", tmp_path / "perturbed"])
 
 
 def test_the_validation_selected_accuracy_is_reported_when_every_run_has_it(tmp_path):
