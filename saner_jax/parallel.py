@@ -157,10 +157,11 @@ def sharded_sharpness_aware_grad(
     on the global batch, with ``m_sharpness=n * m_sharpness`` in the
     per-device mode. With a :func:`saner_jax.with_policy` perturbation the
     choice of a sharpness-aware step is made once per step, from the mean
-    clean gradient over all devices, in both modes. So is ``aux``, except that its leading sub-batch axis
-    (of size ``n * m_sharpness``, one entry per sub-batch in batch order) is
-    kept in the per-device mode even when its size is 1;
-    :func:`sharded_aux_layout` describes it.
+    clean gradient over all devices, in both modes. So are ``aux`` and
+    ``perturbed_aux``, except that their leading sub-batch axis (of size
+    ``n * m_sharpness``, one entry per sub-batch in batch order) is kept in
+    the per-device mode even when its size is 1; :func:`sharded_aux_layout`
+    describes it.
   """
   if mode not in PERTURBATION_MODES:
     raise ValueError(f"mode must be one of {PERTURBATION_MODES}, got {mode!r}")
@@ -213,7 +214,8 @@ def sharded_sharpness_aware_grad(
 
     # A leading sub-batch axis, so that stacking the shards along it gives
     # the helper's layout for n * m_sharpness sub-batches.
-    aux = out.aux if m_sharpness > 1 else jax.tree.map(lambda x: x[None], out.aux)
+    def stacked(aux: Any) -> Any:
+      return aux if m_sharpness > 1 else jax.tree.map(lambda x: x[None], aux)
 
     # Float leaves are averaged like the helper's vmapped states; integer
     # ones (step counts) come from the replicated input and agree already.
@@ -226,7 +228,13 @@ def sharded_sharpness_aware_grad(
     else:
       state = mean_floats(state)
     return SharpnessAwareGrads(
-      mean(out.clean_grads), mean(out.perturbed_grads), mean(out.loss), aux, state, out.sharpness_aware
+      mean(out.clean_grads),
+      mean(out.perturbed_grads),
+      mean(out.loss),
+      stacked(out.aux),
+      state,
+      out.sharpness_aware,
+      stacked(out.perturbed_aux),
     )
 
   def per_device(
@@ -244,7 +252,7 @@ def sharded_sharpness_aware_grad(
       mesh=mesh,
       in_specs=(P(), P(), arg_specs, P()),
       # _make: a pytree of specs in the outputs' structure, not of arrays.
-      out_specs=SharpnessAwareGrads._make((P(), P(), P(), P(axis_name), P(), P())),
+      out_specs=SharpnessAwareGrads._make((P(), P(), P(), P(axis_name), P(), P(), P(axis_name))),
       check_vma=False,
     )(params, perturbation_state, args, kwargs)
 

@@ -9,10 +9,11 @@ gradients SAM-family methods need,
    g^{SAM} = \nabla L_B(w + \epsilon),
 
 in one jit-able call. The loss may return auxiliary outputs, such as updated
-BatchNorm statistics: only the clean pass's are returned. The perturbed pass
-still normalises with its own batch statistics (train mode), but its updated
-running averages are dropped, as the authors' ``disable_running_stats`` does
-in PyTorch.
+BatchNorm statistics: both passes' are returned (``aux`` and
+``perturbed_aux``), so the caller chooses which running averages to keep.
+Each pass normalises with its own batch statistics (train mode), so that
+choice changes no gradient. Keeping the clean pass's is the common convention
+(google-research/sam); the SANER authors' loop keeps the perturbed pass's.
 
 Both passes can accumulate over micro-batches (``accumulation_steps``) with
 the memory of one micro-batch; :func:`accumulated_value_and_grad` is that
@@ -49,8 +50,13 @@ class SharpnessAwareGrads(NamedTuple):
     perturbation_state: the perturbation's new state.
     sharpness_aware: whether the second pass ran, a boolean scalar; always
       True without a policy. On a step a :func:`saner_jax.with_policy`
-      perturbation skips, ``perturbed_grads`` is ``clean_grads``; pass it to
-      :func:`saner_jax.saner` as ``sharpness_aware=`` for its mask reuse.
+      perturbation skips, ``perturbed_grads`` is ``clean_grads`` and
+      ``perturbed_aux`` is ``aux``; pass it to :func:`saner_jax.saner` as
+      ``sharpness_aware=`` for its mask reuse.
+    perturbed_aux: the perturbed pass's auxiliary output at ``w + eps``, in
+      ``aux``'s layout (None without ``has_aux``). With BatchNorm, its
+      running averages are those the SANER authors keep (see
+      ``docs/method.md``, "BatchNorm and the two passes").
   """
 
   clean_grads: optax.Updates
@@ -58,7 +64,9 @@ class SharpnessAwareGrads(NamedTuple):
   loss: jax.Array
   aux: Any
   perturbation_state: optax.OptState
+  # Defaulted, so code that builds the five-field tuple keeps working.
   sharpness_aware: Any = True
+  perturbed_aux: Any = None
 
 
 class AuxLayout(NamedTuple):
@@ -289,8 +297,9 @@ def sharpness_aware_grad(
 
       With a mean loss and no BatchNorm this is the un-accumulated step up
       to float rounding. With BatchNorm each micro-batch is normalised with
-      its own statistics in both passes, and ``aux`` holds the clean pass's
-      running averages of every micro-batch, for the caller to average.
+      its own statistics in both passes, and ``aux`` (``perturbed_aux``)
+      holds the clean (perturbed) pass's running averages of every
+      micro-batch, for the caller to average.
     batch_argnum: the position in ``loss_fn``'s arguments of the batch, a
       pytree whose leaves share a leading batch axis; only it is split under
       m-sharpness and accumulation. Params are position 0.
@@ -332,8 +341,12 @@ def sharpness_aware_grad(
     eps, new_state = inner.update(clean, perturbation_state, params)
     return loss, aux, clean, eps, new_state
 
-  def second_pass(params: optax.Params, eps: optax.Updates, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return value_and_grad(optax.apply_updates(params, eps), *args, **kwargs)[1]
+  def second_pass(
+    params: optax.Params, eps: optax.Updates, args: tuple[Any, ...], kwargs: dict[str, Any]
+  ) -> tuple[Any, Any]:
+    """``(perturbed gradient, perturbed aux)`` at ``w + eps``."""
+    (_, perturbed_aux), perturbed = value_and_grad(optax.apply_updates(params, eps), *args, **kwargs)
+    return perturbed, perturbed_aux
 
   def grad_fn(
     params: optax.Params, perturbation_state: optax.OptState, *args: Any, **kwargs: Any
@@ -366,19 +379,22 @@ def sharpness_aware_grad(
       )
 
       def perturbed_pass() -> Any:
-        per_sub_batch = jax.vmap(lambda e, b: second_pass(params, e, with_sub_batch(b), kwargs))(eps, sub_batches)
-        return _mean(per_sub_batch)
+        perturbed, perturbed_aux = jax.vmap(lambda e, b: second_pass(params, e, with_sub_batch(b), kwargs))(
+          eps, sub_batches
+        )
+        return _mean(perturbed), perturbed_aux  # the aux keeps its sub-batch axis, as the clean one does
 
     if policy is None:
-      return SharpnessAwareGrads(clean, perturbed_pass(), loss, aux, new_state)
+      perturbed, perturbed_aux = perturbed_pass()
+      return SharpnessAwareGrads(clean, perturbed, loss, aux, new_state, True, perturbed_aux)
     squared_norm = jnp.zeros([], jnp.float32)
     if policy.uses_norm:
       mean_clean = clean if axis_name is None else jax.lax.pmean(clean, axis_name)
       squared_norm = optax.tree.norm(_validation.widened(mean_clean), squared=True).astype(jnp.float32)
     take, policy_state = policy.decide(perturbation_state.policy, squared_norm)
     # A cond, not a select: XLA runs one branch, so a skipped step costs one pass.
-    perturbed = jax.lax.cond(take, perturbed_pass, lambda: clean)
-    return SharpnessAwareGrads(clean, perturbed, loss, aux, PolicyState(new_state, policy_state), take)
+    perturbed, perturbed_aux = jax.lax.cond(take, perturbed_pass, lambda: (clean, aux))
+    return SharpnessAwareGrads(clean, perturbed, loss, aux, PolicyState(new_state, policy_state), take, perturbed_aux)
 
   return grad_fn
 

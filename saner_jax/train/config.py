@@ -31,6 +31,7 @@ LR_SCHEDULES = ("multistep", "cosine", "constant")
 SAM_POLICIES = ("always", "every", "random", "adaptive")
 SAM_POLICY_FIELDS = {"sam_every": "every", "sam_prob": "random", "sam_c": "adaptive"}
 SANER_PARAMS = ("all", "head")
+BN_STATS = ("clean", "perturbed")
 DTYPES = ("float32", "bfloat16")
 PRESET_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
@@ -205,6 +206,14 @@ class TrainConfig:
   sam_c: float = _field(0.0, GROUP_OPTIMIZER, "--sam_policy adaptive: the threshold c in running std, >= 0")
   saner_reuse_mask: bool = _field(
     False, GROUP_OPTIMIZER, "with SANER and a --sam_policy: apply the last two-pass step's mask on one-pass steps"
+  )
+  bn_stats: str = _field(
+    "clean",
+    GROUP_OPTIMIZER,
+    "the BatchNorm running statistics a two-pass step keeps (they change evaluation only); clean: the clean "
+    "pass's, the common convention; perturbed: the SANER authors' order, the perturbed pass's, then those of a "
+    "third, forward-only pass at the new weights. SGD has one pass and ignores it",
+    BN_STATS,
   )
   perturbation_mode: str = _field(
     "synced",

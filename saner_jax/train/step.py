@@ -258,6 +258,43 @@ def make_batch_fn(config: TrainConfig, spec: DatasetSpec | None = None, *, mesh:
   return batch_fn
 
 
+def batch_stats_forward(model: nn.Module, sub_batches: int = 1, micro_batches: int = 1) -> Callable:
+  r"""``forward(params, batch_stats, images) -> batch_stats``: running statistics updated by a train-mode forward.
+
+  The images are normalised in the pieces the two passes normalised them
+  in: ``sub_batches`` contiguous sub-batches (m-sharpness, and one per
+  device in the per-device mode), each split into ``micro_batches`` strided
+  micro-batches (accumulation, one at a time with ``lax.map``). Each piece
+  :math:`p` moves the running averages to :math:`m r + (1 - m) s_p` (flax's
+  ``momentum`` :math:`m`, :math:`s_p` the piece's batch statistics); the
+  result is their mean, as :meth:`saner_jax.AuxLayout.mean` takes the two
+  passes'. No gradient is taken.
+  """
+
+  def one(params, batch_stats, images):
+    _, updates = model.apply(
+      {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+    )
+    return updates["batch_stats"]
+
+  def forward(params, batch_stats, images):
+    def on_sub_batches(x):  # [sub_batches, n, ...] -> the statistics, stacked over sub-batches if several
+      if sub_batches == 1:
+        return one(params, batch_stats, x[0])
+      return jax.vmap(one, in_axes=(None, None, 0))(params, batch_stats, x)
+
+    x = images.reshape(sub_batches, images.shape[0] // sub_batches, *images.shape[1:])
+    if micro_batches == 1:
+      stats = on_sub_batches(x)
+    else:  # micro-batch i of a sub-batch holds its examples i, i + k, ...
+      x = x.reshape(sub_batches, x.shape[1] // micro_batches, micro_batches, *x.shape[2:])
+      stats = jax.lax.map(on_sub_batches, jnp.moveaxis(x, 2, 0))
+    axes = int(sub_batches > 1) + int(micro_batches > 1)
+    return jax.tree.map(lambda s: s.mean(tuple(range(axes))) if axes else s, stats)
+
+  return forward
+
+
 def make_update(
   model: nn.Module, optimizer: Optimizer, config: TrainConfig, *, objective: Objective = label_cross_entropy, mesh=None
 ) -> Callable:
@@ -268,8 +305,20 @@ def make_update(
   m-sharpness and accumulation). The step is the config's: clean pass ->
   perturbation -> perturbed pass -> [GSAM] -> [SANER] -> weight decay ->
   SGD momentum; ``logits`` are the clean pass's, in batch order.
+
+  BatchNorm's running statistics (``config.bn_stats``): ``clean`` keeps the
+  clean pass's; ``perturbed`` (the SANER authors' order) keeps the perturbed
+  pass's, then updates them again with a third, forward-only pass at the new
+  weights (:func:`batch_stats_forward`). Both passes normalise with batch
+  statistics either way, so the weights, the loss and the logits are the
+  same; only what evaluation normalises with differs. SGD keeps its one
+  pass's.
   """
   mesh = parallel.data_mesh() if mesh is None else mesh
+  authors_bn = config.bn_stats == "perturbed" and optimizer.perturbation is not None
+  if authors_bn:
+    sub_batches = config.m_sharpness * (mesh.shape["data"] if config.perturbation_mode == "per_device" else 1)
+    refresh = batch_stats_forward(model, sub_batches, config.grad_accum_steps)
 
   def loss_fn(params, batch_stats, batch):
     images, targets = batch
@@ -307,6 +356,8 @@ def make_update(
       result = two_pass(state.params, state.perturbation_state, state.batch_stats, (images, targets))
       loss = result.loss
       batch_stats, logits = result.aux
+      if authors_bn:
+        batch_stats = result.perturbed_aux[0]
       updates, opt_state = optimizer.tx.update(
         result.perturbed_grads,
         state.opt_state,
@@ -324,9 +375,12 @@ def make_update(
       gradient_stats["sam_steps"] = taken
     # The helpers stack the clean pass's aux over sub- and micro-batches.
     batch_stats, logits = layout.mean(batch_stats), layout.examples(logits)
+    params = optax.apply_updates(state.params, updates)
+    if authors_bn and jax.tree.leaves(batch_stats):  # a model without BatchNorm needs no third pass
+      batch_stats = refresh(params, batch_stats, images)
     new_state = TrainState(
       step=state.step + 1,
-      params=optax.apply_updates(state.params, updates),
+      params=params,
       batch_stats=batch_stats,
       opt_state=opt_state,
       perturbation_state=perturbation_state,
