@@ -29,6 +29,9 @@ OPTIMIZERS = PERTURBATIONS + ("saner",)
 LR_SCHEDULES = ("multistep", "cosine", "constant")
 SANER_PARAMS = ("all", "head")
 DTYPES = ("float32", "bfloat16")
+# The names of saner_jax.train.models.MODELS, which tests/test_layout.py keeps equal:
+# listed here so that --help names them without loading flax.
+MODEL_NAMES = ("resnet8", "resnet20", "resnet18", "resnet34", "preact_resnet18", "wrn28_10", "wrn40_2")
 PRESET_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
 
@@ -63,7 +66,7 @@ def _field(default: Any, group: str, help: str, choices: Sequence[str] | Callabl
 
 
 def _owned(module: str, name: str) -> Callable[[], Iterable[str]]:
-  """Choices a toolkit module owns, read when needed: models and pipelines load flax, which a config does not need."""
+  """Choices a toolkit module owns, read when needed: pipelines load jax, which a config does not need."""
   return lambda: getattr(importlib.import_module(f"saner_jax.train.{module}"), name)
 
 
@@ -125,7 +128,7 @@ class TrainConfig:
   noise_rate: float = _field(0.4, GROUP_DATA, "the share of training labels corrupted; unused with real noise")
   noise_label_key: str = _field("worse_label", GROUP_DATA, "CIFAR-N's human label set, for --noise_mode real")
   augment: bool = _field(True, GROUP_DATA, "random crops and flips of the training images")
-  model: str = _field("resnet18", GROUP_MODEL, "the network", _owned("models", "MODELS"))
+  model: str = _field("resnet18", GROUP_MODEL, "the network", MODEL_NAMES)
   dtype: str = _field(
     "float32", GROUP_MODEL, "the compute dtype; parameters and BatchNorm statistics stay float32", DTYPES
   )
