@@ -34,6 +34,7 @@ import sys
 import numpy as np
 from scipy import stats
 
+
 def _percent(value):
   return None if value is None else 100 * value
 
