@@ -179,7 +179,7 @@ def test_reading_a_config_loads_neither_flax_nor_orbax():
   assert _loaded_by(code) == []
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["compare", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["compare", "--help"], ["tune", "--help"]])
 def test_help_loads_neither_flax_nor_orbax(argv):
   code = f"from saner_jax.train import cli\ntry:\n  cli.main({argv!r})\nexcept SystemExit:\n  pass"
   assert _loaded_by(code) == []

@@ -23,7 +23,9 @@ def test_paired_interval_by_hand(tmp_path):
     _write(tmp_path, "sam", seed, sam, sam, 0.2)
     _write(tmp_path, "saner", seed, saner, saner, 0.1)
   runs = seed_statistics.load([tmp_path])
-  n, mean, std, low, high = seed_statistics.paired(runs["sam"], runs["saner"], seed_statistics.METRICS["max test % (diagnostic)"])
+  n, mean, std, low, high = seed_statistics.paired(
+    runs["sam"], runs["saner"], seed_statistics.METRICS["max test % (diagnostic)"]
+  )
   assert n == 3
   assert mean == pytest.approx(2.0)
   assert std == pytest.approx(1.0)

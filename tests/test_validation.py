@@ -27,7 +27,9 @@ def test_split_is_disjoint_and_leaves_the_training_subset_unchanged():
 
 
 def _config(tmp_path, idx_dir, **values):
-  return TrainConfig(**{**TINY, "data_dir": str(idx_dir), "out_dir": str(tmp_path / "run"), "noise_rate": 0.5, **values})
+  return TrainConfig(
+    **{**TINY, "data_dir": str(idx_dir), "out_dir": str(tmp_path / "run"), "noise_rate": 0.5, **values}
+  )
 
 
 @pytest.mark.parametrize("clean", [False, True])

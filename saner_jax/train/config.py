@@ -541,6 +541,18 @@ def _coerce(name: str, value: Any) -> Any:  # noqa: C901 (split in the config/en
     raise ConfigError(f"--{name}: expected {getattr(base, '__name__', base)}, got {value!r}") from None
 
 
+def coerce(name: str, value: Any) -> Any:
+  """A flag's value (a string, or a YAML value) as its field's type; raises ConfigError naming the flag."""
+  if name not in _FIELDS:
+    raise ConfigError(f"unknown config key {name!r}")
+  return _coerce(name, value)
+
+
+def field_names() -> tuple[str, ...]:
+  """The config's keys, which are also the trainer's flags."""
+  return tuple(_FIELDS)
+
+
 def from_mapping(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
   """A config from ``base`` with ``values`` overriding; unknown keys raise."""
   unknown = sorted(set(values) - set(_FIELDS))

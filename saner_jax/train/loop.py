@@ -139,7 +139,9 @@ def _eval_set(images: np.ndarray, labels: np.ndarray, batch: int, sharding: Name
   valid = np.concatenate([np.ones(len(labels), bool), np.zeros(pad, bool)])
   images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
   labels = np.concatenate([labels, np.zeros(pad, np.int32)])
-  return EvalSet(pipeline.to_device(images, labels, sharding=sharding), pipeline.place(valid, sharding), len(valid) - pad)
+  return EvalSet(
+    pipeline.to_device(images, labels, sharding=sharding), pipeline.place(valid, sharding), len(valid) - pad
+  )
 
 
 def split_indices(size: int, train_examples: int | None, val_examples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -228,6 +228,8 @@ def selected_metrics(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     "mean_last5_test_acc": float(np.mean(tests[-LAST_EPOCHS:])),
     "best_test_acc": max(tests),
   }
+
+
 # Added to the table when a run logged them (the noise-robust pipelines).
 PIPELINE_COLUMNS = (
   ("clean_precision", "judged clean: precision % (final)"),
