@@ -23,7 +23,7 @@ import traceback
 from typing import NoReturn
 
 from saner_jax.train import config as config_lib
-from saner_jax.train import data
+from saner_jax.train import data, folders
 from saner_jax.train.config import ConfigError
 
 _TRAIN_EXAMPLES = """\
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None, *, quiet_refused_writes: bool = False) -
   except ConfigError as e:
     _report(e, debug)
     return 2
-  except (data.DatasetNotFoundError, data.IdxFormatError, checkpointing.CheckpointError) as e:
+  except (data.DatasetNotFoundError, data.IdxFormatError, folders.LayoutError, checkpointing.CheckpointError) as e:
     _report(e, debug)
     return 1
   except loop.RunStopped as e:

@@ -111,6 +111,25 @@ class TrainConfig:
   data_source: str = _field(
     "auto", GROUP_DATA, "where to read the data; auto: TFDS if prepared, else IDX files", _owned("data", "SOURCES")
   )
+  image_size: int | None = _field(
+    None, GROUP_DATA, "folder datasets: the side the images are resized to; none: the dataset's (64 or 224)"
+  )
+  eval_split: str | None = _field(
+    None,
+    GROUP_DATA,
+    "folder datasets: the labelled split evaluated on (mini_webvision: webvision or imagenet; image_folder: "
+    "test or val); none: the dataset's default",
+  )
+  input_pipeline: str = _field(
+    "auto",
+    GROUP_DATA,
+    "device: the whole uint8 dataset on every device; stream: Grain reads, decodes and augments each batch on "
+    "the host; auto: device when the decoded images fit (see docs/your_own_data.md)",
+    ("auto", "device", "stream"),
+  )
+  stream_workers: int | None = _field(
+    None, GROUP_DATA, "stream: decoding processes per host (0: threads of this process); none: the CPU count, up to 16"
+  )
   train_examples: int | None = _field(None, GROUP_DATA, "train on a seeded subset of this many examples; none: all")
   test_examples: int | None = _field(None, GROUP_DATA, "evaluate on the first this many test examples; none: all")
   val_examples: int = _field(
@@ -271,9 +290,27 @@ class TrainConfig:
     from saner_jax.train import data
 
     try:
-      return data.get_spec(self.dataset)
+      spec = data.get_spec(self.dataset)
     except ValueError as e:
       raise ConfigError(f"--dataset: {e}") from None
+    if spec.layout is None:
+      for field in ("image_size", "eval_split"):
+        if getattr(self, field) is not None:
+          _fail(field, f"applies to datasets read from folders, not {self.dataset}; drop it")
+      return spec
+    from saner_jax.train import folders
+
+    if self.image_size is not None:
+      if self.image_size < 8:
+        _fail("image_size", f"must be >= 8, got {self.image_size}")
+      side = self.image_size
+      spec = dataclasses.replace(spec, image_shape=(side, side, 3), crop_padding=max(1, side // 8))
+    if self.eval_split is not None:
+      spec = dataclasses.replace(spec, eval_split=self.eval_split)
+    try:
+      return folders.resolve_spec(spec, self.data_dir)
+    except folders.LayoutError as e:
+      raise ConfigError(str(e) if str(e).startswith("--") else f"--data_dir: {e}") from None
 
   @property
   def noise_description(self) -> str:
@@ -314,7 +351,22 @@ class TrainConfig:
     self._check_batches_and_schedule(spec)
     self._check_model_and_diagnostics(spec)
     self._check_pipeline()
+    self._check_input()
     return self
+
+  def _check_input(self) -> None:
+    if self.stream_workers is not None and self.stream_workers < 0:
+      _fail("stream_workers", f"must be >= 0 (0: threads only), got {self.stream_workers}")
+    if self.input_pipeline != "stream":
+      return
+    if self.pipeline != "none":
+      _fail("input_pipeline", f"stream feeds plain training; --pipeline {self.pipeline} needs --input_pipeline device")
+    if self.noise_mode == "instance":
+      _fail("input_pipeline", "stream cannot draw instance-dependent noise, which needs every image in memory")
+    if self.log_decomposition or self.sharpness_every:
+      _fail("input_pipeline", "the mechanism probe needs --input_pipeline device")
+    if self.val_examples:
+      _fail("input_pipeline", "stream holds out no validation set; --val_examples needs --input_pipeline device")
 
   def _check_choices_and_numbers(self) -> None:
     for field in _FIELDS:
