@@ -99,7 +99,7 @@ def sharded_aux_layout(mode: str = "synced", m_sharpness: int = 1, accumulation_
   return AuxLayout(sub_batches=mode == "per_device" or m_sharpness > 1, micro_batches=accumulation_steps > 1)
 
 
-def sharded_sharpness_aware_grad(
+def sharded_sharpness_aware_grad(  # noqa: C901 (split in the config/engine redesign)
   loss_fn: Callable[..., Any],
   perturbation: optax.GradientTransformation,
   mesh: Mesh,

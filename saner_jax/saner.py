@@ -11,6 +11,13 @@ any optax optimizer::
       optax.sgd(0.1, momentum=0.9),
   )
   updates, opt_state = tx.update(g_sam, opt_state, params, clean_grads=g)
+
+References:
+  Luong, Nguyen, Tran and Tran, `Understanding SAM's Robustness to Noisy Labels through Gradient
+  Down-weighting <https://arxiv.org/abs/2411.17132>`__, AISTATS 2026
+
+  Zhuang et al., `Surrogate Gap Guided Sharpness-Aware Minimization
+  <https://arxiv.org/abs/2203.08065>`__, ICLR 2022
 """
 
 from __future__ import annotations
@@ -64,6 +71,12 @@ def group_mask(perturbed: jax.Array, clean: jax.Array, group: Group) -> jax.Arra
     [ True False False False]
     >>> print(saner_jax.group_mask(g_sam, g, "C"))
     [False False  True False]
+
+  References:
+    Luong, Nguyen, Tran and Tran, `Understanding SAM's Robustness to Noisy Labels through Gradient
+    Down-weighting <https://arxiv.org/abs/2411.17132>`__, AISTATS 2026
+
+    The SANER authors' code, `github.com/lhchau/saner <https://github.com/lhchau/saner>`__
   """
   _check_group(group)
   both_positive = (perturbed > 0) & (clean > 0)
@@ -124,9 +137,7 @@ def saner(
 
   Group-B coordinates are those where the perturbation shrank the gradient,
   which the paper ties to the fitting of noisy labels; scaling them by
-  ``alpha < 1`` slows memorisation. ``alpha = 1`` is exactly SAM. Luong,
-  Nguyen, Tran and Tran, "Understanding SAM's Robustness to Noisy Labels
-  through Gradient Down-weighting", AISTATS 2026, arXiv 2411.17132.
+  ``alpha < 1`` slows memorisation. ``alpha = 1`` is exactly SAM.
 
   The authors apply weight decay after the reweighting; chain
   ``optax.add_decayed_weights`` after this transform to do the same. They warm
@@ -191,6 +202,12 @@ def saner(
     (optax 0.2.8) and skips the step when the perturbed gradients are not
     finite. It does not look at ``clean_grads``: a NaN there alone leaves the
     step, and that coordinate's perturbed gradient, as they are.
+
+  References:
+    Luong, Nguyen, Tran and Tran, `Understanding SAM's Robustness to Noisy Labels through Gradient
+    Down-weighting <https://arxiv.org/abs/2411.17132>`__, AISTATS 2026
+
+    The SANER authors' code, `github.com/lhchau/saner <https://github.com/lhchau/saner>`__
   """
   _check_group(group)
   _validation.check_scalar_range("alpha", alpha, 0.0, 1.0 if group == "B" else float("inf"))
@@ -253,8 +270,8 @@ def substitute_groups(groups: str, *, outside: bool = False) -> optax.GradientTr
   paper calls SGD-GrX: SAM, except that group X is given SGD's gradient;
   ``groups="AB"`` is their ``ratio > 0``. The second is their ``SAMONLY``
   (optimizer/samonly.py): SAM's gradient on group X only, and the clean
-  gradient everywhere else, including the coordinates in no group. Luong,
-  Nguyen, Tran and Tran, arXiv 2411.17132, Figures 2-4.
+  gradient everywhere else, including the coordinates in no group: the
+  paper's Figures 2-4.
 
   Where the two gradients are equal the choice does not matter; where one is
   zero the coordinate is in no group, and the authors' ``g + 1e-8`` ratio may
@@ -282,6 +299,12 @@ def substitute_groups(groups: str, *, outside: bool = False) -> optax.GradientTr
     A stateless transform whose ``update(perturbed_grads, state, params=None,
     *, clean_grads)`` returns ``d``; chain weight decay and the base optimizer
     after it, as for :func:`saner`.
+
+  References:
+    Luong, Nguyen, Tran and Tran, `Understanding SAM's Robustness to Noisy Labels through Gradient
+    Down-weighting <https://arxiv.org/abs/2411.17132>`__, AISTATS 2026
+
+    The SANER authors' code, `github.com/lhchau/saner <https://github.com/lhchau/saner>`__
   """
   chosen = _check_groups(groups, outside)
 
@@ -351,6 +374,12 @@ def alpha_warmup(alpha: float, warmup_steps: int, steps_per_epoch: int | None = 
 
   Returns:
     An optax schedule.
+
+  References:
+    The SANER authors' code, `github.com/lhchau/saner <https://github.com/lhchau/saner>`__ (``get_alpha``)
+
+    Luong, Nguyen, Tran and Tran, `Understanding SAM's Robustness to Noisy Labels through Gradient
+    Down-weighting <https://arxiv.org/abs/2411.17132>`__, AISTATS 2026
   """
   _validation.check_scalar_range("alpha", alpha, 0.0, 1.0)
   if warmup_steps < 0:
@@ -386,10 +415,8 @@ def gsam(alpha: optax.ScalarOrSchedule = 0.01) -> optax.GradientTransformationEx
        \frac{\lVert g \rVert\, g^{SAM}}{\lVert g^{SAM} \rVert}, \qquad
      d = g^{SAM} - \alpha\, g_\perp
 
-  Zhuang et al., "Surrogate Gap Guided Sharpness-Aware Minimization", ICLR
-  2022, arXiv 2203.08065; the ``1e-12`` guards follow the SANER authors'
-  optimizer/gsam.py. Chain it before :func:`saner` for their GSANER: the
-  SANER mask is then taken between ``d`` and ``g``.
+  The ``1e-12`` guards follow the SANER authors' optimizer/gsam.py. Chain it
+  before :func:`saner` for their GSANER: the SANER mask is then taken between ``d`` and ``g``.
 
   Norms and the inner product are taken in the gradients' dtype promoted to
   at least float32 (float64 stays float64).
@@ -412,6 +439,13 @@ def gsam(alpha: optax.ScalarOrSchedule = 0.01) -> optax.GradientTransformationEx
   Returns:
     A transform whose ``update(updates, state, params=None, *, clean_grads)``
     takes the perturbed-point gradients as ``updates``.
+
+  References:
+    Zhuang et al., `Surrogate Gap Guided Sharpness-Aware Minimization
+    <https://arxiv.org/abs/2203.08065>`__, ICLR 2022
+
+    Luong, Nguyen, Tran and Tran, `Understanding SAM's Robustness to Noisy Labels through Gradient
+    Down-weighting <https://arxiv.org/abs/2411.17132>`__, AISTATS 2026 (GSANER, Table 4)
   """
   _validation.check_scalar_range("alpha", alpha, 0.0)
 

@@ -206,26 +206,41 @@ def _report(error: BaseException, debug: bool, message: str | None = None) -> No
   print(f"error: {message or error}", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, quiet_refused_writes: bool = False) -> int:
   """Runs the command; returns the exit status (2 for a bad flag or config, 1 for other user errors).
 
   Errors that are the user's (flags, configs, data, an out_dir in use, a run
   that diverged, a full disk, no usable checkpoint) print one line; anything
-  else is a bug and raises with its traceback.
+  else is a bug and raises with its traceback. ``quiet_refused_writes``
+  (unless ``--debug``) applies :func:`saner_jax.train.checkpointing.quiet_refused_writes`
+  once the flags are parsed.
   """
-  from saner_jax.train import checkpointing, loop
-
   argv = sys.argv[1:] if argv is None else argv
   debug = "--debug" in argv
+  command = argv[0] if argv[:1] in (["compare"], ["tune"]) else "train"
   try:
-    if argv[:1] == ["compare"]:
-      compare(_compare_parser().parse_args(argv[1:]))
-    elif argv[:1] == ["tune"]:
-      from saner_jax.train import tune
-
-      tune.main(_tune_parser().parse_args(argv[1:]))
+    if command == "compare":
+      args = _compare_parser().parse_args(argv[1:])
+    elif command == "tune":
+      args = _tune_parser().parse_args(argv[1:])
     else:
       args = _train_parser().parse_args(argv[1:] if argv[:1] == ["train"] else argv)
+  except ConfigError as e:
+    _report(e, debug)
+    return 2
+  # Only now: --help and a bad flag answer without loading flax and orbax.
+  from saner_jax.train import checkpointing, loop
+
+  if quiet_refused_writes and not debug:
+    checkpointing.quiet_refused_writes()
+  try:
+    if command == "compare":
+      compare(args)
+    elif command == "tune":
+      from saner_jax.train import tune
+
+      tune.main(args)
+    else:
       loop.train(config_lib.from_args(args), resume=args.resume)
   except ConfigError as e:
     _report(e, debug)
@@ -249,11 +264,7 @@ def run() -> None:
   for the life of the process (:func:`saner_jax.train.checkpointing.quiet_refused_writes`):
   the error line says it all.
   """
-  from saner_jax.train import checkpointing
-
-  if "--debug" not in sys.argv[1:]:
-    checkpointing.quiet_refused_writes()
-  sys.exit(main())
+  sys.exit(main(quiet_refused_writes=True))
 
 
 if __name__ == "__main__":

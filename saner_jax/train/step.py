@@ -128,10 +128,6 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
   return Optimizer(optax.chain(*parts), perturbation, lr, alpha)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-
-
 def init_state(model: nn.Module, optimizer: Optimizer, key: jax.Array, image_shape) -> TrainState:
   from saner_jax.train import models
 
@@ -202,8 +198,8 @@ Objective = Callable[[jax.Array, Any], jax.Array]
 
 
 def label_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """The default objective: mean cross-entropy with integer labels."""
-  return cross_entropy(logits, labels)
+  """The default objective: mean cross-entropy with integer labels, computed in float32."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
 _LOOSE_SPEC_ARGS = ("mean", "std", "flip", "crop_padding")
