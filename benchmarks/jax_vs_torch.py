@@ -466,7 +466,7 @@ def _cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
-def main(argv=None) -> dict[str, Any]:
+def _parse_args(argv) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", default="resnet20", choices=sorted(DEPTHS))
   parser.add_argument("--batch-size", type=int, default=128)
@@ -499,35 +499,17 @@ def main(argv=None) -> dict[str, Any]:
   args = parser.parse_args(argv)
   if args.warmup < 1 or args.steps < 1:
     parser.error("--warmup and --steps must be >= 1")
+  return args
 
-  printed = io.StringIO()
 
-  def say(line: str = "") -> None:
-    print(line, flush=True)
-    printed.write(line + "\n")
+def _compile_jax(args, x, y) -> tuple[dict[str, tuple], dict[str, list[dict[str, float]]]]:
+  """The JAX contenders' ``(model, fresh state, step, compiled step)`` and compile times.
 
-  command = shlex.join(["python", "benchmarks/jax_vs_torch.py", *(sys.argv[1:] if argv is None else argv)])
-  revision = reporting.git_revision()
-  # The PyTorch processes start first, before XLA's thread pool exists.
-  workers = {
-    f"torch ({t} thread{'s' if t > 1 else ''}, own process)": TorchProcess(t, args) for t in args.torch_threads
-  }
-  versions = {"jax": jax.__version__, "jaxlib": jax.lib.__version__, "optax": optax.__version__}
-  versions["flax"] = importlib.metadata.version("flax")
-  if workers:
-    versions["torch"] = next(iter(workers.values())).version
-  say(f"command: {command}")
-  say(f"git: {revision}")
-  say(f"{', '.join(f'{k} {v}' for k, v in versions.items())}")
-  say(f"{_cpu_model()}, {os.cpu_count()} cores, JAX device {jax.devices()[0].platform}")
-
-  x_np, y_np = batch(args)
-  x, y = jnp.asarray(x_np), jnp.asarray(y_np, jnp.int32)
-
-  # ---- JAX contenders. The compile time is taken twice, in the order A B A
-  # B with fresh step functions, and the second is reported: the first
-  # includes one-time costs of the process (imports, lowering rules) that
-  # would fall on whichever contender went first.
+  The compile time is taken twice, in the order A B A B with fresh step
+  functions, and the second is reported: the first includes one-time costs
+  of the process (imports, lowering rules) that would fall on whichever
+  contender went first.
+  """
   convs = {"jax stock conv": None, "jax cpu_conv": cpu_conv.conv_general_dilated}
   setups, compile_s = {}, {n: [] for n in convs}
   for _ in range(2):
@@ -546,7 +528,11 @@ def main(argv=None) -> dict[str, Any]:
       done = time.perf_counter()
       compile_s[name].append({"lower": lowered_at - start, "compile": done - lowered_at, "total": done - start})
       setups[name] = (model, fresh, step, compiled)
+  return setups, compile_s
 
+
+def _runners(setups, workers, x, y) -> dict[str, Callable[[], float]]:
+  """One timed step of each contender, by name."""
   runners = {}
   for name, (_, fresh, _, compiled) in setups.items():
     box = {"state": compiled(fresh(), x, y)[0]}
@@ -560,10 +546,15 @@ def main(argv=None) -> dict[str, Any]:
     runners[name] = run
   for name, worker in workers.items():
     runners[name] = lambda worker=worker: worker("step")
+  return runners
 
-  # Same loss and clean-pass gradient from both JAX models (a whole SANER
-  # step is not compared: its group mask is discontinuous, so last-bit
-  # differences in the two programs' reductions may flip a coordinate).
+
+def _agreement(setups, x, y) -> tuple[int, float, dict[str, float]]:
+  """The parameter count, and the two JAX models' losses and largest clean-gradient difference.
+
+  A whole SANER step is not compared: its group mask is discontinuous, so
+  last-bit differences in the two programs' reductions may flip a coordinate.
+  """
   grads = {}
   for name, (model, fresh, _, _) in setups.items():
     params, batch_stats = fresh()[:2]
@@ -576,14 +567,11 @@ def main(argv=None) -> dict[str, Any]:
   leaves = {n: jax.tree.leaves(g[1]) for n, g in grads.items()}
   n_params = sum(leaf.size for leaf in leaves["jax stock conv"])
   grad_diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(leaves["jax stock conv"], leaves["jax cpu_conv"]))
-  losses = {n: float(g[0]) for n, g in grads.items()}
-  say(f"model {args.model}: {n_params:,} parameters; batch {args.batch_size}x{args.image_size}x{args.image_size}x3")
-  say(
-    f"cpu_conv against stock: loss {losses['jax cpu_conv']:.7f} vs {losses['jax stock conv']:.7f}, "
-    f"max |gradient difference| {grad_diff:.1e}"
-  )
+  return n_params, grad_diff, {n: float(g[0]) for n, g in grads.items()}
 
-  # ---- Interleaved timing.
+
+def _time_interleaved(runners, args) -> tuple[dict[str, list[float]], list[float]]:
+  """Each contender's step times over rotated rounds, and the load average after each round."""
   for run in runners.values():
     for _ in range(args.warmup):
       run()
@@ -595,7 +583,12 @@ def main(argv=None) -> dict[str, Any]:
     for name in names[shift:] + names[:shift]:
       times[name].append(runners[name]())
     loads.append(os.getloadavg()[0])
+  return times, loads
 
+
+def _report_times(times, loads, compile_s, args, say) -> tuple[dict[str, float], dict[str, float]]:
+  """Prints the step-time table, the ratios and the compile times; returns the medians and ratios."""
+  names = list(times)
   median = {n: statistics.median(t) for n, t in times.items()}
   torch_names = [n for n in names if n.startswith("torch")]
   reference = torch_names[0] if torch_names else "jax stock conv"
@@ -626,60 +619,105 @@ def main(argv=None) -> dict[str, Any]:
       f"  {n:<18} {repeat['total']:.2f}  (lower {repeat['lower']:.2f}, compile {repeat['compile']:.2f})"
       f"  [{first['total']:.2f}]"
     )
+  return median, ratios
 
+
+def _profiles(setups, workers, x, y, args, say) -> dict[str, Any]:
+  """Per-op profiles of each JAX step and PyTorch's top operators, printed and returned."""
   profiles = {}
-  if args.profile:
-    for n, (_, fresh, step, _) in setups.items():
-      # Not donated: the profile reruns the step on one state.
-      compiled = jax.jit(step).lower(fresh(), x, y).compile()
-      state = fresh()
-      jax.block_until_ready(compiled(state, x, y))
-      profiles[n] = xla_profile(compiled, lambda state=state: (state, x, y), steps=3, batch_size=args.batch_size)
-      say()
-      say(f"per-op profile, {n} (thunk ms per step, summed per category; thunks overlap on 2 threads):")
-      total = sum(profiles[n]["categories_ms"].values())
-      for category, ms in profiles[n]["categories_ms"].items():
-        say(f"  {ms:8.1f}  {100 * ms / total:4.0f}%  {category}")
-      say("  top ops:")
-      for op in profiles[n]["top_ops"]:
-        say(f"    {op['ms']:7.1f}  {op['op']:<32} {op['shape']:<28} {op['category']}")
-    for n, worker in workers.items():
-      profiles[n] = worker("profile", 3)
-      say()
-      say(f"per-op profile, {n}, 3 steps:")
-      for line in profiles[n].splitlines():
-        say("  " + line)
-
-  layers = []
-  if args.layers:
-    shapes = list(conv_shapes(args.image_size, DEPTHS[args.model]).items())
-    runs = jax_layer_runs(args)
-    worker_name = next(iter(workers), None)
-    if worker_name:
-      for index in range(len(shapes)):
-        for op in LAYER_OPS:
-          runs[index, "torch", op] = lambda index=index, op=op: workers[worker_name]("layer", (index, op))
-    order = ("xla", "cpu_conv", "torch")
-    columns = sorted({k[1:] for k in runs}, key=lambda k: (order.index(k[0]), LAYER_OPS.index(k[1])))
-    layer_times = {k: [] for k in runs}
-    for run in runs.values():
-      run()
-    for _ in range(9):
-      for k, run in runs.items():
-        layer_times[k].append(run())
+  for n, (_, fresh, step, _) in setups.items():
+    # Not donated: the profile reruns the step on one state.
+    compiled = jax.jit(step).lower(fresh(), x, y).compile()
+    state = fresh()
+    jax.block_until_ready(compiled(state, x, y))
+    profiles[n] = xla_profile(compiled, lambda state=state: (state, x, y), steps=3, batch_size=args.batch_size)
     say()
-    torch_note = f" ({worker_name})" if worker_name else ""
-    say(f"each 3x3 convolution alone, median ms over 9 interleaved rounds{torch_note}:")
-    say(f"{'layer':<22} {'x':>3} " + " ".join(f"{f + ' ' + o:>20}" for f, o in columns))
-    totals = collections.Counter()
-    for index, ((size, c, o, stride), count) in enumerate(shapes):
-      ms = {col: 1e3 * statistics.median(layer_times[(index, *col)]) for col in columns}
-      totals.update({col: count * v for col, v in ms.items()})
-      name = f"{c}->{o} @{size}x{size} s{stride}"
-      layers.append({"layer": name, "count": count, "ms": {" ".join(col): v for col, v in ms.items()}})
-      say(f"{name:<22} {count:>3} " + " ".join(f"{ms[col]:20.2f}" for col in columns))
-    say(f"{'per forward-backward':<26} " + " ".join(f"{totals[col]:20.1f}" for col in columns))
+    say(f"per-op profile, {n} (thunk ms per step, summed per category; thunks overlap on 2 threads):")
+    total = sum(profiles[n]["categories_ms"].values())
+    for category, ms in profiles[n]["categories_ms"].items():
+      say(f"  {ms:8.1f}  {100 * ms / total:4.0f}%  {category}")
+    say("  top ops:")
+    for op in profiles[n]["top_ops"]:
+      say(f"    {op['ms']:7.1f}  {op['op']:<32} {op['shape']:<28} {op['category']}")
+  for n, worker in workers.items():
+    profiles[n] = worker("profile", 3)
+    say()
+    say(f"per-op profile, {n}, 3 steps:")
+    for line in profiles[n].splitlines():
+      say("  " + line)
+  return profiles
 
+
+def _layers(workers, args, say) -> list[dict[str, Any]]:
+  """Each distinct convolution alone, XLA's, cpu_conv's and PyTorch's, printed and returned."""
+  shapes = list(conv_shapes(args.image_size, DEPTHS[args.model]).items())
+  runs = jax_layer_runs(args)
+  worker_name = next(iter(workers), None)
+  if worker_name:
+    for index in range(len(shapes)):
+      for op in LAYER_OPS:
+        runs[index, "torch", op] = lambda index=index, op=op: workers[worker_name]("layer", (index, op))
+  order = ("xla", "cpu_conv", "torch")
+  columns = sorted({k[1:] for k in runs}, key=lambda k: (order.index(k[0]), LAYER_OPS.index(k[1])))
+  layer_times = {k: [] for k in runs}
+  for run in runs.values():
+    run()
+  for _ in range(9):
+    for k, run in runs.items():
+      layer_times[k].append(run())
+  say()
+  torch_note = f" ({worker_name})" if worker_name else ""
+  say(f"each 3x3 convolution alone, median ms over 9 interleaved rounds{torch_note}:")
+  say(f"{'layer':<22} {'x':>3} " + " ".join(f"{f + ' ' + o:>20}" for f, o in columns))
+  totals = collections.Counter()
+  layers = []
+  for index, ((size, c, o, stride), count) in enumerate(shapes):
+    ms = {col: 1e3 * statistics.median(layer_times[(index, *col)]) for col in columns}
+    totals.update({col: count * v for col, v in ms.items()})
+    name = f"{c}->{o} @{size}x{size} s{stride}"
+    layers.append({"layer": name, "count": count, "ms": {" ".join(col): v for col, v in ms.items()}})
+    say(f"{name:<22} {count:>3} " + " ".join(f"{ms[col]:20.2f}" for col in columns))
+  say(f"{'per forward-backward':<26} " + " ".join(f"{totals[col]:20.1f}" for col in columns))
+  return layers
+
+
+def main(argv=None) -> dict[str, Any]:
+  args = _parse_args(argv)
+  printed = io.StringIO()
+
+  def say(line: str = "") -> None:
+    print(line, flush=True)
+    printed.write(line + "\n")
+
+  command = shlex.join(["python", "benchmarks/jax_vs_torch.py", *(sys.argv[1:] if argv is None else argv)])
+  revision = reporting.git_revision()
+  # The PyTorch processes start first, before XLA's thread pool exists.
+  workers = {
+    f"torch ({t} thread{'s' if t > 1 else ''}, own process)": TorchProcess(t, args) for t in args.torch_threads
+  }
+  versions = {"jax": jax.__version__, "jaxlib": jax.lib.__version__, "optax": optax.__version__}
+  versions["flax"] = importlib.metadata.version("flax")
+  if workers:
+    versions["torch"] = next(iter(workers.values())).version
+  say(f"command: {command}")
+  say(f"git: {revision}")
+  say(f"{', '.join(f'{k} {v}' for k, v in versions.items())}")
+  say(f"{_cpu_model()}, {os.cpu_count()} cores, JAX device {jax.devices()[0].platform}")
+
+  x_np, y_np = batch(args)
+  x, y = jnp.asarray(x_np), jnp.asarray(y_np, jnp.int32)
+  setups, compile_s = _compile_jax(args, x, y)
+  runners = _runners(setups, workers, x, y)
+  n_params, grad_diff, losses = _agreement(setups, x, y)
+  say(f"model {args.model}: {n_params:,} parameters; batch {args.batch_size}x{args.image_size}x{args.image_size}x3")
+  say(
+    f"cpu_conv against stock: loss {losses['jax cpu_conv']:.7f} vs {losses['jax stock conv']:.7f}, "
+    f"max |gradient difference| {grad_diff:.1e}"
+  )
+  times, loads = _time_interleaved(runners, args)
+  median, ratios = _report_times(times, loads, compile_s, args, say)
+  profiles = _profiles(setups, workers, x, y, args, say) if args.profile else {}
+  layers = _layers(workers, args, say) if args.layers else []
   for worker in workers.values():
     worker.stop()
 

@@ -10,9 +10,12 @@
 #        ablations  alpha, warm-up, rho and SANER on the head only, seeds 0-1, 40%
 #        decomposition  SGD, SAM, SANER with the clean/noisy decomposition every epoch and
 #                   sharpness at the last, seeds 0-1, 40%
+#        bn_stats   SANER with the default BatchNorm statistics (the clean pass's) against the
+#                   authors' order (--bn_stats perturbed), seeds 0-4, 40%, 500 validation
+#                   examples; the paired table goes to OUT_DIR/bn_stats/seed_statistics.md
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-stage=${1:?give a stage: headline, asymmetric, groups, ablations or decomposition}
+stage=${1:?give a stage: headline, asymmetric, groups, ablations, decomposition or bn_stats}
 out=${2:-benchmarks/results/fashion_mnist}
 run() { python -m saner_jax.train compare --config fashion_mnist_quick --progress lines --cpu_conv true "$@"; }
 case "$stage" in
@@ -50,5 +53,16 @@ case "$stage" in
         --sharpness_every 30 --sharpness_iterations 20 --hutchinson_samples 10 --out_dir "$out/decomposition/sym40"
     done
     python benchmarks/decomposition_table.py "$out/decomposition/sym40" --epochs 1 10 20 30 ;;
-  *) echo "error: unknown stage $stage; use headline, asymmetric, groups, ablations or decomposition" >&2; exit 2 ;;
+  bn_stats)
+    # One seed of both settings at a time, so that an interrupted session leaves pairs.
+    for seed in $(seq 0 4); do
+      for order in clean perturbed; do
+        run --noise_mode symmetric --noise_rate 0.4 --val_examples 500 --bn_stats "$order" --runs saner \
+          --seeds "$seed" --out_dir "$out/bn_stats/$order"
+      done
+    done
+    python benchmarks/seed_statistics.py clean="$out/bn_stats/clean" perturbed="$out/bn_stats/perturbed" \
+      --pairs clean/saner:perturbed/saner | tee "$out/bn_stats/seed_statistics.md" ;;
+  *) echo "error: unknown stage $stage; use headline, asymmetric, groups, ablations, decomposition or bn_stats" >&2
+     exit 2 ;;
 esac

@@ -20,7 +20,12 @@ apart on that metric.
         --pairs sam:saner sgd:sam
 
 Several directories pool their runs, for example a group-substitution
-experiment with the headline's SGD and SAM runs of the same seeds.
+experiment with the headline's SGD and SAM runs of the same seeds. A
+directory given as ``LABEL=DIR`` names its runs ``LABEL/<run>``, so that
+runs of one name made with different flags pair up:
+
+    python benchmarks/seed_statistics.py clean=OUT/bn_stats/clean \
+        perturbed=OUT/bn_stats/perturbed --pairs clean/saner:perturbed/saner
 """
 
 from __future__ import annotations
@@ -53,15 +58,24 @@ DEFAULT_PAIRS = ["sam:saner", "sgd:sam"]
 _RUN_DIR = re.compile(r"^(?P<run>.+)_seed(?P<seed>\d+)$")
 
 
-def load(out_dirs: list[pathlib.Path]) -> dict[str, dict[int, dict]]:
-  """{run: {seed: summary}} for every finished run under the ``out_dirs``."""
+def labelled(argument: str) -> tuple[str, pathlib.Path]:
+  """``LABEL=DIR`` as (``"LABEL/"``, DIR); a plain directory (an existing one may hold "=") as ("", DIR)."""
+  label, sep, path = argument.partition("=")
+  if not sep or pathlib.Path(argument).is_dir() or not label or not path:
+    return "", pathlib.Path(argument)
+  return f"{label}/", pathlib.Path(path)
+
+
+def load(out_dirs: list[pathlib.Path | tuple[str, pathlib.Path]]) -> dict[str, dict[int, dict]]:
+  """{run: {seed: summary}} for every finished run under the ``out_dirs`` (each a path or a (prefix, path))."""
   runs: dict[str, dict[int, dict]] = {}
-  for out_dir in out_dirs:
+  for entry in out_dirs:
+    prefix, out_dir = entry if isinstance(entry, tuple) else ("", entry)
     for summary in sorted(out_dir.glob("*_seed*/summary.json")):
       match = _RUN_DIR.match(summary.parent.name)
       if not match:
         continue
-      by_seed = runs.setdefault(match["run"], {})
+      by_seed = runs.setdefault(prefix + match["run"], {})
       seed = int(match["seed"])
       if seed in by_seed:
         raise SystemExit(
@@ -83,11 +97,14 @@ def paired(a: dict[int, dict], b: dict[int, dict], metric) -> tuple[int, float, 
   return n, mean, std, mean - half, mean + half
 
 
-def report(out_dirs: list[pathlib.Path], pairs: list[tuple[str, str]], every_pair: bool = False) -> str:
+def report(
+  out_dirs: list[pathlib.Path | tuple[str, pathlib.Path]], pairs: list[tuple[str, str]], every_pair: bool = False
+) -> str:
   """The markdown report; a pair naming a run not found is left out, or with ``every_pair`` an error."""
   runs = load(out_dirs)
   if not runs:
-    raise SystemExit(f"error: no finished runs (<run>_seed<k>/summary.json) under {' '.join(map(str, out_dirs))}")
+    where = " ".join(str(d[1] if isinstance(d, tuple) else d) for d in out_dirs)
+    raise SystemExit(f"error: no finished runs (<run>_seed<k>/summary.json) under {where}")
   missing = sorted({name for pair in pairs for name in pair} - set(runs))
   if every_pair and missing:
     raise SystemExit(f"error: --pairs: no finished runs named {missing}; the runs found are {sorted(runs)}")
@@ -117,7 +134,10 @@ def report(out_dirs: list[pathlib.Path], pairs: list[tuple[str, str]], every_pai
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument(
-    "out_dirs", nargs="+", type=pathlib.Path, help="compare output directories (runs are pooled by name and seed)"
+    "out_dirs",
+    nargs="+",
+    type=labelled,
+    help="compare output directories (runs are pooled by name and seed); LABEL=DIR names DIR's runs LABEL/<run>",
   )
   parser.add_argument(
     "--pairs",
@@ -131,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if not sep or not a or not b:
       parser.error(f"--pairs: {pair!r} is not A:B (for example sam:saner)")
     pairs.append((a, b))
-  for out_dir in args.out_dirs:
+  for _, out_dir in args.out_dirs:
     if not out_dir.is_dir():
       parser.error(f"{out_dir} is not a directory")
   print(report(args.out_dirs, pairs, every_pair=args.pairs is not None))

@@ -19,9 +19,10 @@ from saner_jax import _cli_signals
 if _cli_signals.running_the_cli(getattr(_sys, "orig_argv", [])):
   _cli_signals.install(raising=False)  # recorded, raised once the CLI runs
 
-from saner_jax import analysis, diagnostics, parallel
+from saner_jax import analysis, diagnostics, parallel, policies
 from saner_jax.parallel import data_mesh, sharded_sharpness_aware_grad
 from saner_jax.perturbations import asam, friendly_sam, sam, vasso
+from saner_jax.policies import SharpnessPolicy, adaptive_steps, every_k_steps, random_steps, with_policy
 from saner_jax.saner import alpha_warmup, group_mask, gsam, saner, substitute_groups
 from saner_jax.sharpness import (
   AuxLayout,
@@ -36,21 +37,27 @@ __version__ = "0.2.0"
 __all__ = [
   "AuxLayout",
   "SharpnessAwareGrads",
+  "SharpnessPolicy",
   "accumulated_value_and_grad",
+  "adaptive_steps",
   "alpha_warmup",
   "analysis",
   "asam",
   "aux_layout",
   "data_mesh",
   "diagnostics",
+  "every_k_steps",
   "friendly_sam",
   "group_mask",
   "gsam",
   "parallel",
+  "policies",
+  "random_steps",
   "sam",
   "saner",
   "sharded_sharpness_aware_grad",
   "sharpness_aware_grad",
   "substitute_groups",
   "vasso",
+  "with_policy",
 ]

@@ -15,9 +15,8 @@ training label is wrong),
 
 and :math:`c', n'` are the same at :math:`w + \epsilon`, with :math:`\epsilon`
 the perturbation formed from :math:`g` (so :math:`c' + n' = g^{SAM}`). The
-paper (Luong, Nguyen, Tran and Tran, arXiv 2411.17132, Section 3) argues in
-words that SAM shrinks the coordinates where the noisy samples' gradient
-dominates; the definitions below are this project's operational reading of
+SANER paper (Section 3) argues in words that SAM shrinks the coordinates
+where the noisy samples' gradient dominates; the definitions below are this project's operational reading of
 those words, not formulas from the paper. Coordinate :math:`i` is
 
 - *noisy-dominated* when :math:`n_i c_i < 0` and :math:`|n_i| > |c_i|` (the
@@ -31,9 +30,18 @@ directly, as in :func:`saner_jax.group_mask`, so nothing underflows.
 **Sharpness.** The largest-magnitude eigenvalue of the Hessian of the loss
 by power iteration, and its trace by Hutchinson's estimator, both on
 Hessian-vector products :math:`Hv = \partial_t \nabla L(w + t v)|_{t=0}`
-(``jax.jvp`` of ``jax.grad``, forward over reverse), as PyHessian does
-(Yao, Gholami, Keutzer and Mahoney, "PyHessian: Neural Networks Through the
-Lens of the Hessian", 2020, arXiv 1912.07145; the SANER authors' utils/pyhessian).
+(``jax.jvp`` of ``jax.grad``, forward over reverse), as PyHessian (and the
+SANER authors' utils/pyhessian) does.
+
+References:
+  Luong, Nguyen, Tran and Tran, `Understanding SAM's Robustness to Noisy Labels through Gradient
+  Down-weighting <https://arxiv.org/abs/2411.17132>`__, AISTATS 2026
+
+  Yao, Gholami, Keutzer and Mahoney, `PyHessian: Neural Networks Through the Lens of the Hessian
+  <https://arxiv.org/abs/1912.07145>`__, IEEE BigData 2020
+
+  Hutchinson, "A Stochastic Estimator of the Trace of the Influence Matrix for Laplacian
+  Smoothing Splines", Communications in Statistics - Simulation and Computation, 1990
 """
 
 from __future__ import annotations
@@ -219,6 +227,10 @@ def clean_noisy_decomposition(
     >>> out = fn(w, sam(0.05).init(w), jnp.array([False, True]), x, y)
     >>> print(out["frac_noisy_dom"], out["frac_clean_dom"])
     0.5 0.5
+
+  References:
+    Luong, Nguyen, Tran and Tran, `Understanding SAM's Robustness to Noisy Labels through Gradient
+    Down-weighting <https://arxiv.org/abs/2411.17132>`__, AISTATS 2026 (Section 3)
   """
   _validation.check_scalar_range("alpha", alpha, 0.0, 1.0)
 
@@ -345,6 +357,10 @@ def hessian_top_eigenvalue(
     >>> lam = analysis.hessian_top_eigenvalue(loss, jnp.ones(2), key=jax.random.key(0), tol=0.0)
     >>> print(round(float(lam), 4))
     3.0
+
+  References:
+    Yao, Gholami, Keutzer and Mahoney, `PyHessian: Neural Networks Through the Lens of the Hessian
+    <https://arxiv.org/abs/1912.07145>`__, IEEE BigData 2020
   """
   if max_iterations < 1:
     raise ValueError(f"max_iterations must be >= 1, got {max_iterations}")
@@ -405,9 +421,8 @@ def hessian_trace(
      \operatorname{tr} H \approx \frac1m \sum_{k=1}^m v_k^\top H v_k,
      \qquad v_k \text{ with i.i.d. Rademacher } (\pm 1) \text{ entries},
 
-  unbiased, with variance :math:`2 \sum_{i \ne j} H_{ij}^2 / m` (Hutchinson,
-  1990; PyHessian's ``trace``). The products run one after another,
-  holding one vector in memory: under ``jit`` as a ``lax.map``, outside it
+  unbiased, with variance :math:`2 \sum_{i \ne j} H_{ij}^2 / m` (PyHessian's
+  ``trace``). The products run one after another, holding one vector in memory: under ``jit`` as a ``lax.map``, outside it
   as a Python loop over one compiled product (much faster for convolutions
   on a CPU; see :func:`hessian_top_eigenvalue`).
 
@@ -431,6 +446,13 @@ def hessian_trace(
     >>> loss = lambda w: 0.5 * (3.0 * w[0] ** 2 + w[1] ** 2)
     >>> print(analysis.hessian_trace(loss, jnp.ones(2), key=jax.random.key(0), num_samples=3))
     4.0
+
+  References:
+    Hutchinson, "A Stochastic Estimator of the Trace of the Influence Matrix for Laplacian
+    Smoothing Splines", Communications in Statistics - Simulation and Computation, 1990
+
+    Yao, Gholami, Keutzer and Mahoney, `PyHessian: Neural Networks Through the Lens of the Hessian
+    <https://arxiv.org/abs/1912.07145>`__, IEEE BigData 2020
   """
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}")

@@ -2,6 +2,11 @@
 
 Every function here is a handful of fused element-wise ops and reductions,
 meant to run inside the jitted train step on every step.
+
+References:
+  Luong, Nguyen, Tran and Tran, `Understanding SAM's Robustness to Noisy Labels through Gradient
+  Down-weighting <https://arxiv.org/abs/2411.17132>`__, AISTATS 2026: the groups A, B and C,
+  and the memorisation of noisy labels
 """
 
 from __future__ import annotations

@@ -66,6 +66,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from saner_jax.policies import PolicyState
 from saner_jax.sharpness import AuxLayout, SharpnessAwareGrads, sharpness_aware_grad
 
 PERTURBATION_MODES = ("synced", "per_device")
@@ -98,7 +99,7 @@ def sharded_aux_layout(mode: str = "synced", m_sharpness: int = 1, accumulation_
   return AuxLayout(sub_batches=mode == "per_device" or m_sharpness > 1, micro_batches=accumulation_steps > 1)
 
 
-def sharded_sharpness_aware_grad(
+def sharded_sharpness_aware_grad(  # noqa: C901 (split in the config/engine redesign)
   loss_fn: Callable[..., Any],
   perturbation: optax.GradientTransformation,
   mesh: Mesh,
@@ -154,10 +155,13 @@ def sharded_sharpness_aware_grad(
     :class:`saner_jax.SharpnessAwareGrads` with replicated gradients, loss
     and perturbation state, equal to what ``sharpness_aware_grad`` returns
     on the global batch, with ``m_sharpness=n * m_sharpness`` in the
-    per-device mode. So is ``aux``, except that its leading sub-batch axis
-    (of size ``n * m_sharpness``, one entry per sub-batch in batch order) is
-    kept in the per-device mode even when its size is 1;
-    :func:`sharded_aux_layout` describes it.
+    per-device mode. With a :func:`saner_jax.with_policy` perturbation the
+    choice of a sharpness-aware step is made once per step, from the mean
+    clean gradient over all devices, in both modes. So are ``aux`` and
+    ``perturbed_aux``, except that their leading sub-batch axis (of size
+    ``n * m_sharpness``, one entry per sub-batch in batch order) is kept in
+    the per-device mode even when its size is 1; :func:`sharded_aux_layout`
+    describes it.
   """
   if mode not in PERTURBATION_MODES:
     raise ValueError(f"mode must be one of {PERTURBATION_MODES}, got {mode!r}")
@@ -170,6 +174,8 @@ def sharded_sharpness_aware_grad(
     m_sharpness=m_sharpness,
     accumulation_steps=accumulation_steps,
     batch_argnum=batch_argnum,
+    # Per device, a norm-based policy decides on the mean clean gradient over devices: one branch everywhere.
+    axis_name=axis_name if mode == "per_device" else None,
   )
   devices = mesh.shape[axis_name]
   index = batch_argnum - 1
@@ -208,14 +214,28 @@ def sharded_sharpness_aware_grad(
 
     # A leading sub-batch axis, so that stacking the shards along it gives
     # the helper's layout for n * m_sharpness sub-batches.
-    aux = out.aux if m_sharpness > 1 else jax.tree.map(lambda x: x[None], out.aux)
+    def stacked(aux: Any) -> Any:
+      return aux if m_sharpness > 1 else jax.tree.map(lambda x: x[None], aux)
+
     # Float leaves are averaged like the helper's vmapped states; integer
     # ones (step counts) come from the replicated input and agree already.
-    state = jax.tree.map(
-      lambda x: mean(x).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x,
-      out.perturbation_state,
+    def mean_floats(tree: Any) -> Any:
+      return jax.tree.map(lambda x: mean(x).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
+
+    state = out.perturbation_state
+    if isinstance(state, PolicyState):  # a policy's state is decided alike on every device already
+      state = PolicyState(mean_floats(state.perturbation), state.policy)
+    else:
+      state = mean_floats(state)
+    return SharpnessAwareGrads(
+      mean(out.clean_grads),
+      mean(out.perturbed_grads),
+      mean(out.loss),
+      stacked(out.aux),
+      state,
+      out.sharpness_aware,
+      stacked(out.perturbed_aux),
     )
-    return SharpnessAwareGrads(mean(out.clean_grads), mean(out.perturbed_grads), mean(out.loss), aux, state)
 
   def per_device(
     params: optax.Params, perturbation_state: optax.OptState, *args: Any, **kwargs: Any
@@ -232,7 +252,7 @@ def sharded_sharpness_aware_grad(
       mesh=mesh,
       in_specs=(P(), P(), arg_specs, P()),
       # _make: a pytree of specs in the outputs' structure, not of arrays.
-      out_specs=SharpnessAwareGrads._make((P(), P(), P(), P(axis_name), P())),
+      out_specs=SharpnessAwareGrads._make((P(), P(), P(), P(axis_name), P(), P(), P(axis_name))),
       check_vma=False,
     )(params, perturbation_state, args, kwargs)
 

@@ -13,6 +13,12 @@ calls to ``update``.
 All four normalise by the global L2 norm of their direction plus ``1e-12``,
 the constant of the authors' code (github lhchau/sam-label-noise), so a zero
 gradient yields a zero perturbation, never NaN.
+
+References:
+  Foret, Kleiner, Mobahi and Neyshabur, `Sharpness-Aware Minimization for Efficiently Improving
+  Generalization <https://arxiv.org/abs/2010.01412>`__, ICLR 2021
+
+  The SANER authors' code, `github.com/lhchau/saner <https://github.com/lhchau/saner>`__
 """
 
 from __future__ import annotations
@@ -68,9 +74,6 @@ def _init_count(params: optax.Params) -> PerturbationState:
 def sam(rho: optax.ScalarOrSchedule = 0.05) -> optax.GradientTransformation:
   r"""SAM's perturbation: :math:`\epsilon = \rho\, g / \lVert g \rVert_2`.
 
-  Foret, Kleiner, Mobahi and Neyshabur, "Sharpness-Aware Minimization for
-  Efficiently Improving Generalization", ICLR 2021, arXiv 2010.01412.
-
   Examples:
     The perturbation has length ``rho`` along the gradient:
 
@@ -87,6 +90,10 @@ def sam(rho: optax.ScalarOrSchedule = 0.05) -> optax.GradientTransformation:
 
   Returns:
     A transformation mapping clean gradients to the perturbation.
+
+  References:
+    Foret, Kleiner, Mobahi and Neyshabur, `Sharpness-Aware Minimization for Efficiently Improving
+    Generalization <https://arxiv.org/abs/2010.01412>`__, ICLR 2021
   """
   _validation.check_scalar_range("rho", rho, 0.0)
 
@@ -107,9 +114,7 @@ def asam(rho: optax.ScalarOrSchedule = 0.5, eta: float = 0.0) -> optax.GradientT
      T_w = |w| + \eta, \qquad
      \epsilon = \rho\, \frac{T_w^2\, g}{\lVert T_w\, g \rVert_2}
 
-  Kwon, Kim, Park and Choi, "ASAM: Adaptive Sharpness-Aware Minimization for
-  Scale-Invariant Learning of Deep Neural Networks", ICML 2021,
-  arXiv 2102.11600. ``eta = 0`` (the default) is the ``adaptive=True`` path of
+  ``eta = 0`` (the default) is the ``adaptive=True`` path of
   the SANER authors' code; the ASAM paper uses ``eta = 0.01``. ASAM radii are
   larger than SAM's (the paper uses 0.5 to 2.0 on CIFAR).
 
@@ -133,6 +138,10 @@ def asam(rho: optax.ScalarOrSchedule = 0.5, eta: float = 0.0) -> optax.GradientT
   Returns:
     A transformation mapping clean gradients (and params, required) to the
     perturbation.
+
+  References:
+    Kwon, Kim, Park and Choi, `ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant
+    Learning of Deep Neural Networks <https://arxiv.org/abs/2102.11600>`__, ICML 2021
   """
   _validation.check_scalar_range("rho", rho, 0.0)
   _validation.check_scalar_range("eta", eta, 0.0)
@@ -169,8 +178,7 @@ def friendly_sam(
      \epsilon_t = \rho\, d_t / \lVert d_t \rVert_2,
 
   and on the first step :math:`d_1 = g_1`, :math:`m_1 = g_1`, as in the
-  authors' code (optimizer/fsam.py). Li, Zhou, Yan and Shen, "Friendly
-  Sharpness-Aware Minimization", CVPR 2024, arXiv 2403.12350.
+  authors' code (optimizer/fsam.py).
 
   Examples:
     The second step ascends on :math:`g_2 - \sigma m_1 = (3, 8) - (3, 4)`:
@@ -193,6 +201,10 @@ def friendly_sam(
 
   Returns:
     A transformation mapping clean gradients to the perturbation.
+
+  References:
+    Li, Zhou, Yan and Shen, `Friendly Sharpness-Aware Minimization
+    <https://arxiv.org/abs/2403.12350>`__, CVPR 2024
   """
   _validation.check_scalar_range("rho", rho, 0.0)
   _validation.check_scalar_range("sigma", sigma, 0.0)
@@ -223,9 +235,7 @@ def vasso(rho: optax.ScalarOrSchedule = 0.05, theta: float = 0.2) -> optax.Gradi
      d_t = (1 - \theta)\, d_{t-1} + \theta\, g_t, \quad d_1 = g_1, \qquad
      \epsilon_t = \rho\, d_t / \lVert d_t \rVert_2
 
-  Li and Giannakis, "Enhancing Sharpness-Aware Optimization Through Variance
-  Suppression", NeurIPS 2023, arXiv 2309.15639; first-step convention from
-  the SANER authors' optimizer/vasso.py.
+  The first step follows the SANER authors' optimizer/vasso.py.
 
   Examples:
     With ``theta = 0.5`` the second direction is the mean of both gradients:
@@ -245,6 +255,10 @@ def vasso(rho: optax.ScalarOrSchedule = 0.05, theta: float = 0.2) -> optax.Gradi
 
   Returns:
     A transformation mapping clean gradients to the perturbation.
+
+  References:
+    Li and Giannakis, `Enhancing Sharpness-Aware Optimization Through Variance Suppression
+    <https://arxiv.org/abs/2309.15639>`__, NeurIPS 2023
   """
   _validation.check_scalar_range("rho", rho, 0.0)
   _validation.check_scalar_range("theta", theta, 0.0, 1.0)

@@ -11,6 +11,13 @@ any optax optimizer::
       optax.sgd(0.1, momentum=0.9),
   )
   updates, opt_state = tx.update(g_sam, opt_state, params, clean_grads=g)
+
+References:
+  Luong, Nguyen, Tran and Tran, `Understanding SAM's Robustness to Noisy Labels through Gradient
+  Down-weighting <https://arxiv.org/abs/2411.17132>`__, AISTATS 2026
+
+  Zhuang et al., `Surrogate Gap Guided Sharpness-Aware Minimization
+  <https://arxiv.org/abs/2203.08065>`__, ICLR 2022
 """
 
 from __future__ import annotations
@@ -64,6 +71,12 @@ def group_mask(perturbed: jax.Array, clean: jax.Array, group: Group) -> jax.Arra
     [ True False False False]
     >>> print(saner_jax.group_mask(g_sam, g, "C"))
     [False False  True False]
+
+  References:
+    Luong, Nguyen, Tran and Tran, `Understanding SAM's Robustness to Noisy Labels through Gradient
+    Down-weighting <https://arxiv.org/abs/2411.17132>`__, AISTATS 2026
+
+    The SANER authors' code, `github.com/lhchau/saner <https://github.com/lhchau/saner>`__
   """
   _check_group(group)
   both_positive = (perturbed > 0) & (clean > 0)
@@ -100,12 +113,19 @@ def _require_clean_grads(name: str, updates: optax.Updates, clean_grads: optax.U
 
 
 class SanerState(NamedTuple):
-  """State of :func:`saner`: the step count that ``alpha`` is evaluated on."""
+  """State of :func:`saner`: the step count that ``alpha`` is evaluated on.
+
+  With ``reuse_mask=True``, ``mask`` holds the group mask of the last
+  sharpness-aware step (booleans shaped like the parameters); None otherwise.
+  """
 
   count: chex.Array
+  mask: Any = None
 
 
-def saner(alpha: optax.ScalarOrSchedule = 0.5, group: Group = "B") -> optax.GradientTransformationExtraArgs:
+def saner(
+  alpha: optax.ScalarOrSchedule = 0.5, group: Group = "B", *, reuse_mask: bool = False
+) -> optax.GradientTransformationExtraArgs:
   r"""SANER: down-weight the coordinates that SAM shrinks without flipping.
 
   .. math::
@@ -117,9 +137,7 @@ def saner(alpha: optax.ScalarOrSchedule = 0.5, group: Group = "B") -> optax.Grad
 
   Group-B coordinates are those where the perturbation shrank the gradient,
   which the paper ties to the fitting of noisy labels; scaling them by
-  ``alpha < 1`` slows memorisation. ``alpha = 1`` is exactly SAM. Luong,
-  Nguyen, Tran and Tran, "Understanding SAM's Robustness to Noisy Labels
-  through Gradient Down-weighting", AISTATS 2026, arXiv 2411.17132.
+  ``alpha < 1`` slows memorisation. ``alpha = 1`` is exactly SAM.
 
   The authors apply weight decay after the reweighting; chain
   ``optax.add_decayed_weights`` after this transform to do the same. They warm
@@ -146,15 +164,37 @@ def saner(alpha: optax.ScalarOrSchedule = 0.5, group: Group = "B") -> optax.Grad
     >>> print(updates)
     [-0.25 -2.    1.   -0.  ]
 
+  On the steps a :func:`saner_jax.with_policy` perturbation skips, the
+  helpers return :math:`g^{SAM} = g`: every coordinate is then in no group
+  and the clean gradient passes through unchanged. With ``reuse_mask=True``
+  and ``sharpness_aware=False`` passed to ``update``, the mask :math:`M` of
+  the last sharpness-aware step is applied instead,
+  :math:`d_i = \alpha g_i` for :math:`i \in M`, else :math:`g_i`, in the
+  spirit of LookSAM's reuse of the last SAM step's information (Liu et al.,
+  CVPR 2022). Before the first sharpness-aware step the mask is empty.
+
+  Reusing the mask between sharpness-aware steps:
+
+    >>> tx = saner_jax.saner(0.5, reuse_mask=True)
+    >>> state = tx.init(g)
+    >>> d, state = tx.update(g_sam, state, clean_grads=g, sharpness_aware=True)
+    >>> d, state = tx.update(g, state, clean_grads=g, sharpness_aware=False)
+    >>> print(d)
+    [0.5 1.  1.  1. ]
+
   Args:
     alpha: factor for the chosen group, a float or a schedule evaluated on
       this transform's step count. For group B it must lie in [0, 1]; for the
       ablation groups A and C any alpha >= 0 is allowed (alpha > 1 amplifies).
     group: "B" (SANER), or "A" / "C" for the paper's ablations.
+    reuse_mask: keep the mask of the last sharpness-aware step in the state
+      and apply it on skipped steps (one boolean per parameter of memory).
 
   Returns:
-    A transform whose ``update(updates, state, params=None, *, clean_grads)``
-    reweights ``updates`` (the perturbed-point gradients). A NaN in either
+    A transform whose ``update(updates, state, params=None, *, clean_grads,
+    sharpness_aware=True)`` reweights ``updates`` (the perturbed-point
+    gradients); ``sharpness_aware`` is the helper's
+    :attr:`saner_jax.SharpnessAwareGrads.sharpness_aware`. A NaN in either
     gradient puts its coordinate in no group, so the perturbed gradient passes
     through unchanged there (an inf compares like a large number); use
     :func:`saner_jax.diagnostics.gradient_diagnostics` to detect it, or wrap
@@ -162,13 +202,22 @@ def saner(alpha: optax.ScalarOrSchedule = 0.5, group: Group = "B") -> optax.Grad
     (optax 0.2.8) and skips the step when the perturbed gradients are not
     finite. It does not look at ``clean_grads``: a NaN there alone leaves the
     step, and that coordinate's perturbed gradient, as they are.
+
+  References:
+    Luong, Nguyen, Tran and Tran, `Understanding SAM's Robustness to Noisy Labels through Gradient
+    Down-weighting <https://arxiv.org/abs/2411.17132>`__, AISTATS 2026
+
+    The SANER authors' code, `github.com/lhchau/saner <https://github.com/lhchau/saner>`__
   """
   _check_group(group)
   _validation.check_scalar_range("alpha", alpha, 0.0, 1.0 if group == "B" else float("inf"))
 
+  if not isinstance(reuse_mask, bool):
+    raise TypeError(f"reuse_mask must be True or False, got {reuse_mask!r}")
+
   def init_fn(params: optax.Params) -> SanerState:
-    del params
-    return SanerState(count=jnp.zeros([], jnp.int32))
+    mask = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), bool), params) if reuse_mask else None
+    return SanerState(count=jnp.zeros([], jnp.int32), mask=mask)
 
   def update_fn(
     updates: optax.Updates,
@@ -176,17 +225,17 @@ def saner(alpha: optax.ScalarOrSchedule = 0.5, group: Group = "B") -> optax.Grad
     params: optax.Params | None = None,
     *,
     clean_grads: optax.Updates | None = None,
+    sharpness_aware: Any = True,
     **extra_args: Any,
   ) -> tuple[optax.Updates, SanerState]:
     del params, extra_args
     clean_grads = _require_clean_grads("saner", updates, clean_grads)
     factor = _validation.resolve(alpha, state.count)
-    reweighted = jax.tree.map(
-      lambda u, g: jnp.where(group_mask(u, g, group), factor * u, u).astype(u.dtype),
-      updates,
-      clean_grads,
-    )
-    return reweighted, SanerState(optax.safe_increment(state.count))
+    masks = jax.tree.map(lambda u, g: group_mask(u, g, group), updates, clean_grads)
+    if reuse_mask:
+      masks = jax.tree.map(lambda fresh, last: jnp.where(sharpness_aware, fresh, last), masks, state.mask)
+    reweighted = jax.tree.map(lambda u, m: jnp.where(m, factor * u, u).astype(u.dtype), updates, masks)
+    return reweighted, SanerState(optax.safe_increment(state.count), masks if reuse_mask else None)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -221,8 +270,8 @@ def substitute_groups(groups: str, *, outside: bool = False) -> optax.GradientTr
   paper calls SGD-GrX: SAM, except that group X is given SGD's gradient;
   ``groups="AB"`` is their ``ratio > 0``. The second is their ``SAMONLY``
   (optimizer/samonly.py): SAM's gradient on group X only, and the clean
-  gradient everywhere else, including the coordinates in no group. Luong,
-  Nguyen, Tran and Tran, arXiv 2411.17132, Figures 2-4.
+  gradient everywhere else, including the coordinates in no group: the
+  paper's Figures 2-4.
 
   Where the two gradients are equal the choice does not matter; where one is
   zero the coordinate is in no group, and the authors' ``g + 1e-8`` ratio may
@@ -250,6 +299,12 @@ def substitute_groups(groups: str, *, outside: bool = False) -> optax.GradientTr
     A stateless transform whose ``update(perturbed_grads, state, params=None,
     *, clean_grads)`` returns ``d``; chain weight decay and the base optimizer
     after it, as for :func:`saner`.
+
+  References:
+    Luong, Nguyen, Tran and Tran, `Understanding SAM's Robustness to Noisy Labels through Gradient
+    Down-weighting <https://arxiv.org/abs/2411.17132>`__, AISTATS 2026
+
+    The SANER authors' code, `github.com/lhchau/saner <https://github.com/lhchau/saner>`__
   """
   chosen = _check_groups(groups, outside)
 
@@ -319,6 +374,12 @@ def alpha_warmup(alpha: float, warmup_steps: int, steps_per_epoch: int | None = 
 
   Returns:
     An optax schedule.
+
+  References:
+    The SANER authors' code, `github.com/lhchau/saner <https://github.com/lhchau/saner>`__ (``get_alpha``)
+
+    Luong, Nguyen, Tran and Tran, `Understanding SAM's Robustness to Noisy Labels through Gradient
+    Down-weighting <https://arxiv.org/abs/2411.17132>`__, AISTATS 2026
   """
   _validation.check_scalar_range("alpha", alpha, 0.0, 1.0)
   if warmup_steps < 0:
@@ -354,10 +415,8 @@ def gsam(alpha: optax.ScalarOrSchedule = 0.01) -> optax.GradientTransformationEx
        \frac{\lVert g \rVert\, g^{SAM}}{\lVert g^{SAM} \rVert}, \qquad
      d = g^{SAM} - \alpha\, g_\perp
 
-  Zhuang et al., "Surrogate Gap Guided Sharpness-Aware Minimization", ICLR
-  2022, arXiv 2203.08065; the ``1e-12`` guards follow the SANER authors'
-  optimizer/gsam.py. Chain it before :func:`saner` for their GSANER: the
-  SANER mask is then taken between ``d`` and ``g``.
+  The ``1e-12`` guards follow the SANER authors' optimizer/gsam.py. Chain it
+  before :func:`saner` for their GSANER: the SANER mask is then taken between ``d`` and ``g``.
 
   Norms and the inner product are taken in the gradients' dtype promoted to
   at least float32 (float64 stays float64).
@@ -380,6 +439,13 @@ def gsam(alpha: optax.ScalarOrSchedule = 0.01) -> optax.GradientTransformationEx
   Returns:
     A transform whose ``update(updates, state, params=None, *, clean_grads)``
     takes the perturbed-point gradients as ``updates``.
+
+  References:
+    Zhuang et al., `Surrogate Gap Guided Sharpness-Aware Minimization
+    <https://arxiv.org/abs/2203.08065>`__, ICLR 2022
+
+    Luong, Nguyen, Tran and Tran, `Understanding SAM's Robustness to Noisy Labels through Gradient
+    Down-weighting <https://arxiv.org/abs/2411.17132>`__, AISTATS 2026 (GSANER, Table 4)
   """
   _validation.check_scalar_range("alpha", alpha, 0.0)
 

@@ -9,10 +9,11 @@ gradients SAM-family methods need,
    g^{SAM} = \nabla L_B(w + \epsilon),
 
 in one jit-able call. The loss may return auxiliary outputs, such as updated
-BatchNorm statistics: only the clean pass's are returned. The perturbed pass
-still normalises with its own batch statistics (train mode), but its updated
-running averages are dropped, as the authors' ``disable_running_stats`` does
-in PyTorch.
+BatchNorm statistics: both passes' are returned (``aux`` and
+``perturbed_aux``), so the caller chooses which running averages to keep.
+Each pass normalises with its own batch statistics (train mode), so that
+choice changes no gradient. Keeping the clean pass's is the common convention
+(google-research/sam); the SANER authors' loop keeps the perturbed pass's.
 
 Both passes can accumulate over micro-batches (``accumulation_steps``) with
 the memory of one micro-batch; :func:`accumulated_value_and_grad` is that
@@ -27,6 +28,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
+from saner_jax import _validation
+from saner_jax.policies import PolicyPerturbation, PolicyState
 
 
 class SharpnessAwareGrads(NamedTuple):
@@ -44,6 +48,15 @@ class SharpnessAwareGrads(NamedTuple):
       per micro-batch (see :func:`accumulated_value_and_grad`).
       :func:`aux_layout` describes these axes and merges them back.
     perturbation_state: the perturbation's new state.
+    sharpness_aware: whether the second pass ran, a boolean scalar; always
+      True without a policy. On a step a :func:`saner_jax.with_policy`
+      perturbation skips, ``perturbed_grads`` is ``clean_grads`` and
+      ``perturbed_aux`` is ``aux``; pass it to :func:`saner_jax.saner` as
+      ``sharpness_aware=`` for its mask reuse.
+    perturbed_aux: the perturbed pass's auxiliary output at ``w + eps``, in
+      ``aux``'s layout (None without ``has_aux``). With BatchNorm, its
+      running averages are those the SANER authors keep (see
+      ``docs/method.md``, "BatchNorm and the two passes").
   """
 
   clean_grads: optax.Updates
@@ -51,6 +64,9 @@ class SharpnessAwareGrads(NamedTuple):
   loss: jax.Array
   aux: Any
   perturbation_state: optax.OptState
+  # Defaulted, so code that builds the five-field tuple keeps working.
+  sharpness_aware: Any = True
+  perturbed_aux: Any = None
 
 
 class AuxLayout(NamedTuple):
@@ -226,7 +242,7 @@ def accumulated_value_and_grad(
   return accumulated
 
 
-def sharpness_aware_grad(
+def sharpness_aware_grad(  # noqa: C901 (one entry point with the sharded helper in the redesign)
   loss_fn: Callable[..., Any],
   perturbation: optax.GradientTransformation,
   *,
@@ -234,6 +250,7 @@ def sharpness_aware_grad(
   m_sharpness: int = 1,
   accumulation_steps: int = 1,
   batch_argnum: int = 1,
+  axis_name: str | None = None,
 ) -> Callable[..., SharpnessAwareGrads]:
   r"""Builds the two-pass gradient function of a sharpness-aware method.
 
@@ -280,11 +297,22 @@ def sharpness_aware_grad(
 
       With a mean loss and no BatchNorm this is the un-accumulated step up
       to float rounding. With BatchNorm each micro-batch is normalised with
-      its own statistics in both passes, and ``aux`` holds the clean pass's
-      running averages of every micro-batch, for the caller to average.
+      its own statistics in both passes, and ``aux`` (``perturbed_aux``)
+      holds the clean (perturbed) pass's running averages of every
+      micro-batch, for the caller to average.
     batch_argnum: the position in ``loss_fn``'s arguments of the batch, a
       pytree whose leaves share a leading batch axis; only it is split under
       m-sharpness and accumulation. Params are position 0.
+    axis_name: inside :func:`jax.shard_map` or ``pmap``, the mapped axis over
+      which a norm-based policy (:func:`saner_jax.adaptive_steps`) averages
+      the clean gradient before it decides, so that every device takes the
+      same branch; the per-device mode of
+      :func:`saner_jax.sharded_sharpness_aware_grad` sets it.
+
+  With a :func:`saner_jax.with_policy` perturbation the second pass runs in
+  a ``lax.cond`` on the steps the policy chooses, decided once per step
+  from the mean clean gradient over sub- and micro-batches; on the others
+  ``perturbed_grads`` is the clean gradient and the step costs one pass.
 
   Returns:
     ``grad_fn(params, perturbation_state, *args, **kwargs)`` returning a
@@ -303,46 +331,73 @@ def sharpness_aware_grad(
     return out if has_aux else (out, None)
 
   value_and_grad = accumulated_value_and_grad(with_aux, accumulation_steps, has_aux=True, batch_argnum=batch_argnum)
+  policy = perturbation.policy if isinstance(perturbation, PolicyPerturbation) else None
+  inner = perturbation.perturbation if isinstance(perturbation, PolicyPerturbation) else perturbation
 
-  def two_passes(
+  def first_pass(
     params: optax.Params, perturbation_state: optax.OptState, args: tuple[Any, ...], kwargs: dict[str, Any]
-  ) -> SharpnessAwareGrads:
+  ) -> tuple[Any, ...]:
     (loss, aux), clean = value_and_grad(params, *args, **kwargs)
-    eps, new_state = perturbation.update(clean, perturbation_state, params)
-    _, perturbed = value_and_grad(optax.apply_updates(params, eps), *args, **kwargs)
-    return SharpnessAwareGrads(clean, perturbed, loss, aux, new_state)
+    eps, new_state = inner.update(clean, perturbation_state, params)
+    return loss, aux, clean, eps, new_state
+
+  def second_pass(
+    params: optax.Params, eps: optax.Updates, args: tuple[Any, ...], kwargs: dict[str, Any]
+  ) -> tuple[Any, Any]:
+    """``(perturbed gradient, perturbed aux)`` at ``w + eps``."""
+    (_, perturbed_aux), perturbed = value_and_grad(optax.apply_updates(params, eps), *args, **kwargs)
+    return perturbed, perturbed_aux
 
   def grad_fn(
     params: optax.Params, perturbation_state: optax.OptState, *args: Any, **kwargs: Any
   ) -> SharpnessAwareGrads:
+    inner_state = perturbation_state.perturbation if policy is not None else perturbation_state
     if m_sharpness == 1:
-      return two_passes(params, perturbation_state, args, kwargs)
-    index = _batch_index(batch_argnum, args)
-    batch = args[index]
+      loss, aux, clean, eps, new_state = first_pass(params, inner_state, args, kwargs)
 
-    def split(x: jax.Array) -> jax.Array:
-      if x.shape[0] % m_sharpness:
-        raise ValueError(f"batch size {x.shape[0]} is not divisible by m_sharpness={m_sharpness}")
-      return x.reshape(m_sharpness, x.shape[0] // m_sharpness, *x.shape[1:])
+      def perturbed_pass() -> Any:
+        return second_pass(params, eps, args, kwargs)
+    else:
+      index = _batch_index(batch_argnum, args)
 
-    def one_sub_batch(sub_batch: Any) -> SharpnessAwareGrads:
-      sub_args = (*args[:index], sub_batch, *args[index + 1 :])
-      return two_passes(params, perturbation_state, sub_args, kwargs)
+      def split(x: jax.Array) -> jax.Array:
+        if x.shape[0] % m_sharpness:
+          raise ValueError(f"batch size {x.shape[0]} is not divisible by m_sharpness={m_sharpness}")
+        return x.reshape(m_sharpness, x.shape[0] // m_sharpness, *x.shape[1:])
 
-    per_sub_batch = jax.vmap(one_sub_batch)(jax.tree.map(split, batch))
+      sub_batches = jax.tree.map(split, args[index])
 
-    def mean(tree: Any) -> Any:
-      return jax.tree.map(lambda x: x.mean(axis=0), tree)
+      def with_sub_batch(sub_batch: Any) -> tuple[Any, ...]:
+        return (*args[:index], sub_batch, *args[index + 1 :])
 
-    return SharpnessAwareGrads(
-      clean_grads=mean(per_sub_batch.clean_grads),
-      perturbed_grads=mean(per_sub_batch.perturbed_grads),
-      loss=per_sub_batch.loss.mean(),
-      aux=per_sub_batch.aux,
-      perturbation_state=jax.tree.map(
-        lambda x: x.mean(axis=0).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x[0],
-        per_sub_batch.perturbation_state,
-      ),
-    )
+      loss, aux, clean, eps, new_state = jax.vmap(
+        lambda sub_batch: first_pass(params, inner_state, with_sub_batch(sub_batch), kwargs)
+      )(sub_batches)
+      loss, clean = loss.mean(), _mean(clean)
+      new_state = jax.tree.map(
+        lambda x: x.mean(axis=0).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x[0], new_state
+      )
+
+      def perturbed_pass() -> Any:
+        perturbed, perturbed_aux = jax.vmap(lambda e, b: second_pass(params, e, with_sub_batch(b), kwargs))(
+          eps, sub_batches
+        )
+        return _mean(perturbed), perturbed_aux  # the aux keeps its sub-batch axis, as the clean one does
+
+    if policy is None:
+      perturbed, perturbed_aux = perturbed_pass()
+      return SharpnessAwareGrads(clean, perturbed, loss, aux, new_state, True, perturbed_aux)
+    squared_norm = jnp.zeros([], jnp.float32)
+    if policy.uses_norm:
+      mean_clean = clean if axis_name is None else jax.lax.pmean(clean, axis_name)
+      squared_norm = optax.tree.norm(_validation.widened(mean_clean), squared=True).astype(jnp.float32)
+    take, policy_state = policy.decide(perturbation_state.policy, squared_norm)
+    # A cond, not a select: XLA runs one branch, so a skipped step costs one pass.
+    perturbed, perturbed_aux = jax.lax.cond(take, perturbed_pass, lambda: (clean, aux))
+    return SharpnessAwareGrads(clean, perturbed, loss, aux, PolicyState(new_state, policy_state), take, perturbed_aux)
 
   return grad_fn
+
+
+def _mean(tree: Any) -> Any:
+  return jax.tree.map(lambda x: x.mean(axis=0), tree)

@@ -253,6 +253,41 @@ def aux_layout_puts_sub_batch_outputs_back_in_order():
 
 
 @check
+def bn_stats_perturbed_over_devices():
+  """The trainer's step with the authors' BatchNorm order: 8 devices = one device on the same pieces.
+
+  Synced: the global batch, as on one device. Per-device: each shard is a
+  sub-batch, as one device's m_sharpness=8. With accumulation, each (sub-)
+  batch's micro-batches too. Both the perturbed pass's statistics and the
+  third, forward-only pass's at the new weights are taken over those pieces.
+  """
+  from saner_jax.train import step as step_lib
+  from saner_jax.train.config import TrainConfig
+
+  _, params, batch_stats, batches = make_problem()
+  x, y = batches[0]
+  one_device = parallel.data_mesh(jax.devices()[:1])
+
+  def run(mesh, place, **values):
+    config = TrainConfig(optimizer="saner", batch_size=32, bn_stats="perturbed", **values)
+    optimizer = step_lib.build_optimizer(config, steps_per_epoch=1)
+    state = step_lib.TrainState(
+      jnp.zeros([], jnp.int32), params, batch_stats, optimizer.tx.init(params), optimizer.perturbation.init(params)
+    )
+    update = jax.jit(step_lib.make_update(BnNet(), optimizer, config, mesh=mesh))
+    new_state, *_ = update(place(state), place(x), place(y))
+    return new_state
+
+  for accumulation in (1, 2):
+    synced = run(MESH, replicated, grad_accum_steps=accumulation)
+    assert_close(synced, run(one_device, on_one_device, grad_accum_steps=accumulation))
+    got = run(MESH, replicated, perturbation_mode="per_device", grad_accum_steps=accumulation)
+    assert_close(got, run(one_device, on_one_device, m_sharpness=DEVICES, grad_accum_steps=accumulation))
+    # Ghost BatchNorm over the shards, not the global batch's statistics.
+    assert not np.allclose(got.batch_stats["bn"]["var"], synced.batch_stats["bn"]["var"], rtol=1e-4)
+
+
+@check
 def trainer_synced_run(config_json):
   """The trainer on 8 devices; the test compares its metrics with a 1-device run."""
   from saner_jax.train import TrainConfig, loop

@@ -217,3 +217,24 @@ def test_data_parallel_synced_equals_one_device_on_four_devices_and_two_hosts():
     got = _run_data_parallel(devices, processes)
     assert got["devices"] == devices
     assert_trees_close(got["params"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_cheap_sam_takes_saner_steps_then_sgd_steps_with_the_last_mask():
+  ns = example("cheap_sam")
+  params, batch = ns["init_params"](jax.random.key(1)), ns["synthetic_batch"](jax.random.key(0))
+  perturbation, tx, train_step = ns["make_train_step"](k=2, momentum=0.0)
+  new, opt_state, p_state, took = train_step(params, tx.init(params), perturbation.init(params), batch)
+  assert bool(took)
+  assert_trees_close(new, reference_step(ns["loss_fn"], params, batch))
+  # Step 1 is one pass: the clean gradient, halved on step 0's group-B coordinates.
+  g0 = jax.grad(ns["loss_fn"])(params, batch)
+  norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g0)))
+  g_sam = jax.grad(ns["loss_fn"])(jax.tree.map(lambda w, x: w + 0.1 * x / norm, params, g0), batch)
+  mask = jax.tree.map(lambda s, c: (s * c > 0) & (jnp.abs(s) < jnp.abs(c)), g_sam, g0)
+  assert any(bool(m.any()) for m in jax.tree.leaves(mask))
+  g1 = jax.grad(ns["loss_fn"])(new, batch)
+  want = jax.tree.map(lambda w, g, m: w - 0.1 * jnp.where(m, 0.5 * g, g), new, g1, mask)
+  newer, _, _, took = train_step(new, opt_state, p_state, batch)
+  assert not bool(took)
+  assert_trees_close(newer, want)
+  assert ns["main"](steps=8) == [1, 0, 0, 0, 1, 0, 0, 0]

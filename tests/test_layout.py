@@ -1,11 +1,15 @@
-"""The tiers in the tree: the core imports with the toolkit's dependencies blocked; old imports still work."""
+"""The tiers in the tree: the core imports with the toolkit's dependencies blocked, imports form no circle,
+and the toolkit's config and ``--help`` load neither flax nor orbax."""
 
+import ast
+import pathlib
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "saner_jax"
 
 _BLOCKED = ("flax", "tensorflow", "tensorflow_datasets", "orbax", "sklearn", "matplotlib", "yaml")
 
@@ -36,16 +40,162 @@ def test_core_imports_without_the_toolkit_dependencies():
   assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
-@pytest.mark.parametrize(
-  "old, new",
-  [(f"saner_jax.{name}", f"saner_jax.train.{name}") for name in ("data", "noise", "models")]
-  + [("saner_jax.train.report", "saner_jax.train.reporting")],
-)
-def test_moved_modules_keep_their_old_import_for_a_release(old, new):
-  script = f"import warnings; warnings.simplefilter('error')\nimport {old}"
+def _modules() -> dict[str, pathlib.Path]:
+  """Every module of the package by dotted name (a package by its ``__init__``)."""
+  modules = {}
+  for path in PACKAGE.rglob("*.py"):
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+  return modules
+
+
+MODULES = _modules()
+
+
+def _is_type_checking(node: ast.stmt) -> bool:
+  return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _import_nodes(body: list[ast.stmt], deferred: bool) -> list[ast.Import | ast.ImportFrom]:
+  """The imports a module runs: those at module level (in ``if`` and ``try`` too, not under
+  ``TYPE_CHECKING``), plus with ``deferred`` those inside functions."""
+  found: list[ast.Import | ast.ImportFrom] = []
+  for node in body:
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+      found.append(node)
+    elif _is_type_checking(node) or (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not deferred):
+      continue
+    else:
+      for field in ("body", "orelse", "finalbody", "handlers"):
+        found += _import_nodes(getattr(node, field, []), deferred)
+  return found
+
+
+def _imports(name: str, deferred: bool) -> set[str]:
+  """The package's modules that importing ``name`` imports directly. A module's own enclosing packages are
+  left out: Python has initialised them before the module runs."""
+  path = MODULES[name]
+  package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+  targets = set()
+  for node in _import_nodes(ast.parse(path.read_text()).body, deferred):
+    if isinstance(node, ast.Import):
+      targets |= {alias.name for alias in node.names}
+      continue
+    base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+    module = ".".join(base + ([node.module] if node.module else []))
+    submodules = {f"{module}.{alias.name}" for alias in node.names} & MODULES.keys()
+    targets |= submodules or {module}
+  enclosing = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+  return (targets & MODULES.keys()) - enclosing - {name}
+
+
+def _circles(deferred: bool) -> list[list[str]]:
+  """The strongly connected components of more than one module (Tarjan), i.e. the import circles."""
+  graph = {name: _imports(name, deferred) for name in MODULES}
+  index: dict[str, int] = {}
+  low: dict[str, int] = {}
+  stack: list[str] = []
+  circles = []
+
+  def visit(node: str) -> None:
+    index[node] = low[node] = len(index)
+    stack.append(node)
+    for target in graph[node]:
+      if target not in index:
+        visit(target)
+        low[node] = min(low[node], low[target])
+      elif target in stack:
+        low[node] = min(low[node], index[target])
+    if low[node] == index[node]:
+      component = []
+      while not component or component[-1] != node:
+        component.append(stack.pop())
+      if len(component) > 1:
+        circles.append(sorted(component))
+
+  for name in sorted(graph):
+    if name not in index:
+      visit(name)
+  return circles
+
+
+def test_the_import_walk_sees_the_edges_it_must():
+  # The walk is what the circle tests rely on: pin it on imports written three ways.
+  assert "saner_jax.saner" in _imports("saner_jax.diagnostics", deferred=False)  # from saner_jax.saner import ...
+  assert "saner_jax._validation" in _imports(
+    "saner_jax.diagnostics", deferred=False
+  )  # from saner_jax import _validation
+  assert "saner_jax.train.loop" not in _imports("saner_jax.train.cli", deferred=False)  # only inside functions
+  assert "saner_jax.train.loop" in _imports("saner_jax.train.cli", deferred=True)
+  assert "saner_jax.train.loop" not in _imports("saner_jax.train", deferred=True)  # under TYPE_CHECKING
+
+
+def test_no_import_circle_at_import_time():
+  assert _circles(deferred=False) == []
+
+
+# Deferred (function-level) imports that still close a circle: the engine's
+# run machinery imports its pipelines and the streaming input, which import
+# it back; the config imports the domain it checks; and the data loader
+# dispatches to the folder datasets built on it. The config and engine
+# redesign takes these out; no other module may join them.
+DEFERRED_CIRCLE = {
+  "saner_jax.train",
+  "saner_jax.train.config",
+  "saner_jax.train.data",
+  "saner_jax.train.folders",
+  "saner_jax.train.lock",
+  "saner_jax.train.loop",
+  "saner_jax.train.noise",
+  "saner_jax.train.pipelines.recipes",
+  "saner_jax.train.probe",
+  "saner_jax.train.step",
+  "saner_jax.train.streaming",
+}
+
+
+def test_deferred_imports_close_no_new_circle():
+  for circle in _circles(deferred=True):
+    assert set(circle) <= DEFERRED_CIRCLE, f"a new import circle: {circle}"
+
+
+def test_the_core_imports_nothing_of_the_toolkit_or_the_kernels():
+  core = [name for name in MODULES if not name.startswith(("saner_jax.train", "saner_jax.cpu_conv"))]
+  assert "saner_jax.sharpness" in core
+  for name in core:
+    reached = {
+      target for target in _imports(name, deferred=True) if target.startswith(("saner_jax.train", "saner_jax.cpu_conv"))
+    }
+    assert not reached, f"{name} imports {sorted(reached)}"
+
+
+def _loaded_by(code: str) -> list[str]:
+  """The top-level packages among flax, orbax, matplotlib and TensorFlow that ``code`` loads, in a fresh process."""
+  script = f"import sys\n{code}\nprint(sorted({{m.split('.')[0] for m in sys.modules}} & {{'flax', 'orbax', 'matplotlib', 'tensorflow'}}))"
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-  assert f"{old} moved to {new}" in result.stderr
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    moved = __import__(old, fromlist=["_"])
-  assert moved is __import__(new, fromlist=["_"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  return ast.literal_eval(result.stdout.strip().splitlines()[-1])
+
+
+def test_reading_a_config_loads_neither_flax_nor_orbax():
+  # Reading, not validating: the model's input check still lives with the flax models.
+  code = "from saner_jax.train import config\nassert config.from_mapping(config.load_yaml('fashion_mnist_quick')).model"
+  assert _loaded_by(code) == []
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["compare", "--help"], ["tune", "--help"]])
+def test_help_loads_neither_flax_nor_orbax(argv):
+  code = f"from saner_jax.train import cli\ntry:\n  cli.main({argv!r})\nexcept SystemExit:\n  pass"
+  assert _loaded_by(code) == []
+
+
+def test_the_training_loop_loads_on_first_use():
+  assert _loaded_by(
+    "import saner_jax.train as t\nassert t.train is __import__('saner_jax.train.loop').train.loop.train"
+  ) == ["flax", "orbax"]
+
+
+def test_the_help_lists_exactly_the_models_there_are():
+  from saner_jax.train import config, models
+
+  assert tuple(models.MODELS) == config.MODEL_NAMES

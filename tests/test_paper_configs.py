@@ -21,7 +21,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from saner_jax.train import config as config_lib
-from saner_jax.train import data, loop, models
+from saner_jax.train import data, loop, models, noise
 
 PRESETS = [p for p in config_lib.preset_names() if p.startswith("paper/")]
 SETTINGS = (
@@ -96,6 +96,27 @@ def test_preset_sets_its_setting_model_and_out_dir(preset):
   cfg = config_lib.from_mapping(config_lib.load_yaml(preset))
   expected = {**SETTING_VALUES[setting], "model": model, "out_dir": f"runs/{preset}", "seed": 0, "pipeline": "none"}
   assert {k: getattr(cfg, k) for k in expected} == expected
+
+
+def test_cifar100_asymmetric_preset_draws_the_authors_map(mock_tfds):
+  """Every wrong label of the preset's run is (y + 1) mod 100, across super-classes, as the header says.
+
+  The super-class map (noise_mode asymmetric) agrees with it on 6 classes
+  only, so a preset that drew it would fail here.
+  """
+  preset = "paper/cifar100_asym40_resnet18"
+  header = config_lib.resolve_preset(preset).read_text()
+  assert "(c + 1) mod 100" in header and "noise_mode pair_flip" in header
+  cfg = config_lib.from_mapping({**config_lib.load_yaml(preset), "train_examples": 400, "test_examples": 4})
+  with mock_tfds(num_examples=400):
+    prepared = loop.prepare_data(cfg)
+  true, labels = np.asarray(prepared.train.true_labels), np.asarray(prepared.train.labels)
+  wrong = labels != true
+  assert wrong.sum() >= 100  # about 40% of 400
+  np.testing.assert_array_equal(labels[wrong], (true[wrong] + 1) % 100)
+  superclass = noise.asymmetric_map("cifar100")
+  assert np.sum(superclass != (np.arange(100) + 1) % 100) == 94
+  assert np.mean(superclass[true[wrong]] != labels[wrong]) > 0.8
 
 
 # Every ResNet-18 preset trains, which covers each dataset and noise setting;

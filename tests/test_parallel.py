@@ -126,6 +126,7 @@ def _start_check(spawn, name: str, *args: str) -> Child:
     "batchnorm_statistics",
     "accumulation_over_devices",
     "aux_layout_puts_sub_batch_outputs_back_in_order",
+    "bn_stats_perturbed_over_devices",
   ],
 )
 def test_on_eight_devices(name, spawn):

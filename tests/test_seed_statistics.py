@@ -40,6 +40,19 @@ def test_pairs_only_common_seeds_and_pools_directories(tmp_path):
   assert "| sam+grB − sam | 1 | max test % (diagnostic) | -2.00 |" in text
 
 
+def test_labelled_directories_pair_runs_of_one_name(tmp_path, capsys):
+  for seed, (clean, perturbed) in enumerate([(0.70, 0.71), (0.72, 0.75)]):
+    _write(tmp_path / "clean", "saner", seed, clean, clean, 0.2)
+    _write(tmp_path / "perturbed", "saner", seed, perturbed, perturbed, 0.2)
+  argv = [f"clean={tmp_path / 'clean'}", f"perturbed={tmp_path / 'perturbed'}"]
+  assert seed_statistics.main([*argv, "--pairs", "clean/saner:perturbed/saner"]) == 0
+  text = capsys.readouterr().out
+  assert "| perturbed/saner − clean/saner | 2 | last test % | +2.00 |" in text
+  # Unlabelled, the two directories hold the same run twice.
+  with pytest.raises(SystemExit, match="more than one of the directories"):
+    seed_statistics.load([tmp_path / "clean", tmp_path / "perturbed"])
+
+
 def test_the_validation_selected_accuracy_is_reported_when_every_run_has_it(tmp_path):
   _write(tmp_path, "sam", 0, 0.70, 0.60, 0.2)
   assert "test @ best val" not in seed_statistics.report([tmp_path], [])

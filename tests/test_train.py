@@ -68,6 +68,7 @@ def _without_times(records):
     (["--dataset", "cifar10_n", "--noise_mode", "real", "--noise_label_key", "best_label"], "--noise_label_key"),
     (["--data_source", "ftp"], "--data_source"),
     (["--cpu_conv", "maybe"], "--cpu_conv"),
+    (["--bn_stats", "noisy"], "--bn_stats"),
   ],
 )
 def test_bad_flags_name_the_flag(flags, names, capsys, tmp_path):

@@ -24,7 +24,7 @@ import traceback
 from typing import NoReturn
 
 from saner_jax.train import config as config_lib
-from saner_jax.train import data
+from saner_jax.train import data, folders
 from saner_jax.train.config import ConfigError
 
 _TRAIN_EXAMPLES = """\
@@ -288,37 +288,55 @@ def _report(error: BaseException, debug: bool, message: str | None = None) -> No
   print(f"error: {message or error}", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None, *, handle_signals: bool = False) -> int:
+def main(
+  argv: list[str] | None = None, *, quiet_refused_writes: bool = False, handle_signals: bool = False
+) -> int:
   """Runs the command; returns the exit status (2 for a bad flag or config, 1 for other user errors,
   130 or 143 after SIGINT or SIGTERM).
 
   Errors that are the user's (flags, configs, data, an out_dir in use, a run
   that diverged, a full disk, no usable checkpoint) print one line; anything
-  else is a bug and raises with its traceback. ``handle_signals`` installs
-  the CLI's SIGINT and SIGTERM handling (:mod:`saner_jax._cli_signals`).
+  else is a bug and raises with its traceback. ``quiet_refused_writes``
+  (unless ``--debug``) applies :func:`saner_jax.train.checkpointing.quiet_refused_writes`
+  once the flags are parsed. ``handle_signals`` installs the CLI's SIGINT
+  and SIGTERM handling (:mod:`saner_jax._cli_signals`).
   """
   from saner_jax import _cli_signals
-  from saner_jax.train import checkpointing, loop
 
   argv = sys.argv[1:] if argv is None else argv
   debug = "--debug" in argv
+  command = argv[0] if argv[:1] in (["compare"], ["tune"]) else "train"
+  try:
+    if command == "compare":
+      args = _compare_parser().parse_args(argv[1:])
+    elif command == "tune":
+      args = _tune_parser().parse_args(argv[1:])
+    else:
+      args = _train_parser().parse_args(argv[1:] if argv[:1] == ["train"] else argv)
+  except ConfigError as e:
+    _report(e, debug)
+    return 2
+  # Only now: --help and a bad flag answer without loading flax and orbax.
+  from saner_jax.train import checkpointing, loop
+
+  if quiet_refused_writes and not debug:
+    checkpointing.quiet_refused_writes()
   try:
     if handle_signals:
       _cli_signals.install()  # raises a signal recorded while the modules imported
-    if argv[:1] == ["compare"]:
-      compare(_compare_parser().parse_args(argv[1:]))
-    elif argv[:1] == ["tune"]:
+    if command == "compare":
+      compare(args)
+    elif command == "tune":
       from saner_jax.train import tune
 
-      tune.main(_tune_parser().parse_args(argv[1:]))
+      tune.main(args)
     else:
-      args = _train_parser().parse_args(argv[1:] if argv[:1] == ["train"] else argv)
       config = config_lib.from_args(args)
       loop.train(_resume_where_pointed(args, config) if args.resume else config, resume=args.resume)
   except ConfigError as e:
     _report(e, debug)
     return 2
-  except (data.DatasetNotFoundError, data.IdxFormatError, checkpointing.CheckpointError) as e:
+  except (data.DatasetNotFoundError, data.IdxFormatError, folders.LayoutError, checkpointing.CheckpointError) as e:
     _report(e, debug)
     return 1
   except loop.RunStopped as e:
@@ -342,11 +360,8 @@ def run() -> None:
   exit status 130 or 143, at any moment (:mod:`saner_jax._cli_signals`).
   """
   from saner_jax import _cli_signals
-  from saner_jax.train import checkpointing
 
-  if "--debug" not in sys.argv[1:]:
-    checkpointing.quiet_refused_writes()
-  code = main(handle_signals=True)
+  code = main(quiet_refused_writes=True, handle_signals=True)
   signum = _cli_signals.received()
   if signum is not None and code == 0:  # after the last point that checks: the work is done, the signal still counts
     print("error: interrupted as the command ended; its results are complete", file=sys.stderr)

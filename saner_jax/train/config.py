@@ -28,8 +28,15 @@ PERTURBATIONS = ("sgd", "sam", "asam", "friendly_sam", "vasso", "gsam")
 # "saner" alone is shorthand for SAM with SANER on, the paper's default.
 OPTIMIZERS = PERTURBATIONS + ("saner",)
 LR_SCHEDULES = ("multistep", "cosine", "constant")
+# When a SAM-family step takes its second pass (saner_jax.policies); each policy's own flag.
+SAM_POLICIES = ("always", "every", "random", "adaptive")
+SAM_POLICY_FIELDS = {"sam_every": "every", "sam_prob": "random", "sam_c": "adaptive"}
 SANER_PARAMS = ("all", "head")
+BN_STATS = ("clean", "perturbed")
 DTYPES = ("float32", "bfloat16")
+# The names of saner_jax.train.models.MODELS, which tests/test_layout.py keeps equal:
+# listed here so that --help names them without loading flax.
+MODEL_NAMES = ("resnet8", "resnet20", "resnet18", "resnet34", "preact_resnet18", "wrn28_10", "wrn40_2")
 PRESET_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
 
@@ -64,7 +71,7 @@ def _field(default: Any, group: str, help: str, choices: Sequence[str] | Callabl
 
 
 def _owned(module: str, name: str) -> Callable[[], Iterable[str]]:
-  """Choices a toolkit module owns, read when needed: models and pipelines load flax, which a config does not need."""
+  """Choices a toolkit module owns, read when needed: pipelines load jax, which a config does not need."""
   return lambda: getattr(importlib.import_module(f"saner_jax.train.{module}"), name)
 
 
@@ -109,6 +116,25 @@ class TrainConfig:
   data_source: str = _field(
     "auto", GROUP_DATA, "where to read the data; auto: TFDS if prepared, else IDX files", _owned("data", "SOURCES")
   )
+  image_size: int | None = _field(
+    None, GROUP_DATA, "folder datasets: the side the images are resized to; none: the dataset's (64 or 224)"
+  )
+  eval_split: str | None = _field(
+    None,
+    GROUP_DATA,
+    "folder datasets: the labelled split evaluated on (mini_webvision: webvision or imagenet; image_folder: "
+    "test or val); none: the dataset's default",
+  )
+  input_pipeline: str = _field(
+    "auto",
+    GROUP_DATA,
+    "device: the whole uint8 dataset on every device; stream: Grain reads, decodes and augments each batch on "
+    "the host; auto: device when the decoded images fit (see docs/your_own_data.md)",
+    ("auto", "device", "stream"),
+  )
+  stream_workers: int | None = _field(
+    None, GROUP_DATA, "stream: decoding processes per host (0: threads of this process); none: the CPU count, up to 16"
+  )
   train_examples: int | None = _field(None, GROUP_DATA, "train on a seeded subset of this many examples; none: all")
   test_examples: int | None = _field(None, GROUP_DATA, "evaluate on the first this many test examples; none: all")
   val_examples: int = _field(
@@ -126,7 +152,7 @@ class TrainConfig:
   noise_rate: float = _field(0.4, GROUP_DATA, "the share of training labels corrupted; unused with real noise")
   noise_label_key: str = _field("worse_label", GROUP_DATA, "CIFAR-N's human label set, for --noise_mode real")
   augment: bool = _field(True, GROUP_DATA, "random crops and flips of the training images")
-  model: str = _field("resnet18", GROUP_MODEL, "the network", _owned("models", "MODELS"))
+  model: str = _field("resnet18", GROUP_MODEL, "the network", MODEL_NAMES)
   dtype: str = _field(
     "float32", GROUP_MODEL, "the compute dtype; parameters and BatchNorm statistics stay float32", DTYPES
   )
@@ -172,6 +198,27 @@ class TrainConfig:
     0.01, GROUP_OPTIMIZER, "GSAM's alpha, the share of the clean gradient's part orthogonal to SAM's removed"
   )
   m_sharpness: int = _field(1, GROUP_OPTIMIZER, "perturb each of this many slices of a batch with its own gradient")
+  sam_policy: str = _field(
+    "always",
+    GROUP_OPTIMIZER,
+    "which steps take the second pass; the others cost one pass, as SGD's: every (every --sam_every steps), "
+    "random (with probability --sam_prob), adaptive (AE-SAM: when |g|^2 > running mean + --sam_c running std)",
+    SAM_POLICIES,
+  )
+  sam_every: int = _field(2, GROUP_OPTIMIZER, "--sam_policy every: the interval k, >= 1")
+  sam_prob: float = _field(0.5, GROUP_OPTIMIZER, "--sam_policy random: the probability p of a two-pass step")
+  sam_c: float = _field(0.0, GROUP_OPTIMIZER, "--sam_policy adaptive: the threshold c in running std, >= 0")
+  saner_reuse_mask: bool = _field(
+    False, GROUP_OPTIMIZER, "with SANER and a --sam_policy: apply the last two-pass step's mask on one-pass steps"
+  )
+  bn_stats: str = _field(
+    "clean",
+    GROUP_OPTIMIZER,
+    "the BatchNorm running statistics a two-pass step keeps (they change evaluation only); clean: the clean "
+    "pass's, the common convention; perturbed: the SANER authors' order, the perturbed pass's, then those of a "
+    "third, forward-only pass at the new weights. SGD has one pass and ignores it",
+    BN_STATS,
+  )
   perturbation_mode: str = _field(
     "synced",
     GROUP_PARALLEL,
@@ -269,9 +316,27 @@ class TrainConfig:
     from saner_jax.train import data
 
     try:
-      return data.get_spec(self.dataset)
+      spec = data.get_spec(self.dataset)
     except ValueError as e:
       raise ConfigError(f"--dataset: {e}") from None
+    if spec.layout is None:
+      for field in ("image_size", "eval_split"):
+        if getattr(self, field) is not None:
+          _fail(field, f"applies to datasets read from folders, not {self.dataset}; drop it")
+      return spec
+    from saner_jax.train import folders
+
+    if self.image_size is not None:
+      if self.image_size < 8:
+        _fail("image_size", f"must be >= 8, got {self.image_size}")
+      side = self.image_size
+      spec = dataclasses.replace(spec, image_shape=(side, side, 3), crop_padding=max(1, side // 8))
+    if self.eval_split is not None:
+      spec = dataclasses.replace(spec, eval_split=self.eval_split)
+    try:
+      return folders.resolve_spec(spec, self.data_dir)
+    except folders.LayoutError as e:
+      raise ConfigError(str(e) if str(e).startswith("--") else f"--data_dir: {e}") from None
 
   @property
   def noise_description(self) -> str:
@@ -300,7 +365,16 @@ class TrainConfig:
     if self.substitute_groups:
       return f"{self.optimizer}+{'only' if self.substitute_outside else 'gr'}{self.substitute_groups}"
     name = "saner" if self.optimizer == "saner" else (f"{self.optimizer}+saner" if self.saner else self.optimizer)
-    return f"{name}_head" if self.uses_saner and self.saner_params == "head" else name
+    name = f"{name}_head" if self.uses_saner and self.saner_params == "head" else name
+    return name + self.policy_suffix
+
+  @property
+  def policy_suffix(self) -> str:
+    """``""``, or the run name's ``@every2``, ``@p0.5``, ``@ae1`` with ``-reuse`` for SANER's mask reuse."""
+    if self.sam_policy == "always":
+      return ""
+    value = {"every": f"every{self.sam_every}", "random": f"p{self.sam_prob:g}", "adaptive": f"ae{self.sam_c:g}"}
+    return f"@{value[self.sam_policy]}" + ("-reuse" if self.saner_reuse_mask else "")
 
   def validate(self) -> TrainConfig:
     """Checks each field, topic by topic; raises ConfigError naming the flag."""
@@ -309,10 +383,26 @@ class TrainConfig:
     self._check_noise(spec)
     self._check_optimizer()
     self._check_substitution()
+    self._check_sam_policy()
     self._check_batches_and_schedule(spec)
     self._check_model_and_diagnostics(spec)
     self._check_pipeline()
+    self._check_input()
     return self
+
+  def _check_input(self) -> None:
+    if self.stream_workers is not None and self.stream_workers < 0:
+      _fail("stream_workers", f"must be >= 0 (0: threads only), got {self.stream_workers}")
+    if self.input_pipeline != "stream":
+      return
+    if self.pipeline != "none":
+      _fail("input_pipeline", f"stream feeds plain training; --pipeline {self.pipeline} needs --input_pipeline device")
+    if self.noise_mode == "instance":
+      _fail("input_pipeline", "stream cannot draw instance-dependent noise, which needs every image in memory")
+    if self.log_decomposition or self.sharpness_every:
+      _fail("input_pipeline", "the mechanism probe needs --input_pipeline device")
+    if self.val_examples:
+      _fail("input_pipeline", "stream holds out no validation set; --val_examples needs --input_pipeline device")
 
   def _check_choices_and_numbers(self) -> None:
     for field in _FIELDS:
@@ -381,6 +471,20 @@ class TrainConfig:
       )
     _at_least(self, 0, "rho", "asam_eta", "fsam_sigma", "gsam_alpha", "lr", "weight_decay")
     _in_unit_interval(self, "momentum", "fsam_lmbda", "vasso_theta")
+
+  def _check_sam_policy(self) -> None:
+    _at_least(self, 1, "sam_every")
+    _in_unit_interval(self, "sam_prob")
+    _at_least(self, 0, "sam_c")
+    for field, owner in SAM_POLICY_FIELDS.items():
+      if self.sam_policy != owner and getattr(self, field) != _FIELDS[field].default:
+        _fail(field, f"applies to --sam_policy {owner} only, not {self.sam_policy!r}; drop it or set --sam_policy")
+    if self.sam_policy != "always" and self.perturbation == "sgd":
+      _fail("sam_policy", "chooses the steps that take SAM's second pass; it needs a SAM-family optimizer, not sgd")
+    if self.saner_reuse_mask and (not self.uses_saner or self.sam_policy == "always"):
+      _fail(
+        "saner_reuse_mask", "reuses SANER's mask on one-pass steps: it needs SANER and a --sam_policy other than always"
+      )
 
   def _check_substitution(self) -> None:
     from saner_jax.saner import _check_groups
@@ -510,7 +614,15 @@ def run_name_values(name: str) -> dict[str, Any]:
   classifier only), ``OPT+grX`` (the clean gradient on groups X) and
   ``OPT+onlyX`` (SAM's gradient on groups X only). The ``saner_params`` of a
   SANER run without ``_head`` is left to the base config.
+
+  Any of them may end in a policy for the second pass: ``@everyK`` (every K
+  steps), ``@pP`` (with probability P), ``@aeC`` (AE-SAM with threshold C),
+  and then ``-reuse`` for SANER's mask reuse: ``saner@every2``,
+  ``sam@p0.5``, ``saner@ae1-reuse``. Without one the run takes the second
+  pass on every step, whatever the base config says.
   """
+  name, _, policy = name.partition("@")
+  policy_values = _policy_values(name, policy)
   optimizer, plus, suffix = name.partition("+")
   values: dict[str, Any] = {"saner": False, "substitute_groups": None, "substitute_outside": False}
   head = (suffix or optimizer).endswith("_head")
@@ -531,7 +643,29 @@ def run_name_values(name: str) -> dict[str, Any]:
     values["saner_params"] = "head"
   elif not (values["saner"] or optimizer == "saner"):
     values["saner_params"] = "all"
-  return values
+  return {**values, **policy_values}
+
+
+def _policy_values(name: str, policy: str) -> dict[str, Any]:
+  """The config values of a run name's policy suffix (after ``@``); the numbers are checked by validate()."""
+  values: dict[str, Any] = {"sam_policy": "always", "saner_reuse_mask": False}
+  values.update(dict.fromkeys(SAM_POLICY_FIELDS, None))
+  if not policy:
+    return {k: _FIELDS[k].default if v is None else v for k, v in values.items()}
+  body = policy.removesuffix("-reuse")
+  values["saner_reuse_mask"] = body != policy
+  for prefix, kind in (("every", "every"), ("p", "random"), ("ae", "adaptive")):
+    field = next(f for f, owner in SAM_POLICY_FIELDS.items() if owner == kind)
+    if body.startswith(prefix) and len(body) > len(prefix):
+      values["sam_policy"] = kind
+      values[field] = _coerce(field, body.removeprefix(prefix))
+      break
+  else:
+    raise ConfigError(
+      f"--runs: {name}@{policy} has no policy of the forms @everyK, @pP or @aeC (optionally with -reuse), "
+      "e.g. saner@every2 or saner@p0.5-reuse"
+    )
+  return {k: _FIELDS[k].default if v is None else v for k, v in values.items()}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -548,7 +682,7 @@ _TYPES = typing.get_type_hints(TrainConfig)
 _FLOAT_FIELDS = tuple(name for name, hint in _TYPES.items() if hint is float)
 
 
-def _coerce(name: str, value: Any) -> Any:
+def _coerce(name: str, value: Any) -> Any:  # noqa: C901 (split in the config/engine redesign)
   """Converts a YAML or flag value to the field's type, naming the field."""
   hint = _TYPES[name]
   args = typing.get_args(hint)

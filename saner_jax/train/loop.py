@@ -56,7 +56,7 @@ from saner_jax.train import step as step_lib
 from saner_jax.train.config import ConfigError, TrainConfig
 
 # Keys a resumed run may change without changing the result.
-_RESUME_FREE_KEYS = ("out_dir", "progress", "eval_batch_size", "distributed", "compilation_cache")
+_RESUME_FREE_KEYS = ("out_dir", "progress", "eval_batch_size", "distributed", "compilation_cache", "stream_workers")
 
 
 def initialize_distributed(config: TrainConfig) -> None:
@@ -359,6 +359,8 @@ class Run:
   keys: RunKeys
   display: str  # "bar", "lines" or "none" (always "none" off process 0)
   started: float  # time.perf_counter() before the data loaded
+  input_path: str = "device"  # or "stream" (saner_jax.train.streaming), chosen by choose_input
+  input_reason: str = ""
 
   @property
   def replicated(self) -> NamedSharding:
@@ -387,7 +389,8 @@ def setup(config: TrainConfig, *, resume: bool = False) -> Run:
   replicated = NamedSharding(mesh, P())
   out_dir = _claim_out_dir(config, resume)
   started = time.perf_counter()
-  prepared = prepare_data(config, replicated)
+  input_path, input_reason = choose_input(config)
+  prepared = prepare_input(config, input_path, replicated)
   model = models.create_model(
     config.model, prepared.num_classes, dtype=config.compute_dtype, conv_general_dilated=convolutions.conv
   )
@@ -395,7 +398,26 @@ def setup(config: TrainConfig, *, resume: bool = False) -> Run:
   # Made by a jitted function, so that on several hosts they are global arrays.
   keys = jax.jit(lambda: jax.random.split(jax.random.key(config.seed), 3), out_shardings=replicated)()
   display = _progress_mode(config) if jax.process_index() == 0 else "none"
-  return Run(config, mesh, out_dir, prepared, model, convolutions, optimizer, RunKeys(*keys), display, started)
+  return Run(
+    config, mesh, out_dir, prepared, model, convolutions, optimizer, RunKeys(*keys), display, started,
+    input_path, input_reason,
+  )  # fmt: skip
+
+
+def choose_input(config: TrainConfig) -> tuple[str, str]:
+  """``("device" | "stream", why)``: the input path of the run (:func:`saner_jax.train.streaming.choose`)."""
+  from saner_jax.train import streaming
+
+  return streaming.choose(config)
+
+
+def prepare_input(config: TrainConfig, input_path: str, sharding: NamedSharding) -> Any:
+  """:func:`prepare_data` for the on-device path; the streamed splits (nothing decoded) otherwise."""
+  if input_path == "device":
+    return prepare_data(config, sharding)
+  from saner_jax.train import streaming
+
+  return streaming.prepare(config)
 
 
 class Recipe(NamedTuple):
@@ -412,11 +434,14 @@ class Recipe(NamedTuple):
     evaluate: ``(state, split) -> accuracy`` on ``split``, ``"test"``, or
       ``"val"`` when the run holds out a validation set
       (:meth:`PreparedData.eval_set`).
+    iterator: the input pipeline's Grain iterator, saved with each
+      checkpoint and restored on resume; None for the on-device path.
   """
 
   init: Callable[[], Any]
   epoch: Callable[[Any, int], tuple[Any, dict[str, Any]]]
   evaluate: Callable[[Any, str], float]
+  iterator: Any = None
 
 
 class Steps(NamedTuple):
@@ -514,15 +539,18 @@ def supervised(run: Run, objective: step_lib.Objective = step_lib.label_cross_en
   )
 
 
-def restore(run: Run, checkpoints: Any, state: Any, *, resume: bool) -> tuple[Any, checkpointing.Progress]:
+def restore(
+  run: Run, checkpoints: Any, state: Any, *, resume: bool, iterator: Any = None
+) -> tuple[Any, checkpointing.Progress]:
   """With ``resume``, the latest checkpoint's state and progress; else ``state`` and a fresh start.
 
-  ``checkpoints`` is the run's checkpoint manager, None without checkpoints.
+  ``checkpoints`` is the run's checkpoint manager, None without checkpoints;
+  a Grain ``iterator`` is moved to the checkpoint's position.
   """
   restored = None
   if resume and checkpoints is not None:
     restored = checkpointing.restore_latest(
-      checkpoints, state, warn=lambda line: print(line, file=sys.stderr, flush=True)
+      checkpoints, state, warn=lambda line: print(line, file=sys.stderr, flush=True), iterator=iterator
     )
   if restored is not None:
     if run.primary:
@@ -565,7 +593,9 @@ def record_epoch(
   return checkpointing.Progress(epoch, best, wall_time_s, (*progress.history, record))
 
 
-def save(run: Run, checkpoints: Any, state: Any, progress: checkpointing.Progress, logs: Any) -> None:
+def save(
+  run: Run, checkpoints: Any, state: Any, progress: checkpointing.Progress, logs: Any, iterator: Any = None
+) -> None:
   """Checkpoints the state with its progress, then rewrites the logs from the history.
 
   Every process calls it (orbax writes from each); ``logs`` is the
@@ -574,7 +604,7 @@ def save(run: Run, checkpoints: Any, state: Any, progress: checkpointing.Progres
   refuses a write.
   """
   if checkpoints is not None:
-    checkpointing.save(checkpoints, state, progress, config=run.config.to_dict())
+    checkpointing.save(checkpoints, state, progress, iterator, config=run.config.to_dict())
   if logs is not None:
     with checkpointing.refused_writes(f"the logs of epoch {progress.epoch}", run.out_dir):
       logs.write(progress.history)
@@ -619,6 +649,12 @@ def _announce(run: Run) -> None:
     flush=True,
   )
   print(f"convolutions: {run.convolutions.reason}", flush=True)
+  print(f"input: {run.input_path} ({run.input_reason})", flush=True)
+  from saner_jax.train import streaming
+
+  note = streaming.real_noise_note(config)
+  if note:
+    print(note, flush=True)
 
 
 def recipe_of(config: TrainConfig) -> Callable[[Run], Recipe]:
@@ -628,6 +664,15 @@ def recipe_of(config: TrainConfig) -> Callable[[Run], Recipe]:
   from saner_jax.train.pipelines import recipes
 
   return recipes.RECIPES[config.pipeline]
+
+
+def _input_recipe(run: Run, recipe: Callable[[Run], Recipe] | None) -> Recipe:
+  """The recipe for the run's input path, with the fields of a real-noise dataset adjusted."""
+  from saner_jax.train import streaming
+
+  if run.input_path == "stream" and recipe is None:
+    recipe = streaming.supervised
+  return streaming.with_real_noise_fields(run, (recipe or recipe_of(run.config))(run))
 
 
 class RunStopped(Exception):
@@ -695,9 +740,9 @@ def train(
   config.validate()  # before the out_dir is created for the lock
   with lock.hold(config.out_dir) if jax.process_index() == 0 else contextlib.nullcontext():
     run = setup(config, resume=resume)
-    parts = (recipe or recipe_of(config))(run)
+    parts = _input_recipe(run, recipe)
     checkpoints = checkpointing.manager(run.out_dir) if config.checkpoint else None
-    state, progress = restore(run, checkpoints, parts.init(), resume=resume)
+    state, progress = restore(run, checkpoints, parts.init(), resume=resume, iterator=parts.iterator)
     wall_offset = progress.wall_time_s
     epoch = progress.epoch + 1
     try:
@@ -717,7 +762,7 @@ def train(
         progress = record_epoch(
           progress, epoch, fields, test_acc, now - t_epoch, wall_offset + now - run.started, val_acc
         )
-        save(run, checkpoints, state, progress, logs)
+        save(run, checkpoints, state, progress, logs, parts.iterator)
       _cli_signals.check()
       return summarise(run, progress)
     except (FloatingPointError, KeyboardInterrupt, checkpointing.WriteError) as e:

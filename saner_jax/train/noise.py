@@ -328,6 +328,37 @@ def _instance(true, images, num_classes, rate, rng):
   return labels
 
 
+def _synthetic(
+  true: np.ndarray,
+  num_classes: int,
+  mode: str,
+  rate: float,
+  rng: np.random.Generator,
+  dataset: str | None,
+  images: np.ndarray | None,
+) -> np.ndarray:
+  """The noisy labels of a synthetic ``mode`` (any but ``none`` and ``real``), checking the input it needs."""
+  if mode == "symmetric":
+    return _symmetric(true, num_classes, rate, rng)
+  if mode == "uniform":
+    return _uniform(true, num_classes, rate, rng)
+  if mode == "pair_flip":
+    return _class_map(true, (np.arange(num_classes, dtype=np.int32) + 1) % num_classes, rate, rng)
+  if mode == "asymmetric":
+    if dataset is None:
+      raise ValueError("mode 'asymmetric' needs dataset= to choose its class map")
+    target = asymmetric_map(dataset)
+    if target.shape[0] != num_classes:
+      raise ValueError(f"the asymmetric map of {dataset!r} has {target.shape[0]} classes, num_classes is {num_classes}")
+    return _class_map(true, target, rate, rng)
+  if images is None:
+    raise ValueError("mode 'instance' needs images")
+  images = np.asarray(images)
+  if images.shape[0] != true.shape[0] or images.ndim < 2:
+    raise ValueError(f"images must have shape [{true.shape[0]}, ...] like labels, got {images.shape}")
+  return _instance(true, images, num_classes, rate, rng)
+
+
 def inject_noise(
   labels: np.ndarray | Sequence[int],
   *,
@@ -383,30 +414,7 @@ def inject_noise(
     result = _make(_as_labels("real_labels", real_labels, n, num_classes), true, mode, None)
   else:
     value = _check_rate(mode, rate, num_classes)
-    rng = np.random.default_rng(seed)
-    if mode == "symmetric":
-      noisy = _symmetric(true, num_classes, value, rng)
-    elif mode == "uniform":
-      noisy = _uniform(true, num_classes, value, rng)
-    elif mode == "pair_flip":
-      target = (np.arange(num_classes, dtype=np.int32) + 1) % num_classes
-      noisy = _class_map(true, target, value, rng)
-    elif mode == "asymmetric":
-      if dataset is None:
-        raise ValueError("mode 'asymmetric' needs dataset= to choose its class map")
-      target = asymmetric_map(dataset)
-      if target.shape[0] != num_classes:
-        raise ValueError(
-          f"the asymmetric map of {dataset!r} has {target.shape[0]} classes, num_classes is {num_classes}"
-        )
-      noisy = _class_map(true, target, value, rng)
-    else:
-      if images is None:
-        raise ValueError("mode 'instance' needs images")
-      images = np.asarray(images)
-      if images.shape[0] != n or images.ndim < 2:
-        raise ValueError(f"images must have shape [{n}, ...] like labels, got {images.shape}")
-      noisy = _instance(true, images, num_classes, value, rng)
+    noisy = _synthetic(true, num_classes, mode, value, np.random.default_rng(seed), dataset, images)
     result = _make(noisy.astype(np.int32), true, mode, value)
   _log.info(result.summary())
   return result

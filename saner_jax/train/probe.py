@@ -75,7 +75,7 @@ def make_probe(
   keywords still work until 0.4.0, with a DeprecationWarning.
   """
   from saner_jax.train import models
-  from saner_jax.train.step import cross_entropy, resolve_spec
+  from saner_jax.train.step import label_cross_entropy, resolve_spec
 
   spec = resolve_spec(config, spec, loose, "make_probe")
   if not (config.log_decomposition or config.sharpness_every):
@@ -91,7 +91,7 @@ def make_probe(
 
   def eval_loss(params: Any, batch_stats: Any) -> jax.Array:
     logits = model.apply({"params": params, "batch_stats": batch_stats}, images, train=False)
-    return cross_entropy(logits, batch.labels)
+    return label_cross_entropy(logits, batch.labels)
 
   split = analysis.clean_noisy_decomposition(per_example, perturbation, alpha=config.alpha)
 

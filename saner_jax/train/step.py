@@ -78,6 +78,21 @@ def head_mask(params) -> dict[str, bool]:
   return {name: name == "head" for name in params}
 
 
+def sam_policy(config: TrainConfig) -> saner_jax.SharpnessPolicy | None:
+  """The config's policy for the second pass (:mod:`saner_jax.policies`); None for every step.
+
+  The random policy's draws are seeded from the run's seed (and the step),
+  so a resumed run continues them.
+  """
+  if config.sam_policy == "every":
+    return saner_jax.every_k_steps(config.sam_every)
+  if config.sam_policy == "random":
+    return saner_jax.random_steps(config.sam_prob, key=jax.random.fold_in(jax.random.key(config.seed), 21))
+  if config.sam_policy == "adaptive":
+    return saner_jax.adaptive_steps(config.sam_c)
+  return None
+
+
 def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
   """The optax chain and perturbation of a config (authors' order: reweight, then L2)."""
   perturbations = {
@@ -89,6 +104,9 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
     "vasso": lambda: saner_jax.vasso(config.rho, config.vasso_theta),
   }
   perturbation = perturbations[config.perturbation]()
+  policy = sam_policy(config)
+  if perturbation is not None and policy is not None:
+    perturbation = saner_jax.with_policy(perturbation, policy)
   lr = lr_schedule(config, steps_per_epoch)
   parts = []
   if config.perturbation == "gsam":
@@ -99,7 +117,7 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
       alpha = saner_jax.alpha_warmup(config.alpha, config.alpha_warmup_epochs * steps_per_epoch, steps_per_epoch)
     else:  # the ablation groups may amplify (alpha > 1): no warm-up there
       alpha = optax.constant_schedule(config.alpha)
-    reweight = saner_jax.saner(alpha, group=config.saner_group)
+    reweight = saner_jax.saner(alpha, group=config.saner_group, reuse_mask=config.saner_reuse_mask)
     if config.saner_params == "head":  # the authors' SANERLAST
       reweight = optax.masked(reweight, head_mask)
     parts.append(reweight)
@@ -108,10 +126,6 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
   parts.append(optax.add_decayed_weights(config.weight_decay))
   parts.append(optax.sgd(lr, momentum=config.momentum or None))
   return Optimizer(optax.chain(*parts), perturbation, lr, alpha)
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
 def init_state(model: nn.Module, optimizer: Optimizer, key: jax.Array, image_shape) -> TrainState:
@@ -143,6 +157,7 @@ METRIC_KEYS = (
   "cosine",
   "nonfinite",
   "steps",
+  "sam_steps",
 )
 
 
@@ -154,7 +169,9 @@ def epoch_metrics(sums: dict[str, float], two_pass: bool) -> dict[str, float | N
   """An epoch's record fields from its summed step metrics (:data:`METRIC_KEYS`).
 
   Rates are None, not NaN, where nothing was counted (no noisy samples);
-  the group fractions and cosine are None for one-pass SGD.
+  the group fractions and cosine are None for one-pass SGD, and are means
+  over the epoch's sharpness-aware steps (``sam_share`` of its steps; None
+  where it took none).
   """
 
   def ratio(num, den):
@@ -169,8 +186,11 @@ def epoch_metrics(sums: dict[str, float], two_pass: bool) -> dict[str, float | N
   }
   clean, noisy = fields["clean_acc"], fields["noisy_memorised"]
   fields["fit_gap"] = None if clean is None or noisy is None else clean - noisy
+  # Sums from before the policies counted no sharpness-aware steps: every step was one.
+  sam_steps = sums.get("sam_steps", sums["steps"])
   for key in ("group_A", "group_B", "group_C", "cosine"):
-    fields[key] = sums[key] / sums["steps"] if two_pass else None
+    fields[key] = sums[key] / sam_steps if two_pass and sam_steps else None
+  fields["sam_share"] = sam_steps / sums["steps"] if two_pass and sums["steps"] else None
   return fields
 
 
@@ -178,8 +198,8 @@ Objective = Callable[[jax.Array, Any], jax.Array]
 
 
 def label_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """The default objective: mean cross-entropy with integer labels."""
-  return cross_entropy(logits, labels)
+  """The default objective: mean cross-entropy with integer labels, computed in float32."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
 _LOOSE_SPEC_ARGS = ("mean", "std", "flip", "crop_padding")
@@ -234,6 +254,43 @@ def make_batch_fn(config: TrainConfig, spec: DatasetSpec | None = None, *, mesh:
   return batch_fn
 
 
+def batch_stats_forward(model: nn.Module, sub_batches: int = 1, micro_batches: int = 1) -> Callable:
+  r"""``forward(params, batch_stats, images) -> batch_stats``: running statistics updated by a train-mode forward.
+
+  The images are normalised in the pieces the two passes normalised them
+  in: ``sub_batches`` contiguous sub-batches (m-sharpness, and one per
+  device in the per-device mode), each split into ``micro_batches`` strided
+  micro-batches (accumulation, one at a time with ``lax.map``). Each piece
+  :math:`p` moves the running averages to :math:`m r + (1 - m) s_p` (flax's
+  ``momentum`` :math:`m`, :math:`s_p` the piece's batch statistics); the
+  result is their mean, as :meth:`saner_jax.AuxLayout.mean` takes the two
+  passes'. No gradient is taken.
+  """
+
+  def one(params, batch_stats, images):
+    _, updates = model.apply(
+      {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+    )
+    return updates["batch_stats"]
+
+  def forward(params, batch_stats, images):
+    def on_sub_batches(x):  # [sub_batches, n, ...] -> the statistics, stacked over sub-batches if several
+      if sub_batches == 1:
+        return one(params, batch_stats, x[0])
+      return jax.vmap(one, in_axes=(None, None, 0))(params, batch_stats, x)
+
+    x = images.reshape(sub_batches, images.shape[0] // sub_batches, *images.shape[1:])
+    if micro_batches == 1:
+      stats = on_sub_batches(x)
+    else:  # micro-batch i of a sub-batch holds its examples i, i + k, ...
+      x = x.reshape(sub_batches, x.shape[1] // micro_batches, micro_batches, *x.shape[2:])
+      stats = jax.lax.map(on_sub_batches, jnp.moveaxis(x, 2, 0))
+    axes = int(sub_batches > 1) + int(micro_batches > 1)
+    return jax.tree.map(lambda s: s.mean(tuple(range(axes))) if axes else s, stats)
+
+  return forward
+
+
 def make_update(
   model: nn.Module, optimizer: Optimizer, config: TrainConfig, *, objective: Objective = label_cross_entropy, mesh=None
 ) -> Callable:
@@ -244,8 +301,20 @@ def make_update(
   m-sharpness and accumulation). The step is the config's: clean pass ->
   perturbation -> perturbed pass -> [GSAM] -> [SANER] -> weight decay ->
   SGD momentum; ``logits`` are the clean pass's, in batch order.
+
+  BatchNorm's running statistics (``config.bn_stats``): ``clean`` keeps the
+  clean pass's; ``perturbed`` (the SANER authors' order) keeps the perturbed
+  pass's, then updates them again with a third, forward-only pass at the new
+  weights (:func:`batch_stats_forward`). Both passes normalise with batch
+  statistics either way, so the weights, the loss and the logits are the
+  same; only what evaluation normalises with differs. SGD keeps its one
+  pass's.
   """
   mesh = parallel.data_mesh() if mesh is None else mesh
+  authors_bn = config.bn_stats == "perturbed" and optimizer.perturbation is not None
+  if authors_bn:
+    sub_batches = config.m_sharpness * (mesh.shape["data"] if config.perturbation_mode == "per_device" else 1)
+    refresh = batch_stats_forward(model, sub_batches, config.grad_accum_steps)
 
   def loss_fn(params, batch_stats, batch):
     images, targets = batch
@@ -283,16 +352,31 @@ def make_update(
       result = two_pass(state.params, state.perturbation_state, state.batch_stats, (images, targets))
       loss = result.loss
       batch_stats, logits = result.aux
+      if authors_bn:
+        batch_stats = result.perturbed_aux[0]
       updates, opt_state = optimizer.tx.update(
-        result.perturbed_grads, state.opt_state, state.params, clean_grads=result.clean_grads
+        result.perturbed_grads,
+        state.opt_state,
+        state.params,
+        clean_grads=result.clean_grads,
+        sharpness_aware=result.sharpness_aware,
       )
       perturbation_state = result.perturbation_state
-      gradient_stats = diagnostics.gradient_diagnostics(result.perturbed_grads, result.clean_grads)
+      taken = jnp.asarray(result.sharpness_aware, jnp.float32)
+      # Group fractions and cosine of the sharpness-aware steps only (a one-pass step has g_sam = g).
+      gradient_stats = {
+        k: v * taken if k != "nonfinite" else v
+        for k, v in diagnostics.gradient_diagnostics(result.perturbed_grads, result.clean_grads).items()
+      }
+      gradient_stats["sam_steps"] = taken
     # The helpers stack the clean pass's aux over sub- and micro-batches.
     batch_stats, logits = layout.mean(batch_stats), layout.examples(logits)
+    params = optax.apply_updates(state.params, updates)
+    if authors_bn and jax.tree.leaves(batch_stats):  # a model without BatchNorm needs no third pass
+      batch_stats = refresh(params, batch_stats, images)
     new_state = TrainState(
       step=state.step + 1,
-      params=optax.apply_updates(state.params, updates),
+      params=params,
       batch_stats=batch_stats,
       opt_state=opt_state,
       perturbation_state=perturbation_state,

@@ -177,6 +177,19 @@ def _mean(values: list[Any]) -> float | None:
   return float(np.mean(present)) if len(present) == len(values) and present else None
 
 
+def _check_tuning(base: TrainConfig, seeds: Sequence[int]) -> None:
+  if not base.val_examples:
+    raise ConfigError("tune: pass --val_examples N (N > 0): the points are chosen on a validation set")
+  if len(set(seeds)) != len(seeds):
+    raise ConfigError(f"--seeds: {list(seeds)} lists a seed twice")
+
+
+def _train_with_the_loop(config: TrainConfig, resume: bool) -> dict[str, Any]:
+  from saner_jax.train import loop
+
+  return loop.train(config, resume=resume)
+
+
 def tune(
   base: TrainConfig,
   runs: Sequence[str],
@@ -193,16 +206,8 @@ def tune(
   """
   from optuna.distributions import CategoricalDistribution
 
-  if not base.val_examples:
-    raise ConfigError("tune: pass --val_examples N (N > 0): the points are chosen on a validation set")
-  if len(set(seeds)) != len(seeds):
-    raise ConfigError(f"--seeds: {list(seeds)} lists a seed twice")
-  if train is None:
-    from saner_jax.train import loop
-
-    def train(config: TrainConfig, resume: bool) -> dict[str, Any]:
-      return loop.train(config, resume=resume)
-
+  _check_tuning(base, seeds)
+  train = train or _train_with_the_loop
   out_dir = pathlib.Path(base.out_dir)
   grids = parse_grid(grid_entries, runs)
   plan = {run: points(run, grids[run]) for run in runs}

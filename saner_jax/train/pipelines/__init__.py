@@ -12,12 +12,9 @@ from saner_jax.train.pipelines import bootstrap, co_teaching, common, dividemix,
 
 # "none" is the plain trainer.
 PIPELINES = ("none", "bootstrap", "co_teaching", "dividemix", "plc", "joint_optimization")
-# Pipelines that train two networks side by side.
-TWO_NETWORKS = ("co_teaching", "dividemix")
 
 __all__ = [
   "PIPELINES",
-  "TWO_NETWORKS",
   "bootstrap",
   "co_teaching",
   "common",
