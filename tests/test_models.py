@@ -572,7 +572,11 @@ def test_width_rounds_down_like_the_authors_int():
     ("resnet18_imagenet", 2.0, r"'resnet18_imagenet' has no width factor"),
     ("resnet18", 0.0, r"width must be a positive number, got 0.0"),
     ("resnet18", float("nan"), r"width must be a positive number"),
-    ("resnet20", 0.05, r"width 0.05 leaves model 'resnet20' a stage without channels \(widths \(0, 1, 3\)\); .* 0.0625"),
+    (
+      "resnet20",
+      0.05,
+      r"width 0.05 leaves model 'resnet20' a stage without channels \(widths \(0, 1, 3\)\); .* 0.0625",
+    ),
   ],
 )
 def test_bad_widths(name, width, message):

@@ -68,6 +68,10 @@ def _without_times(records):
     (["--dataset", "cifar10_n", "--noise_mode", "real", "--noise_label_key", "best_label"], "--noise_label_key"),
     (["--data_source", "ftp"], "--data_source"),
     (["--cpu_conv", "maybe"], "--cpu_conv"),
+    (["--model", "wrn40_2", "--model_width", "2"], "--model_width: model 'wrn40_2' has no width factor"),
+    (["--model", "resnet20", "--model_width", "0.01"], "--model_width: width 0.01 leaves"),
+    (["--model", "inception_resnet_v2"], "--model: model 'inception_resnet_v2' needs images of at least 75x75"),
+    (["--tensorboard", "maybe"], "--tensorboard"),
   ],
 )
 def test_bad_flags_name_the_flag(flags, names, capsys, tmp_path):

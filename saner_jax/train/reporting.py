@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import secrets
 import subprocess
 from collections.abc import Sequence
 from typing import Any
@@ -169,7 +170,7 @@ def _start_wandb(out_dir: pathlib.Path, init: dict[str, Any]) -> Any:
   import wandb
 
   id_file = out_dir / "wandb_run_id"
-  run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+  run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)
   id_file.write_text(run_id + "\n")
   try:
     run = wandb.init(
