@@ -1,8 +1,9 @@
-"""Flax (linen) ResNets for 28x28 and 32x32 images, as in the SANER paper.
+"""Flax (linen) ResNets, DenseNets and Inception-ResNet-v2 for the SANER paper's experiments.
 
-Every model takes NHWC float images of any size at least its total stride
-(28x28x1 Fashion-MNIST and 32x32x3 CIFAR included: a 3x3 stride-1 stem, no
-max-pool, global average pooling before the classifier) and returns float32
+Every model takes NHWC float images of any size at least its smallest one
+(28x28x1 Fashion-MNIST and 32x32x3 CIFAR for the CIFAR models: a 3x3
+stride-1 stem, no max-pool; 224 px and 299 px for the ImageNet-style ones),
+ends with global average pooling and a Dense classifier, and returns float32
 logits. Build one by name::
 
   model = create_model("resnet18", num_classes=10)
@@ -17,22 +18,38 @@ BatchNorm running statistics live in their own ``batch_stats`` collection, so
 a sharpness-aware step keeps the clean pass's ``updates`` and drops the
 perturbed pass's: nothing is mutated in place.
 
-The registry, :data:`MODELS` (parameter counts for 10 classes, 3 channels):
+The registry, :data:`MODELS` (parameter counts for 10 classes, 3 channels;
+PyTorch's convention: BatchNorm scales and biases are parameters, running
+statistics are not):
 
-=================  =========================================  ==========
-name               architecture                               parameters
-=================  =========================================  ==========
-resnet8            He et al. CIFAR ResNet, 3x1 blocks, 16-64      75,290
-resnet20           He et al. CIFAR ResNet, 3x3 blocks, 16-64     269,722
-resnet18           CIFAR ResNet-18, BasicBlock [2,2,2,2]      11,173,962
-resnet34           CIFAR ResNet-34, BasicBlock [3,4,6,3]      21,282,122
-preact_resnet18    pre-activation ResNet-18                   11,172,170
-wrn28_10           WideResNet-28-10, pre-activation           36,479,194
-wrn40_2            WideResNet-40-2, pre-activation             2,243,546
-=================  =========================================  ==========
+=====================  =========================================  ==========
+name                   architecture                               parameters
+=====================  =========================================  ==========
+resnet8                He et al. CIFAR ResNet, 3x1 blocks, 16-64      75,290
+resnet20               He et al. CIFAR ResNet, 3x3 blocks, 16-64     269,722
+resnet18               CIFAR ResNet-18, BasicBlock [2,2,2,2]      11,173,962
+resnet34               CIFAR ResNet-34, BasicBlock [3,4,6,3]      21,282,122
+resnet50               CIFAR ResNet-50, Bottleneck [3,4,6,3]      23,520,842
+preact_resnet18        pre-activation ResNet-18                   11,172,170
+wrn28_10               WideResNet-28-10, pre-activation           36,479,194
+wrn40_2                WideResNet-40-2, pre-activation             2,243,546
+densenet121            DenseNet-BC-121, the authors' CIFAR form    6,956,298
+densenet121_imagenet   DenseNet-BC-121, torchvision's              6,964,106
+resnet18_imagenet      torchvision's ResNet-18 (7x7 stem, pool)   11,181,642
+resnet50_imagenet      torchvision's ResNet-50                    23,528,522
+inception_resnet_v2    Inception-ResNet-v2 (299 px)               54,321,834
+=====================  =========================================  ==========
 
-They follow the authors' PyTorch models (github lhchau/sam-label-noise,
-``models/resnet.py``, ``resnetv2.py``, ``wideresnet.py``) layer for layer,
+At 1000 classes the ImageNet-style models have exactly torchvision's
+counts (densenet121 7,978,856, resnet18 11,689,512, resnet50 25,557,032)
+and ``inception_resnet_v2`` the authors' port's (timm's), 55,843,464: Keras's
+55,813,192 trainable weights plus the 30,272 BatchNorm scales Keras leaves
+out. ``create_model(..., width=k)`` widens the CIFAR ResNets (the paper's
+width ablation). docs/models.md has the details.
+
+They follow the authors' PyTorch models (github lhchau/saner,
+``models/resnet.py``, ``resnetv2.py``, ``wideresnet.py``, ``densenet.py``,
+``inceptionresnetv2.py``) and torchvision's layer for layer,
 including 3x3 convolutions padded by one pixel on each side (not 'SAME', which
 would shift stride-2 windows by a pixel), bias-free convolutions, PyTorch's
 BatchNorm (momentum 0.1, i.e. flax ``momentum=0.9``; epsilon 1e-5) and each
@@ -40,15 +57,17 @@ file's initialisation. Deliberate differences:
 
 - ``resnet8`` is ``resnet20`` with one block per stage (He et al.'s 6n+2
   family with n=1), for quick CPU runs; it is not in the authors' code.
-  There is no wider resnet8: k times the width costs about k^2 times the
-  compute, so a 2x one would cost what ``resnet20`` does and a 4x one
-  about 4.5 times that, on a CPU where convolutions are the bottleneck.
+  ``width=k`` widens it like the others; k times the width costs about
+  k^2 times the compute, so a 2x one costs what ``resnet20`` does.
 - ``preact_resnet18`` is not in the authors' code either. It is He et al.'s
   (2016) pre-activation ResNet-18 with the final BatchNorm-ReLU before pooling
   (1,024 parameters more than the common PyTorch copy that leaves it out),
   initialised like ``resnet18``.
-- Dense biases start at zero (PyTorch draws them uniformly in
-  +-1/sqrt(fan_in)); the Dense kernels follow each file's initialisation.
+- Dense biases (and the biases of Inception-ResNet's residual 1x1
+  convolutions) start at zero (PyTorch draws them uniformly in
+  +-1/sqrt(fan_in)); the kernels follow each file's initialisation.
+- ``inception_resnet_v2`` pools globally where the port has a fixed 8x8
+  average pool: the same at 299 px, and it takes other sizes (75 px up).
 - Running variances average the biased batch variance (PyTorch averages the
   unbiased one): a relative difference of 1/n, n >= 2,048 values per channel
   at batch 128.
