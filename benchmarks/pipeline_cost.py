@@ -15,10 +15,17 @@ each per round, in a rotated order, so load from other processes falls on
 all of them alike; the median over rounds is reported, with its ratio to
 the plain trainer's.
 
+``--vary KEY VALUE ...`` times other variants of one config the same way,
+for example the optimizers at a larger scale, to plan its runs: the report
+then also gives a whole run's time (epochs x the median epoch, plus the
+first epoch's compiles).
+
 Usage::
 
   python benchmarks/pipeline_cost.py                                    # writes benchmarks/results/pipeline_cost.*
   python benchmarks/pipeline_cost.py --rounds 1 --set train_examples=256 --out /tmp/cost.json   # smoke run
+  python benchmarks/pipeline_cost.py --vary optimizer sgd sam saner --rounds 3 \
+      --set train_examples=10000 augment=true model=resnet20 epochs=100 --out benchmarks/results/scale_cost.json
 """
 
 from __future__ import annotations
@@ -51,9 +58,9 @@ PIPELINES = {
 }
 
 
-def build(base: dict, pipeline: str, out_dir: str):
-  """The run, its recipe and initial state for one pipeline."""
-  values = {**base, "pipeline": pipeline, **PIPELINES[pipeline], "out_dir": out_dir, "checkpoint": False}
+def build(base: dict, variant: dict, out_dir: str):
+  """The run, its recipe and initial state for one variant of ``base``."""
+  values = {**base, **variant, "out_dir": out_dir, "checkpoint": False}
   values["progress"] = "none"
   run = loop.setup(config_lib.from_mapping(values))
   parts = loop.recipe_of(run.config)(run)
@@ -66,6 +73,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
   parser.add_argument("--rounds", type=int, default=5, help="timed epochs per pipeline")
   parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=list(PIPELINES))
+  parser.add_argument(
+    "--vary", nargs="+", metavar="KEY VALUE", help="time these values of one config key instead of the pipelines"
+  )
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "pipeline_cost.json"))
   args = parser.parse_args(argv)
   base = {**config_lib.load_yaml(args.config), **dict(kv.split("=", 1) for kv in args.set)}
@@ -75,10 +85,17 @@ def main(argv=None) -> dict:
     f"command: {command}\ngit: {reporting.git_revision()}\njax {jax.__version__}, {jax.devices()[0]}, {os.cpu_count()} CPUs"
   )
 
+  if args.vary:
+    if len(args.vary) < 2:
+      parser.error("--vary: give a config key and at least one value")
+    variants = {value: {args.vary[0]: value} for value in args.vary[1:]}
+  else:
+    variants = {p: {"pipeline": p, **PIPELINES[p]} for p in args.pipelines}
+  names = list(variants)
   runs, compile_s = {}, {}
   with tempfile.TemporaryDirectory() as tmp:
-    for pipeline in args.pipelines:
-      parts, state = build(base, pipeline, os.path.join(tmp, pipeline))
+    for pipeline in names:
+      parts, state = build(base, variants[pipeline], os.path.join(tmp, pipeline))
       start = time.perf_counter()
       state, _ = parts.epoch(state, 1)
       jax.block_until_ready(state)
@@ -86,10 +103,10 @@ def main(argv=None) -> dict:
       runs[pipeline] = [parts, state]
       print(f"  first epoch of {pipeline:<20} {compile_s[pipeline]:.1f} s (with compiles)", flush=True)
 
-    times: dict[str, list[float]] = {p: [] for p in args.pipelines}
+    times: dict[str, list[float]] = {p: [] for p in names}
     for round_ in range(args.rounds):
-      shift = round_ % len(args.pipelines)
-      for pipeline in args.pipelines[shift:] + args.pipelines[:shift]:
+      shift = round_ % len(names)
+      for pipeline in names[shift:] + names[:shift]:
         parts, state = runs[pipeline]
         start = time.perf_counter()
         state, _ = parts.epoch(state, 2 + round_)
@@ -98,11 +115,16 @@ def main(argv=None) -> dict:
         runs[pipeline][1] = state
 
   median = {p: statistics.median(t) for p, t in times.items()}
-  plain = median.get("none")
-  lines = [f"{'pipeline':<20} {'median s':>9} {'min s':>7} {'max s':>7} {'x plain':>8}"]
-  for p in args.pipelines:
+  plain = median.get("none") if not args.vary else median[names[0]]
+  epochs = int(base["epochs"])
+  run_min = {p: (compile_s[p] + (epochs - 1) * median[p]) / 60 for p in names}
+  lines = [
+    f"{'pipeline' if not args.vary else args.vary[0]:<20} {'median s':>9} {'min s':>7} {'max s':>7} "
+    f"{'x plain' if not args.vary else 'x ' + names[0]:>8} {f'{epochs}-epoch run':>14}"
+  ]
+  for p in names:
     ratio = f"{median[p] / plain:8.2f}" if plain else "       -"
-    lines.append(f"{p:<20} {median[p]:9.2f} {min(times[p]):7.2f} {max(times[p]):7.2f} {ratio}")
+    lines.append(f"{p:<20} {median[p]:9.2f} {min(times[p]):7.2f} {max(times[p]):7.2f} {ratio} {run_min[p]:10.1f} min")
   print("\n" + "\n".join(lines))
   result = {
     "command": command,
@@ -113,6 +135,7 @@ def main(argv=None) -> dict:
     "median_epoch_s": median,
     "ratio_to_plain": {p: median[p] / plain for p in median} if plain else None,
     "first_epoch_s": compile_s,
+    "run_minutes": run_min,
   }
   report = f"command: {command}\ngit: {result['git_revision']}\n\n" + "\n".join(lines)
   reporting.write_results(os.path.splitext(args.out)[0], result, report)

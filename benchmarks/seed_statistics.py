@@ -3,9 +3,12 @@
 Reads ``<out_dir>/<run>_seed<k>/summary.json`` (the layout ``python -m
 saner_jax.train compare`` writes) and prints a markdown report:
 
-- per run, the mean and sample standard deviation over seeds of the best test
-  accuracy, the last test accuracy and the final memorisation (the share of
-  noisy training samples predicted as their wrong, given label);
+- per run, the mean and sample standard deviation over seeds of the test
+  accuracy at the epoch of best validation accuracy (runs with a validation
+  set), the last test accuracy, the mean test accuracy over the last 5
+  epochs, the final memorisation (the share of noisy training samples
+  predicted as their wrong, given label) and, as a diagnostic only, the
+  maximum over epochs of the test accuracy (chosen on the test set);
 - per pair of runs, the difference paired by seed (``B - A`` on the seeds both
   finished), its mean, standard deviation and a two-sided 95% confidence
   interval from Student's t with ``n - 1`` degrees of freedom.
@@ -31,10 +34,19 @@ import sys
 import numpy as np
 from scipy import stats
 
+
+def _percent(value):
+  return None if value is None else 100 * value
+
+
+# A metric is reported when every run has it: old summaries and runs without
+# a validation set have no validation-selected accuracy or last-5 mean.
 METRICS = {
-  "best test %": lambda s: 100 * s["best_test_acc"],
-  "last test %": lambda s: 100 * s["last_test_acc"],
-  "memorised %": lambda s: 100 * s["final"]["noisy_memorised"],
+  "test @ best val %": lambda s: _percent(s.get("test_acc_at_best_val")),
+  "last test %": lambda s: _percent(s["last_test_acc"]),
+  "last-5 mean test %": lambda s: _percent(s.get("mean_last5_test_acc")),
+  "memorised %": lambda s: _percent(s["final"]["noisy_memorised"]),
+  "max test % (diagnostic)": lambda s: _percent(s["best_test_acc"]),
 }
 # Left out of the report where a run is missing (an ablation directory holds SANER alone).
 DEFAULT_PAIRS = ["sam:saner", "sgd:sam"]
@@ -79,10 +91,15 @@ def report(out_dirs: list[pathlib.Path], pairs: list[tuple[str, str]], every_pai
   missing = sorted({name for pair in pairs for name in pair} - set(runs))
   if every_pair and missing:
     raise SystemExit(f"error: --pairs: no finished runs named {missing}; the runs found are {sorted(runs)}")
-  lines = ["| run | seeds | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+  metrics = {
+    label: metric
+    for label, metric in METRICS.items()
+    if all(metric(s) is not None for by_seed in runs.values() for s in by_seed.values())
+  }
+  lines = ["| run | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
   for name, by_seed in runs.items():
     cells = []
-    for metric in METRICS.values():
+    for metric in metrics.values():
       values = np.array([metric(s) for s in by_seed.values()])
       std = values.std(ddof=1) if len(values) > 1 else float("nan")
       cells.append(f"{values.mean():.2f} ± {std:.2f}")
@@ -91,7 +108,7 @@ def report(out_dirs: list[pathlib.Path], pairs: list[tuple[str, str]], every_pai
   for a, b in pairs:
     if a not in runs or b not in runs:
       continue
-    for label, metric in METRICS.items():
+    for label, metric in metrics.items():
       n, mean, std, low, high = paired(runs[a], runs[b], metric)
       lines.append(f"| {b} − {a} | {n} | {label} | {mean:+.2f} | {std:.2f} | [{low:+.2f}, {high:+.2f}] |")
   return "\n".join(lines)

@@ -65,6 +65,19 @@ def test_saner_overhead_counts_the_reweighting_at_a_tiny_size(tmp_path):
   assert "largest SANER/SAM ratio" in (tmp_path / "o.txt").read_text()
 
 
+def test_pipeline_cost_times_variants_of_a_key_and_plans_a_run(tmp_path, idx_dir):
+  cost = _script("pipeline_cost")
+  flags = ["--set", "model=resnet8", "train_examples=64", "test_examples=32", "eval_batch_size=32", "batch_size=32"]
+  flags += [f"data_dir={idx_dir}", "epochs=10", "--rounds", "1", "--out", str(tmp_path / "c.json")]
+  record = cost.main(["--vary", "optimizer", "sgd", "sam", *flags])
+  assert set(record["median_epoch_s"]) == {"sgd", "sam"}
+  assert record["ratio_to_plain"]["sgd"] == 1.0
+  # A 10-epoch run: the first epoch (with its compiles), then 9 at the median.
+  sam = record["first_epoch_s"]["sam"] + 9 * record["median_epoch_s"]["sam"]
+  assert record["run_minutes"]["sam"] == pytest.approx(sam / 60)
+  assert "10-epoch run" in (tmp_path / "c.txt").read_text()
+
+
 def test_results_are_written_as_json_and_text_into_a_new_folder_and_replaced_whole(tmp_path):
   from saner_jax.train import reporting
 

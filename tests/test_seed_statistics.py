@@ -23,7 +23,9 @@ def test_paired_interval_by_hand(tmp_path):
     _write(tmp_path, "sam", seed, sam, sam, 0.2)
     _write(tmp_path, "saner", seed, saner, saner, 0.1)
   runs = seed_statistics.load([tmp_path])
-  n, mean, std, low, high = seed_statistics.paired(runs["sam"], runs["saner"], seed_statistics.METRICS["best test %"])
+  n, mean, std, low, high = seed_statistics.paired(
+    runs["sam"], runs["saner"], seed_statistics.METRICS["max test % (diagnostic)"]
+  )
   assert n == 3
   assert mean == pytest.approx(2.0)
   assert std == pytest.approx(1.0)
@@ -35,7 +37,19 @@ def test_pairs_only_common_seeds_and_pools_directories(tmp_path):
   _write(tmp_path / "a", "sam", 1, 0.72, 0.72, 0.2)
   _write(tmp_path / "b", "sam+grB", 1, 0.70, 0.70, 0.3)
   text = seed_statistics.report([tmp_path / "a", tmp_path / "b"], [("sam", "sam+grB")])
-  assert "| sam+grB − sam | 1 | best test % | -2.00 |" in text
+  assert "| sam+grB − sam | 1 | max test % (diagnostic) | -2.00 |" in text
+
+
+def test_the_validation_selected_accuracy_is_reported_when_every_run_has_it(tmp_path):
+  _write(tmp_path, "sam", 0, 0.70, 0.60, 0.2)
+  assert "test @ best val" not in seed_statistics.report([tmp_path], [])
+  summary = json.loads((tmp_path / "sam_seed0" / "summary.json").read_text())
+  summary.update(test_acc_at_best_val=0.65, mean_last5_test_acc=0.62)
+  (tmp_path / "sam_seed0" / "summary.json").write_text(json.dumps(summary))
+  header = seed_statistics.report([tmp_path], []).splitlines()[0]
+  assert header == (
+    "| run | seeds | test @ best val % | last test % | last-5 mean test % | memorised % | max test % (diagnostic) |"
+  )
 
 
 def test_the_same_run_twice_is_refused(tmp_path):

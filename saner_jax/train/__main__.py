@@ -1,3 +1,5 @@
 from saner_jax.train.cli import run
 
-run()
+# Guarded: the streaming pipeline's decoding processes import this module again.
+if __name__ == "__main__":
+  run()

@@ -176,11 +176,13 @@ def digest(state: Any, meta: Mapping[str, Any]) -> str:
   return h.hexdigest()
 
 
-def save(checkpoints: ocp.CheckpointManager, state: Any, progress: Progress) -> None:
+def save(checkpoints: ocp.CheckpointManager, state: Any, progress: Progress, iterator: Any = None) -> None:
   """Saves ``state``, ``progress`` and their digest as checkpoint ``progress.epoch``.
 
   Every process calls it: orbax writes each array's shards from the
-  processes that hold them.
+  processes that hold them. ``iterator``, a Grain ``DatasetIterator`` (the
+  streaming input pipeline's), is saved too, as the item ``input``: each
+  process writes its own iterator's position.
 
   Raises:
     WriteError: the system refused a write; the checkpoint is left as
@@ -195,22 +197,35 @@ def save(checkpoints: ocp.CheckpointManager, state: Any, progress: Progress) -> 
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave(meta),
         digest=ocp.args.JsonSave({"sha256": digest(state, meta)}),
+        **({} if iterator is None else {"input": _grain_args(iterator, save=True)}),
       ),
     )
     checkpoints.wait_until_finished()
+
+
+def _grain_args(iterator: Any, save: bool) -> Any:
+  import grain
+
+  return grain.checkpoint.CheckpointSave(iterator) if save else grain.checkpoint.CheckpointRestore(iterator)
 
 
 class _Unusable(Exception):
   """A checkpoint that cannot be read or fails its digest; the message says why."""
 
 
-def _restore_verified(checkpoints: ocp.CheckpointManager, epoch: int, like: Any) -> tuple[Any, Progress]:
+def _restore_verified(
+  checkpoints: ocp.CheckpointManager, epoch: int, like: Any, iterator: Any = None
+) -> tuple[Any, Progress]:
   # Checkpoints written before digests were saved restore unverified.
   verified = (pathlib.Path(checkpoints.directory) / str(epoch) / "digest").is_dir()
   items = {
     "state": ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, like)),
     "meta": ocp.args.JsonRestore(),
   }
+  if iterator is not None:
+    if not (pathlib.Path(checkpoints.directory) / str(epoch) / "input").is_dir():
+      raise _Unusable("it holds no input-pipeline position (saved by the on-device input path?)")
+    items["input"] = _grain_args(iterator, save=False)
   try:
     restored = checkpoints.restore(
       epoch, args=ocp.args.Composite(**items, **({"digest": ocp.args.JsonRestore()} if verified else {}))
@@ -238,14 +253,15 @@ def _move_aside(checkpoints: ocp.CheckpointManager, epoch: int) -> pathlib.Path:
 
 
 def restore_latest(
-  checkpoints: ocp.CheckpointManager, like: Any, *, warn: Callable[[str], None] = print
+  checkpoints: ocp.CheckpointManager, like: Any, *, warn: Callable[[str], None] = print, iterator: Any = None
 ) -> tuple[Any, Progress] | None:
   """The newest checkpoint that reads and verifies, as ``(state, progress)``; None when there is none.
 
   ``like`` is a state of the same structure (e.g. a freshly initialised
   one); the restored arrays take its shapes, dtypes and shardings. Newer
   checkpoints that fail are moved to ``unusable_checkpoints/`` (kept, and out
-  of the way of the epochs trained again), each with a ``warn`` line.
+  of the way of the epochs trained again), each with a ``warn`` line. A Grain
+  ``iterator`` is set in place to the position saved with the checkpoint.
 
   Raises:
     CheckpointError: there are checkpoints but none can be restored; all
@@ -254,7 +270,7 @@ def restore_latest(
   failed: list[tuple[int, str]] = []
   for epoch in sorted(checkpoints.all_steps(), reverse=True):
     try:
-      restored = _restore_verified(checkpoints, epoch, like)
+      restored = _restore_verified(checkpoints, epoch, like, iterator)
     except _Unusable as e:
       failed.append((epoch, str(e)))
       continue

@@ -1,4 +1,4 @@
-"""Command line: ``python -m saner_jax.train`` (train) and ``... compare``.
+"""Command line: ``python -m saner_jax.train`` (train), ``... compare`` and ``... tune``.
 
 Train one run::
 
@@ -23,7 +23,7 @@ import traceback
 from typing import NoReturn
 
 from saner_jax.train import config as config_lib
-from saner_jax.train import data
+from saner_jax.train import data, folders
 from saner_jax.train.config import ConfigError
 
 _TRAIN_EXAMPLES = """\
@@ -31,6 +31,7 @@ Flags override the --config file's values; booleans take true/false. Examples:
   python -m saner_jax.train --config fashion_mnist_quick --optimizer saner --out_dir runs/saner
   python -m saner_jax.train --config runs/saner/config.yaml --resume
   python -m saner_jax.train compare --help    (several optimizers and seeds on one figure)
+  python -m saner_jax.train tune --help       (a grid search chosen on a validation set)
 """
 _COMPARE_EXAMPLES = """\
 Each run trains into OUT_DIR/<run>_seed<seed> (or is collected there when it
@@ -101,6 +102,40 @@ def _compare_parser() -> argparse.ArgumentParser:
   comparison.add_argument(
     "--collect_only", action="store_true", help="only collect finished runs under --out_dir; train none"
   )
+  groups = config_lib.add_flags(parser)
+  _add_debug_flag(groups[config_lib.GROUP_OUTPUT])
+  return parser
+
+
+_TUNE_EXAMPLES = """\
+Each grid point trains once per seed into OUT_DIR/<run>/<point>_seed<k>; a point's score is its
+mean best validation accuracy (so --val_examples is required). Writes OUT_DIR/tune.md (every point,
+validation and test side by side), OUT_DIR/<run>.yaml (the chosen config, for --config) and
+OUT_DIR/tune.db (the Optuna store). The same command resumes where it stopped. Example:
+  python -m saner_jax.train tune --config fashion_mnist_quick --val_examples 500 \\
+      --runs sam saner --grid rho=0.05,0.1,0.2 saner:alpha=0.25,0.5,0.75 --seeds 0 1 2 --out_dir runs/tune
+"""
+
+
+def _tune_parser() -> argparse.ArgumentParser:
+  parser = _parser(
+    "python -m saner_jax.train tune",
+    "%(prog)s --runs RUN ... --grid [RUN:]FLAG=V1,V2,... ... [--seeds SEED ...] [--config FILE|PRESET] "
+    "[--FLAG VALUE ...]",
+    "Grid search over any trainer flags, each run's setting chosen by mean validation accuracy over seeds. "
+    "The config flags set the runs' shared base.",
+    _TUNE_EXAMPLES,
+  )
+  tuning = parser.add_argument_group("tuning")
+  tuning.add_argument("--runs", nargs="+", default=["sgd", "sam", "saner"], metavar="RUN", help="as for compare")
+  tuning.add_argument(
+    "--grid",
+    nargs="+",
+    default=[],
+    metavar="[RUN:]FLAG=V1,V2",
+    help="the values of a flag, for every run or for RUN alone; each run's grid is the product of its entries",
+  )
+  tuning.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="seeds per point (default: 0)")
   groups = config_lib.add_flags(parser)
   _add_debug_flag(groups[config_lib.GROUP_OUTPUT])
   return parser
@@ -185,13 +220,17 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if argv[:1] == ["compare"]:
       compare(_compare_parser().parse_args(argv[1:]))
+    elif argv[:1] == ["tune"]:
+      from saner_jax.train import tune
+
+      tune.main(_tune_parser().parse_args(argv[1:]))
     else:
       args = _train_parser().parse_args(argv[1:] if argv[:1] == ["train"] else argv)
       loop.train(config_lib.from_args(args), resume=args.resume)
   except ConfigError as e:
     _report(e, debug)
     return 2
-  except (data.DatasetNotFoundError, data.IdxFormatError, checkpointing.CheckpointError) as e:
+  except (data.DatasetNotFoundError, data.IdxFormatError, folders.LayoutError, checkpointing.CheckpointError) as e:
     _report(e, debug)
     return 1
   except loop.RunStopped as e:

@@ -109,8 +109,38 @@ class TrainConfig:
   data_source: str = _field(
     "auto", GROUP_DATA, "where to read the data; auto: TFDS if prepared, else IDX files", _owned("data", "SOURCES")
   )
+  image_size: int | None = _field(
+    None, GROUP_DATA, "folder datasets: the side the images are resized to; none: the dataset's (64 or 224)"
+  )
+  eval_split: str | None = _field(
+    None,
+    GROUP_DATA,
+    "folder datasets: the labelled split evaluated on (mini_webvision: webvision or imagenet; image_folder: "
+    "test or val); none: the dataset's default",
+  )
+  input_pipeline: str = _field(
+    "auto",
+    GROUP_DATA,
+    "device: the whole uint8 dataset on every device; stream: Grain reads, decodes and augments each batch on "
+    "the host; auto: device when the decoded images fit (see docs/your_own_data.md)",
+    ("auto", "device", "stream"),
+  )
+  stream_workers: int | None = _field(
+    None, GROUP_DATA, "stream: decoding processes per host (0: threads of this process); none: the CPU count, up to 16"
+  )
   train_examples: int | None = _field(None, GROUP_DATA, "train on a seeded subset of this many examples; none: all")
   test_examples: int | None = _field(None, GROUP_DATA, "evaluate on the first this many test examples; none: all")
+  val_examples: int = _field(
+    0,
+    GROUP_DATA,
+    "hold out this many training examples for validation, disjoint from the training subset and the test set; "
+    "the run then reports the test accuracy at the epoch of best validation accuracy (0: no validation)",
+  )
+  val_clean: bool = _field(
+    False,
+    GROUP_DATA,
+    "validate on the held-out examples' true labels; false: on their noisy labels, which is what a practitioner has",
+  )
   noise_mode: str = _field("symmetric", GROUP_DATA, "how the training labels are corrupted", _owned("noise", "MODES"))
   noise_rate: float = _field(0.4, GROUP_DATA, "the share of training labels corrupted; unused with real noise")
   noise_label_key: str = _field("worse_label", GROUP_DATA, "CIFAR-N's human label set, for --noise_mode real")
@@ -280,9 +310,27 @@ class TrainConfig:
     from saner_jax.train import data
 
     try:
-      return data.get_spec(self.dataset)
+      spec = data.get_spec(self.dataset)
     except ValueError as e:
       raise ConfigError(f"--dataset: {e}") from None
+    if spec.layout is None:
+      for field in ("image_size", "eval_split"):
+        if getattr(self, field) is not None:
+          _fail(field, f"applies to datasets read from folders, not {self.dataset}; drop it")
+      return spec
+    from saner_jax.train import folders
+
+    if self.image_size is not None:
+      if self.image_size < 8:
+        _fail("image_size", f"must be >= 8, got {self.image_size}")
+      side = self.image_size
+      spec = dataclasses.replace(spec, image_shape=(side, side, 3), crop_padding=max(1, side // 8))
+    if self.eval_split is not None:
+      spec = dataclasses.replace(spec, eval_split=self.eval_split)
+    try:
+      return folders.resolve_spec(spec, self.data_dir)
+    except folders.LayoutError as e:
+      raise ConfigError(str(e) if str(e).startswith("--") else f"--data_dir: {e}") from None
 
   @property
   def noise_description(self) -> str:
@@ -323,6 +371,7 @@ class TrainConfig:
     self._check_batches_and_schedule(spec)
     self._check_model_and_diagnostics(spec)
     self._check_pipeline()
+    self._check_input()
     self._check_loggers()
     return self
 
@@ -332,6 +381,20 @@ class TrainConfig:
     for field, wanted in (("tensorboard", self.tensorboard == "true"), ("wandb", self.wandb)):
       if wanted and (missing := reporting.missing_logger(field)):
         _fail(field, missing)
+
+  def _check_input(self) -> None:
+    if self.stream_workers is not None and self.stream_workers < 0:
+      _fail("stream_workers", f"must be >= 0 (0: threads only), got {self.stream_workers}")
+    if self.input_pipeline != "stream":
+      return
+    if self.pipeline != "none":
+      _fail("input_pipeline", f"stream feeds plain training; --pipeline {self.pipeline} needs --input_pipeline device")
+    if self.noise_mode == "instance":
+      _fail("input_pipeline", "stream cannot draw instance-dependent noise, which needs every image in memory")
+    if self.log_decomposition or self.sharpness_every:
+      _fail("input_pipeline", "the mechanism probe needs --input_pipeline device")
+    if self.val_examples:
+      _fail("input_pipeline", "stream holds out no validation set; --val_examples needs --input_pipeline device")
 
   def _check_choices_and_numbers(self) -> None:
     for field in _FIELDS:
@@ -416,7 +479,20 @@ class TrainConfig:
       value = getattr(self, field)
       if value is not None and not 1 <= value <= spec.sizes[split]:
         _fail(field, f"must be in [1, {spec.sizes[split]}], the size of {self.dataset}'s {split} split; got {value}")
-    train_size = self.train_examples or spec.sizes["train"]
+    if self.val_examples < 0:
+      _fail("val_examples", f"must be >= 0 (0: no validation), got {self.val_examples}")
+    if self.val_clean and not self.val_examples:
+      _fail("val_clean", "validates the held-out examples, so it needs --val_examples N (N > 0)")
+    size = spec.sizes["train"]
+    if self.train_examples and self.val_examples > size - self.train_examples:
+      _fail(
+        "val_examples",
+        f"{self.val_examples} exceeds the {size - self.train_examples} examples of {self.dataset}'s train split "
+        f"left beside --train_examples {self.train_examples}; lower either",
+      )
+    if not self.train_examples and self.val_examples >= size:
+      _fail("val_examples", f"{self.val_examples} leaves none of {self.dataset}'s {size} training examples to train on")
+    train_size = self.train_examples or spec.sizes["train"] - self.val_examples
     if self.batch_size > train_size:
       _fail("batch_size", f"{self.batch_size} exceeds the {train_size} training examples")
 
@@ -547,6 +623,18 @@ def _coerce(name: str, value: Any) -> Any:
     return base(value)
   except (TypeError, ValueError):
     raise ConfigError(f"--{name}: expected {getattr(base, '__name__', base)}, got {value!r}") from None
+
+
+def coerce(name: str, value: Any) -> Any:
+  """A flag's value (a string, or a YAML value) as its field's type; raises ConfigError naming the flag."""
+  if name not in _FIELDS:
+    raise ConfigError(f"unknown config key {name!r}")
+  return _coerce(name, value)
+
+
+def field_names() -> tuple[str, ...]:
+  """The config's keys, which are also the trainer's flags."""
+  return tuple(_FIELDS)
 
 
 def from_mapping(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:

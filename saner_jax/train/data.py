@@ -71,6 +71,18 @@ class DatasetSpec:
     idx_env_var: environment variable naming a directory of IDX files.
     default_idx_dir: IDX directory used when neither ``data_dir`` nor
       ``idx_env_var`` names one.
+    layout: for datasets read from image files in their published folder
+      layout (:mod:`saner_jax.train.folders`), the layout's name; None for
+      TFDS and IDX datasets. ``image_shape`` is then the size the images are
+      resized to (``--image_size`` changes it).
+    real_noise: the given training labels are themselves noisy and no clean
+      labels say which (Animal-10N, Mini-WebVision, Clothing1M): there is no
+      noise mask.
+    random_resized_crop: ImageNet-style augmentation (a random-resized crop
+      and a flip, made on the host by the streaming pipeline) instead of the
+      padded random crop.
+    eval_split: for folder datasets, which labelled split is the test set
+      (``folders.EVAL_SPLITS``); empty: the layout's default.
   """
 
   name: str
@@ -87,6 +99,10 @@ class DatasetSpec:
   manual_download: str | None = None
   idx_env_var: str | None = None
   default_idx_dir: str | None = None
+  layout: str | None = None
+  real_noise: bool = False
+  random_resized_crop: bool = False
+  eval_split: str = ""
 
   @property
   def has_idx(self) -> bool:
@@ -128,6 +144,10 @@ _DIGITS = tuple(str(d) for d in range(10))
 # Channel statistics of each training split, pixels scaled to [0, 1].
 _CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 _CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+
+# ImageNet's channel statistics: the usual normalisation of photographs
+# (Mini-WebVision, Clothing1M, Tiny-ImageNet, Animal-10N and one's own folders).
+_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 _CIFAR_N_MANUAL = """\
 CIFAR-N needs a manual download. On a machine with network access:
@@ -209,6 +229,51 @@ DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType({
             class_names=_CIFAR100_CLASSES,
             noisy_label_keys=("noise_label",),
             manual_download=_cifar_n_manual("cifar100_n", 100, "c100"),
+        ),
+        # Image files in their published layouts (saner_jax.train.folders):
+        # sizes are the published splits', the classes of image_folder are
+        # its train/ subfolders (read when the config is validated).
+        DatasetSpec(
+            name="image_folder", tfds_name="", num_classes=0,
+            image_shape=(224, 224, 3), flip=True, crop_padding=28,
+            mean=_IMAGENET_STATS[0], std=_IMAGENET_STATS[1], class_names=(),
+            layout="image_folder", random_resized_crop=True,
+        ),
+        DatasetSpec(
+            name="animal10n", tfds_name="", num_classes=10,
+            image_shape=(64, 64, 3), flip=True, crop_padding=8,
+            mean=_IMAGENET_STATS[0], std=_IMAGENET_STATS[1],
+            class_names=(
+                "cat", "lynx", "wolf", "coyote", "cheetah",
+                "jaguar", "chimpanzee", "orangutan", "hamster", "guinea_pig",
+            ),
+            sizes={"train": 50_000, "test": 5_000}, layout="animal10n", real_noise=True,
+        ),
+        DatasetSpec(
+            name="mini_webvision", tfds_name="", num_classes=50,
+            image_shape=(224, 224, 3), flip=True, crop_padding=28,
+            mean=_IMAGENET_STATS[0], std=_IMAGENET_STATS[1],
+            class_names=tuple(f"class{c:02d}" for c in range(50)),
+            sizes={"train": 65_944, "test": 2_500}, layout="mini_webvision",
+            real_noise=True, random_resized_crop=True,
+        ),
+        DatasetSpec(
+            name="clothing1m", tfds_name="", num_classes=14,
+            image_shape=(224, 224, 3), flip=True, crop_padding=28,
+            mean=_IMAGENET_STATS[0], std=_IMAGENET_STATS[1],
+            class_names=(
+                "T-shirt", "Shirt", "Knitwear", "Chiffon", "Sweater", "Hoodie", "Windbreaker",
+                "Jacket", "Down Coat", "Suit", "Shawl", "Dress", "Vest", "Underwear",
+            ),
+            sizes={"train": 1_000_000, "test": 10_526}, layout="clothing1m",
+            real_noise=True, random_resized_crop=True,
+        ),
+        DatasetSpec(
+            name="tiny_imagenet", tfds_name="", num_classes=200,
+            image_shape=(64, 64, 3), flip=True, crop_padding=8,
+            mean=_IMAGENET_STATS[0], std=_IMAGENET_STATS[1],
+            class_names=tuple(f"class{c:03d}" for c in range(200)),
+            sizes={"train": 100_000, "test": 10_000}, layout="tiny_imagenet",
         ),
     )
 })  # fmt: skip
@@ -583,6 +648,10 @@ def load_dataset(
   if source not in SOURCES:
     raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
   _check_max_examples(max_examples)
+  if spec.layout is not None:
+    from saner_jax.train import folders
+
+    return folders.load_arrays(spec, split, data_dir=data_dir, max_examples=max_examples)
   if source == "idx" and not spec.has_idx:
     raise ValueError(f"{name} has no IDX source; only {[s.name for s in DATASETS.values() if s.has_idx]} do")
   data_dir = None if data_dir is None else os.fspath(data_dir)

@@ -61,6 +61,7 @@ _RESUME_FREE_KEYS = (
   "eval_batch_size",
   "distributed",
   "compilation_cache",
+  "stream_workers",
   "tensorboard",
   "wandb",
   "wandb_project",
@@ -113,6 +114,14 @@ def _convolutions(config: TrainConfig, mesh: Mesh):
     raise ConfigError(f"--cpu_conv true: {str(e).splitlines()[0]}; or pass --cpu_conv auto") from None
 
 
+class EvalSet(NamedTuple):
+  """A held-out set on the devices, padded to whole evaluation batches."""
+
+  data: pipeline.DeviceData
+  valid: jax.Array  # False on the padding
+  examples: int  # without the padding
+
+
 @dataclasses.dataclass
 class PreparedData:
   train: pipeline.DeviceData
@@ -123,12 +132,51 @@ class PreparedData:
   image_shape: tuple[int, int, int]
   realised_noise_rate: float
   info: Any  # the dataset's saner_jax.train.data.DatasetSpec
+  val: EvalSet | None = None  # the validation set (--val_examples), None without one
+  val_noise_rate: float | None = None  # the realised noise rate of its labels (0 with --val_clean)
+
+  def eval_set(self, split: str) -> EvalSet:
+    """``"test"`` or ``"val"``."""
+    if split == "test":
+      return EvalSet(self.test, self.test_valid, self.test_examples)
+    if split == "val" and self.val is not None:
+      return self.val
+    raise ValueError(f"no {split!r} set in this run (the splits are 'test', and 'val' with --val_examples)")
+
+
+def _eval_set(images: np.ndarray, labels: np.ndarray, batch: int, sharding: NamedSharding | None) -> EvalSet:
+  pad = -len(labels) % batch
+  valid = np.concatenate([np.ones(len(labels), bool), np.zeros(pad, bool)])
+  images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
+  labels = np.concatenate([labels, np.zeros(pad, np.int32)])
+  return EvalSet(
+    pipeline.to_device(images, labels, sharding=sharding), pipeline.place(valid, sharding), len(valid) - pad
+  )
+
+
+def split_indices(size: int, train_examples: int | None, val_examples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """The training subset and the validation set: disjoint, sorted indices into the train split.
+
+  One seeded permutation of the split: its first ``train_examples`` are the
+  training subset and the next ``val_examples`` the validation set, so that
+  holding out a validation set does not change the training data of a run
+  with ``train_examples``. Without ``train_examples``, the validation set is
+  the permutation's last ``val_examples`` and the rest trains.
+  """
+  if train_examples is None or train_examples >= size:
+    if not val_examples:
+      return np.arange(size), np.arange(0)
+    train_examples = size - val_examples
+  order = np.random.default_rng(seed).permutation(size)
+  return np.sort(order[:train_examples]), np.sort(order[train_examples : train_examples + val_examples])
 
 
 def prepare_data(config: TrainConfig, sharding: NamedSharding | None = None) -> PreparedData:
-  """Loads the dataset, draws the seeded subset and injects the label noise.
+  """Loads the dataset, draws the seeded subset and validation set, and injects the label noise.
 
-  ``sharding`` places the arrays (replicated in :func:`train`).
+  The validation set's labels get the training labels' noise (same mode and
+  rate, its own draw), unless ``config.val_clean``. ``sharding`` places the
+  arrays (replicated in :func:`train`).
   """
   from saner_jax.train import data, noise
 
@@ -139,52 +187,60 @@ def prepare_data(config: TrainConfig, sharding: NamedSharding | None = None) -> 
     wanted = getattr(config, field)
     if wanted is not None and wanted > len(split):  # the published sizes were checked; a data_dir may hold fewer
       raise ConfigError(f"--{field}: {wanted} exceeds the {len(split)} examples of the data read; omit it to use all")
-  rng = np.random.default_rng(config.seed)
-  train_idx = np.arange(len(train.labels))
-  if config.train_examples is not None and config.train_examples < len(train_idx):
-    train_idx = np.sort(rng.permutation(len(train_idx))[: config.train_examples])
+  if config.val_examples and config.val_examples + (config.train_examples or 1) > len(train):
+    raise ConfigError(
+      f"--val_examples: {config.val_examples} and --train_examples {config.train_examples} exceed the "
+      f"{len(train)} examples of the data read; lower either"
+    )
+  train_idx, val_idx = split_indices(len(train), config.train_examples, config.val_examples, config.seed)
   test_idx = np.arange(len(test.labels))
   if config.test_examples is not None and config.test_examples < len(test_idx):
     test_idx = test_idx[: config.test_examples]
 
-  real_labels = None
-  if config.noise_mode == "real":
-    if config.noise_label_key not in train.noisy_label_sets:
-      raise ConfigError(
-        f"--noise_label_key: {config.noise_label_key!r} is not a label set of "
-        f"{config.dataset}; it has {sorted(train.noisy_label_sets)}"
-      )
-    real_labels = train.noisy_label_sets[config.noise_label_key][train_idx]
-  noisy = noise.inject_noise(
-    train.labels[train_idx],
-    num_classes=train.num_classes,
-    mode=config.noise_mode,
-    rate=config.noise_rate,
-    seed=config.seed,
-    dataset=config.dataset,
-    images=train.images[train_idx],
-    real_labels=real_labels,
-  )
+  if config.noise_mode == "real" and config.noise_label_key not in train.noisy_label_sets:
+    raise ConfigError(
+      f"--noise_label_key: {config.noise_label_key!r} is not a label set of "
+      f"{config.dataset}; it has {sorted(train.noisy_label_sets)}"
+    )
+
+  def noisy_labels(indices: np.ndarray, seed: Any) -> Any:
+    real = train.noisy_label_sets[config.noise_label_key][indices] if config.noise_mode == "real" else None
+    return noise.inject_noise(
+      train.labels[indices],
+      num_classes=train.num_classes,
+      mode=config.noise_mode,
+      rate=config.noise_rate,
+      seed=seed,
+      dataset=config.dataset,
+      images=train.images[indices],
+      real_labels=real,
+    )
+
+  noisy = noisy_labels(train_idx, config.seed)
   if config.batch_size > len(train_idx):
     raise ConfigError(f"--batch_size: {config.batch_size} exceeds the {len(train_idx)} training examples")
+  val, val_rate = None, None
+  if len(val_idx):
+    # Its own draw of the same noise: (seed, 1) is a seed no training run uses.
+    val_noisy = noisy_labels(val_idx, [config.seed, 1])
+    val_labels = val_noisy.true_labels if config.val_clean else val_noisy.labels
+    val_rate = 0.0 if config.val_clean else float(val_noisy.rate)
+    val = _eval_set(train.images[val_idx], val_labels, config.eval_batch_size, sharding)
 
-  test_images = test.images[test_idx]
-  test_labels = test.labels[test_idx]
-  pad = -len(test_labels) % config.eval_batch_size
-  valid = np.concatenate([np.ones(len(test_labels), bool), np.zeros(pad, bool)])
-  test_images = np.concatenate([test_images, np.zeros((pad, *test_images.shape[1:]), np.uint8)])
-  test_labels = np.concatenate([test_labels, np.zeros(pad, np.int32)])
+  test_set = _eval_set(test.images[test_idx], test.labels[test_idx], config.eval_batch_size, sharding)
   return PreparedData(
     train=pipeline.to_device(
       train.images[train_idx], noisy.labels, noisy.true_labels, noisy.noise_mask, sharding=sharding
     ),
-    test=pipeline.to_device(test_images, test_labels, sharding=sharding),
-    test_valid=pipeline.place(valid, sharding),
-    test_examples=len(test_idx),
+    test=test_set.data,
+    test_valid=test_set.valid,
+    test_examples=test_set.examples,
     num_classes=train.num_classes,
     image_shape=tuple(train.images.shape[1:]),
     realised_noise_rate=float(noisy.rate),
     info=info,
+    val=val,
+    val_noise_rate=val_rate,
   )
 
 
@@ -264,6 +320,8 @@ class Run:
   keys: RunKeys
   display: str  # "bar", "lines" or "none" (always "none" off process 0)
   started: float  # time.perf_counter() before the data loaded
+  input_path: str = "device"  # or "stream" (saner_jax.train.streaming), chosen by choose_input
+  input_reason: str = ""
 
   @property
   def replicated(self) -> NamedSharding:
@@ -292,7 +350,8 @@ def setup(config: TrainConfig, *, resume: bool = False) -> Run:
   replicated = NamedSharding(mesh, P())
   out_dir = _claim_out_dir(config, resume)
   started = time.perf_counter()
-  prepared = prepare_data(config, replicated)
+  input_path, input_reason = choose_input(config)
+  prepared = prepare_input(config, input_path, replicated)
   model = models.create_model(
     config.model,
     prepared.num_classes,
@@ -304,7 +363,26 @@ def setup(config: TrainConfig, *, resume: bool = False) -> Run:
   # Made by a jitted function, so that on several hosts they are global arrays.
   keys = jax.jit(lambda: jax.random.split(jax.random.key(config.seed), 3), out_shardings=replicated)()
   display = _progress_mode(config) if jax.process_index() == 0 else "none"
-  return Run(config, mesh, out_dir, prepared, model, convolutions, optimizer, RunKeys(*keys), display, started)
+  return Run(
+    config, mesh, out_dir, prepared, model, convolutions, optimizer, RunKeys(*keys), display, started,
+    input_path, input_reason,
+  )  # fmt: skip
+
+
+def choose_input(config: TrainConfig) -> tuple[str, str]:
+  """``("device" | "stream", why)``: the input path of the run (:func:`saner_jax.train.streaming.choose`)."""
+  from saner_jax.train import streaming
+
+  return streaming.choose(config)
+
+
+def prepare_input(config: TrainConfig, input_path: str, sharding: NamedSharding) -> Any:
+  """:func:`prepare_data` for the on-device path; the streamed splits (nothing decoded) otherwise."""
+  if input_path == "device":
+    return prepare_data(config, sharding)
+  from saner_jax.train import streaming
+
+  return streaming.prepare(config)
 
 
 class Recipe(NamedTuple):
@@ -318,12 +396,17 @@ class Recipe(NamedTuple):
       (numbered from 1); ``fields`` (floats or None) go into the epoch's
       metrics record. Randomness should derive from the run's keys and the
       epoch or step, so that a resumed run repeats an uninterrupted one.
-    evaluate: ``state -> test accuracy``.
+    evaluate: ``(state, split) -> accuracy`` on ``split``, ``"test"``, or
+      ``"val"`` when the run holds out a validation set
+      (:meth:`PreparedData.eval_set`).
+    iterator: the input pipeline's Grain iterator, saved with each
+      checkpoint and restored on resume; None for the on-device path.
   """
 
   init: Callable[[], Any]
   epoch: Callable[[Any, int], tuple[Any, dict[str, Any]]]
-  evaluate: Callable[[Any], float]
+  evaluate: Callable[[Any, str], float]
+  iterator: Any = None
 
 
 class Steps(NamedTuple):
@@ -390,11 +473,11 @@ def train_epoch(run: Run, steps: Steps, state: step_lib.TrainState, epoch: int) 
   }
 
 
-def evaluate(run: Run, eval_step: Callable, params: Any, batch_stats: Any) -> float:
-  """Test accuracy of one network: one call of the compiled ``eval_step`` over the padded test set."""
-  test = run.data.test
-  correct = eval_step(params, batch_stats, test.images, test.labels, run.data.test_valid)
-  return float(correct) / run.data.test_examples
+def evaluate(run: Run, eval_step: Callable, params: Any, batch_stats: Any, split: str = "test") -> float:
+  """Accuracy of one network on ``split`` ("test" or "val"): one call of the compiled ``eval_step``."""
+  held_out = run.data.eval_set(split)
+  correct = eval_step(params, batch_stats, held_out.data.images, held_out.data.labels, held_out.valid)
+  return float(correct) / held_out.examples
 
 
 def supervised(run: Run, objective: step_lib.Objective = step_lib.label_cross_entropy) -> Recipe:
@@ -416,19 +499,22 @@ def supervised(run: Run, objective: step_lib.Objective = step_lib.label_cross_en
   return Recipe(
     init=init,
     epoch=epoch,
-    evaluate=lambda state: evaluate(run, steps.eval, state.params, state.batch_stats),
+    evaluate=lambda state, split: evaluate(run, steps.eval, state.params, state.batch_stats, split),
   )
 
 
-def restore(run: Run, checkpoints: Any, state: Any, *, resume: bool) -> tuple[Any, checkpointing.Progress]:
+def restore(
+  run: Run, checkpoints: Any, state: Any, *, resume: bool, iterator: Any = None
+) -> tuple[Any, checkpointing.Progress]:
   """With ``resume``, the latest checkpoint's state and progress; else ``state`` and a fresh start.
 
-  ``checkpoints`` is the run's checkpoint manager, None without checkpoints.
+  ``checkpoints`` is the run's checkpoint manager, None without checkpoints;
+  a Grain ``iterator`` is moved to the checkpoint's position.
   """
   restored = None
   if resume and checkpoints is not None:
     restored = checkpointing.restore_latest(
-      checkpoints, state, warn=lambda line: print(line, file=sys.stderr, flush=True)
+      checkpoints, state, warn=lambda line: print(line, file=sys.stderr, flush=True), iterator=iterator
     )
   if restored is not None:
     if run.primary:
@@ -450,12 +536,19 @@ def record_epoch(
   test_acc: float,
   epoch_time_s: float,
   wall_time_s: float,
+  val_acc: float | None = None,
 ) -> checkpointing.Progress:
-  """The progress after ``epoch``, its record appended to the history."""
+  """The progress after ``epoch``, its record appended to the history.
+
+  ``val_acc`` (the validation accuracy) is recorded when the run holds out a
+  validation set. ``best_test_acc`` is a diagnostic: the maximum over epochs
+  of the test accuracy, chosen on the test set.
+  """
   best = max(progress.best_test_acc, test_acc)
   record = {
     "epoch": epoch,
     **fields,
+    **({} if val_acc is None else {"val_acc": val_acc}),
     "test_acc": test_acc,
     "best_test_acc": best,
     "epoch_time_s": epoch_time_s,
@@ -464,7 +557,9 @@ def record_epoch(
   return checkpointing.Progress(epoch, best, wall_time_s, (*progress.history, record))
 
 
-def save(run: Run, checkpoints: Any, state: Any, progress: checkpointing.Progress, logs: Any) -> None:
+def save(
+  run: Run, checkpoints: Any, state: Any, progress: checkpointing.Progress, logs: Any, iterator: Any = None
+) -> None:
   """Checkpoints the state with its progress, then rewrites the logs from the history.
 
   Every process calls it (orbax writes from each); ``logs`` is the
@@ -473,7 +568,7 @@ def save(run: Run, checkpoints: Any, state: Any, progress: checkpointing.Progres
   refuses a write.
   """
   if checkpoints is not None:
-    checkpointing.save(checkpoints, state, progress)
+    checkpointing.save(checkpoints, state, progress, iterator)
   if logs is not None:
     with checkpointing.refused_writes(f"the logs of epoch {progress.epoch}", run.out_dir):
       logs.write(progress.history)
@@ -505,9 +600,10 @@ def summarise(run: Run, progress: checkpointing.Progress) -> dict[str, Any]:
     "config": config.to_dict(),
     "realised_noise_rate": run.data.realised_noise_rate,
     "train_examples": run.data.train.size,
+    "val_examples": run.data.val.examples if run.data.val else 0,
+    "val_noise_rate": run.data.val_noise_rate,
     "final": history[-1] if history else None,
-    "best_test_acc": progress.best_test_acc,
-    "last_test_acc": history[-1]["test_acc"] if history else None,
+    **reporting.selected_metrics(history),
     "mean_group_B": (
       float(np.mean([r["group_B"] for r in history])) if history and history[0]["group_B"] is not None else None
     ),
@@ -533,6 +629,12 @@ def _announce(run: Run) -> None:
     flush=True,
   )
   print(f"convolutions: {run.convolutions.reason}", flush=True)
+  print(f"input: {run.input_path} ({run.input_reason})", flush=True)
+  from saner_jax.train import streaming
+
+  note = streaming.real_noise_note(config)
+  if note:
+    print(note, flush=True)
 
 
 def recipe_of(config: TrainConfig) -> Callable[[Run], Recipe]:
@@ -542,6 +644,15 @@ def recipe_of(config: TrainConfig) -> Callable[[Run], Recipe]:
   from saner_jax.train.pipelines import recipes
 
   return recipes.RECIPES[config.pipeline]
+
+
+def _input_recipe(run: Run, recipe: Callable[[Run], Recipe] | None) -> Recipe:
+  """The recipe for the run's input path, with the fields of a real-noise dataset adjusted."""
+  from saner_jax.train import streaming
+
+  if run.input_path == "stream" and recipe is None:
+    recipe = streaming.supervised
+  return streaming.with_real_noise_fields(run, (recipe or recipe_of(run.config))(run))
 
 
 class RunStopped(Exception):
@@ -602,9 +713,9 @@ def train(
   config.validate()  # before the out_dir is created for the lock
   with lock.hold(config.out_dir) if jax.process_index() == 0 else contextlib.nullcontext():
     run = setup(config, resume=resume)
-    parts = (recipe or recipe_of(config))(run)
+    parts = _input_recipe(run, recipe)
     checkpoints = checkpointing.manager(run.out_dir) if config.checkpoint else None
-    state, progress = restore(run, checkpoints, parts.init(), resume=resume)
+    state, progress = restore(run, checkpoints, parts.init(), resume=resume, iterator=parts.iterator)
     wall_offset = progress.wall_time_s
     epoch = progress.epoch + 1
     logs = None
@@ -617,10 +728,13 @@ def train(
       for epoch in range(progress.epoch + 1, config.epochs + 1):
         t_epoch = time.perf_counter()
         state, fields = parts.epoch(state, epoch)
-        test_acc = parts.evaluate(state)
+        test_acc = parts.evaluate(state, "test")
+        val_acc = parts.evaluate(state, "val") if run.data.val else None
         now = time.perf_counter()
-        progress = record_epoch(progress, epoch, fields, test_acc, now - t_epoch, wall_offset + now - run.started)
-        save(run, checkpoints, state, progress, logs)
+        progress = record_epoch(
+          progress, epoch, fields, test_acc, now - t_epoch, wall_offset + now - run.started, val_acc
+        )
+        save(run, checkpoints, state, progress, logs, parts.iterator)
       return summarise(run, progress)
     except (FloatingPointError, KeyboardInterrupt, checkpointing.WriteError) as e:
       raise _stopped(run, epoch, e) from e

@@ -334,7 +334,7 @@ def inject_noise(
   num_classes: int,
   mode: str,
   rate: float | None = None,
-  seed: int = 0,
+  seed: int | Sequence[int] = 0,
   dataset: str | None = None,
   images: np.ndarray | None = None,
   real_labels: np.ndarray | None = None,

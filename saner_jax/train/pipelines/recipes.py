@@ -139,15 +139,15 @@ def _epoch(run, step, state, epoch, keys=()):
 
 
 def _evaluate(run, networks: int):
-  """``evaluate(nets) -> test accuracy`` of network 0."""
+  """``evaluate(nets, split) -> accuracy`` of network 0 on ``split``."""
   loop = _loop()
   eval_step = jax.jit(step_lib.make_eval_step(run.model, run.config, run.data.info, mesh=run.mesh))
   pick = _first if networks == 2 else (lambda tree: tree)
-  return lambda nets: loop.evaluate(run, eval_step, pick(nets.params), pick(nets.batch_stats))
+  return lambda nets, split: loop.evaluate(run, eval_step, pick(nets.params), pick(nets.batch_stats), split)
 
 
 def _on_nets(evaluate):
-  return lambda state: evaluate(state.nets)
+  return lambda state, split: evaluate(state.nets, split)
 
 
 def _jit_step(run, step):
