@@ -9,6 +9,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -99,6 +100,9 @@ def test_a_resumed_log_continues_the_same_wandb_run_and_event_folder(tmp_path, w
   first.write(history[:1])
   first.write(history[:2])
   first.close()
+  # W&B names an offline run's folder by the second it starts in; a resumed
+  # run starts seconds later.
+  time.sleep(1.0)
   # The resumed run rewrites the restored epochs' files without logging them again.
   second = reporting.MetricsLog(tmp_path, tensorboard="true", wandb=wandb)
   second.write(history[:2], tensorboard=False)

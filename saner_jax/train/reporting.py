@@ -126,7 +126,9 @@ class MetricsLog:
     if tensorboard != "false" and not missing:
       from tensorboardX import SummaryWriter
 
-      self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
+      # Event files are named by the second they start in: a suffix keeps a
+      # resumed run's writer from replacing the previous one's file.
+      self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"), filename_suffix=f".{secrets.token_hex(4)}")
     if wandb is not None:
       self.wandb = _start_wandb(out_dir, wandb)
 
