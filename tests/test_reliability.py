@@ -190,11 +190,11 @@ from saner_jax.train import checkpointing, cli
 
 original = checkpointing.save
 
-def limited_from_epoch_2(checkpoints, state, progress, **kwargs):
+def limited_from_epoch_2(checkpoints, state, progress, *args, **kwargs):
   if progress.epoch == 2:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
-  return original(checkpoints, state, progress, **kwargs)
+  return original(checkpoints, state, progress, *args, **kwargs)
 
 checkpointing.save = limited_from_epoch_2
 cli.run()

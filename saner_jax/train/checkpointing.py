@@ -113,15 +113,20 @@ def quiet_refused_writes() -> None:
 
   Reading a damaged checkpoint leaves orbax's read tasks failed and
   abandoned too: asyncio logs each, once per damaged chunk, as "Task
-  exception was never retrieved" (hundreds of lines, interleaved with the
-  warning that says which checkpoint was moved aside). These are dropped
-  as well: :func:`restore_latest` reports the checkpoint in one line.
+  exception was never retrieved", and Python reports their coroutines as
+  "Exception ignored in" (hundreds of lines, interleaved with the warning
+  that says which checkpoint was moved aside). These are dropped as well:
+  :func:`restore_latest` reports the checkpoint in one line.
   """
   hook = sys.unraisablehook
 
   def unraisable(u: Any) -> None:
-    if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
-      hook(u)
+    if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+      return
+    code = getattr(u.object, "cr_code", None)  # an orbax read or write coroutine, abandoned with its error
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+      return
+    hook(u)
 
   for name in ("absl", "asyncio"):
     logging.getLogger(name).addFilter(_NotRefusedWrites())
@@ -261,6 +266,14 @@ def _grain_args(iterator: Any, save: bool) -> Any:
   return grain.checkpoint.CheckpointSave(iterator) if save else grain.checkpoint.CheckpointRestore(iterator)
 
 
+def _first_sentence(error: BaseException, limit: int = 160) -> str:
+  """The gist of an orbax or TensorStore error for one line: its first line, less the TensorStore
+  spec it goes on to print, cut at a word if still long."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  text = text.split(" See full TensorStore details")[0].rstrip(" .")
+  return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 class _Unusable(Exception):
   """A checkpoint that cannot be read or fails its digest; the message says why."""
 
@@ -283,8 +296,7 @@ def _restore_verified(
       epoch, args=ocp.args.Composite(**items, **({"digest": ocp.args.JsonRestore()} if verified else {}))
     )
   except Exception as e:  # orbax reports damaged files as JSON, TensorStore or plain errors, among others
-    message = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-    raise _Unusable(f"cannot be read: {type(e).__name__}: {message}") from e
+    raise _Unusable(f"cannot be read: {type(e).__name__}: {_first_sentence(e)}") from e
   meta = restored.meta
   recorded = restored.digest.get("sha256") if verified and isinstance(restored.digest, dict) else None
   if verified and recorded != digest(restored.state, meta):

@@ -288,9 +288,7 @@ def _report(error: BaseException, debug: bool, message: str | None = None) -> No
   print(f"error: {message or error}", file=sys.stderr, flush=True)
 
 
-def main(
-  argv: list[str] | None = None, *, quiet_refused_writes: bool = False, handle_signals: bool = False
-) -> int:
+def main(argv: list[str] | None = None, *, quiet_refused_writes: bool = False, handle_signals: bool = False) -> int:
   """Runs the command; returns the exit status (2 for a bad flag or config, 1 for other user errors,
   130 or 143 after SIGINT or SIGTERM).
 
