@@ -344,6 +344,19 @@ def sharpness_aware_grad(
     >>> print(out.loss, out.clean_grads["w"], out.perturbed_grads["w"])
     12.5 [3. 4.] [3.3 4.4]
 
+    Split into two sub-batches (m-sharpness) on a one-device mesh, an aux
+    ``(per-example outputs, batch mean)`` still comes back as one unsplit
+    call's, by the reducers named for its leaves:
+
+    >>> def loss_with_aux(params, batch):
+    ...   return loss_fn(params, batch), (batch * 10, batch.mean())
+    >>> grad_fn = saner_jax.sharpness_aware_grad(
+    ...   loss_with_aux, perturbation, has_aux=True, m_sharpness=2,
+    ...   mesh=saner_jax.data_mesh(jax.devices()[:1]), aux_reducers=("concat", "mean"))
+    >>> out = jax.jit(grad_fn)(params, perturbation.init(params), jnp.arange(4.0))
+    >>> print(out.aux[0], out.aux[1])
+    [ 0. 10. 20. 30.] 1.5
+
   Args:
     loss_fn: ``loss_fn(params, *args, **kwargs)`` returning a scalar loss, or
       ``(loss, aux)`` with ``has_aux``. Model state (BatchNorm statistics)
