@@ -69,6 +69,10 @@ def _without_times(records):
     (["--data_source", "ftp"], "--data_source"),
     (["--cpu_conv", "maybe"], "--cpu_conv"),
     (["--bn_stats", "noisy"], "--bn_stats"),
+    (["--model", "wrn40_2", "--model_width", "2"], "--model_width: model 'wrn40_2' has no width factor"),
+    (["--model", "resnet20", "--model_width", "0.01"], "--model_width: width 0.01 leaves"),
+    (["--model", "inception_resnet_v2"], "--model: model 'inception_resnet_v2' needs images of at least 75x75"),
+    (["--tensorboard", "maybe"], "--tensorboard"),
   ],
 )
 def test_bad_flags_name_the_flag(flags, names, capsys, tmp_path):
@@ -125,7 +129,9 @@ def test_compare_help_explains_its_own_flags(capsys, monkeypatch):
   [
     (
       dict(dataset="cifar11"),
-      "--dataset: unknown value 'cifar11'; choose one of ['cifar10', 'cifar100', 'cifar100_n', 'cifar10_n', 'fashion_mnist', 'mnist', 'svhn_cropped']",
+      "--dataset: unknown value 'cifar11'; choose one of ['animal10n', 'cifar10', 'cifar100', 'cifar100_n', "
+      "'cifar10_n', 'clothing1m', 'fashion_mnist', 'image_folder', 'mini_webvision', 'mnist', 'svhn_cropped', "
+      "'tiny_imagenet']",
     ),
     (dict(lr=float("nan")), "--lr: must be a finite number, got nan"),
     (dict(seed=-1), "--seed: must be in [0, 2**32), got -1"),

@@ -35,7 +35,22 @@ BN_STATS = ("clean", "perturbed")
 DTYPES = ("float32", "bfloat16")
 # The names of saner_jax.train.models.MODELS, which tests/test_layout.py keeps equal:
 # listed here so that --help names them without loading flax.
-MODEL_NAMES = ("resnet8", "resnet20", "resnet18", "resnet34", "preact_resnet18", "wrn28_10", "wrn40_2")
+MODEL_NAMES = (
+  "resnet8",
+  "resnet20",
+  "resnet18",
+  "resnet34",
+  "resnet50",
+  "preact_resnet18",
+  "wrn28_10",
+  "wrn40_2",
+  "densenet121",
+  "densenet121_imagenet",
+  "resnet18_imagenet",
+  "resnet50_imagenet",
+  "inception_resnet_v2",
+)
+LOGGER_MODES = ("auto", "true", "false")
 PRESET_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
 
@@ -152,6 +167,12 @@ class TrainConfig:
   noise_label_key: str = _field("worse_label", GROUP_DATA, "CIFAR-N's human label set, for --noise_mode real")
   augment: bool = _field(True, GROUP_DATA, "random crops and flips of the training images")
   model: str = _field("resnet18", GROUP_MODEL, "the network", MODEL_NAMES)
+  model_width: float = _field(
+    1.0,
+    GROUP_MODEL,
+    "multiply every width of a CIFAR ResNet (resnet8, resnet20, resnet18, resnet34, resnet50) by this, rounded "
+    "down: the paper's width ablation, the authors' widen_factor; 1 is the published network",
+  )
   dtype: str = _field(
     "float32", GROUP_MODEL, "the compute dtype; parameters and BatchNorm statistics stay float32", DTYPES
   )
@@ -293,6 +314,20 @@ class TrainConfig:
   probe_examples: int = _field(256, GROUP_DIAGNOSTICS, "training examples in the probe batch, at most the training set")
   sharpness_iterations: int = _field(20, GROUP_DIAGNOSTICS, "power iterations for the top eigenvalue")
   hutchinson_samples: int = _field(10, GROUP_DIAGNOSTICS, "Hutchinson samples for the trace")
+  tensorboard: str = _field(
+    "auto",
+    GROUP_OUTPUT,
+    "the epoch metrics as TensorBoard events in OUT_DIR/tensorboard; auto: where tensorboardX is installed, "
+    "true: insist (the tensorboard extra), false: never",
+    LOGGER_MODES,
+  )
+  wandb: bool = _field(
+    False,
+    GROUP_OUTPUT,
+    "log the config and the epoch metrics to Weights & Biases (the wandb extra); with WANDB_MODE=offline "
+    "the run is written under OUT_DIR/wandb, for `wandb sync` later",
+  )
+  wandb_project: str = _field("saner_jax", GROUP_OUTPUT, "the Weights & Biases project of --wandb")
   progress: str = _field(
     "auto",
     GROUP_OUTPUT,
@@ -303,6 +338,8 @@ class TrainConfig:
   def __post_init__(self):
     if isinstance(self.cpu_conv, bool):  # TrainConfig(cpu_conv=False), as before it had "auto"
       self.cpu_conv = str(self.cpu_conv).lower()
+    if isinstance(self.tensorboard, bool):  # TrainConfig(tensorboard=True)
+      self.tensorboard = str(self.tensorboard).lower()
 
   @property
   def perturbation(self) -> str:
@@ -387,7 +424,15 @@ class TrainConfig:
     self._check_model_and_diagnostics(spec)
     self._check_pipeline()
     self._check_input()
+    self._check_loggers()
     return self
+
+  def _check_loggers(self) -> None:
+    from saner_jax.train import reporting
+
+    for field, wanted in (("tensorboard", self.tensorboard == "true"), ("wandb", self.wandb)):
+      if wanted and (missing := reporting.missing_logger(field)):
+        _fail(field, missing)
 
   def _check_input(self) -> None:
     if self.stream_workers is not None and self.stream_workers < 0:
@@ -524,6 +569,10 @@ class TrainConfig:
       models.check_input(self.model, spec.image_shape)
     except ValueError as e:
       _fail("model", str(e))
+    try:
+      models.create_model(self.model, spec.num_classes, width=self.model_width)
+    except ValueError as e:
+      _fail("model_width", str(e))
     if self.sharpness_every < 0:
       _fail("sharpness_every", f"must be >= 0 (0: never), got {self.sharpness_every}")
     _at_least(self, 1, "probe_examples", "sharpness_iterations", "hutchinson_samples")

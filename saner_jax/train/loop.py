@@ -55,7 +55,17 @@ from saner_jax.train import step as step_lib
 from saner_jax.train.config import ConfigError, TrainConfig
 
 # Keys a resumed run may change without changing the result.
-_RESUME_FREE_KEYS = ("out_dir", "progress", "eval_batch_size", "distributed", "compilation_cache", "stream_workers")
+_RESUME_FREE_KEYS = (
+  "out_dir",
+  "progress",
+  "eval_batch_size",
+  "distributed",
+  "compilation_cache",
+  "stream_workers",
+  "tensorboard",
+  "wandb",
+  "wandb_project",
+)
 
 
 def initialize_distributed(config: TrainConfig) -> None:
@@ -343,7 +353,11 @@ def setup(config: TrainConfig, *, resume: bool = False) -> Run:
   input_path, input_reason = choose_input(config)
   prepared = prepare_input(config, input_path, replicated)
   model = models.create_model(
-    config.model, prepared.num_classes, dtype=config.compute_dtype, conv_general_dilated=convolutions.conv
+    config.model,
+    prepared.num_classes,
+    width=config.model_width,
+    dtype=config.compute_dtype,
+    conv_general_dilated=convolutions.conv,
   )
   optimizer = step_lib.build_optimizer(config, prepared.train.size // config.batch_size)
   # Made by a jitted function, so that on several hosts they are global arrays.
@@ -562,6 +576,22 @@ def save(
     print(reporting.epoch_line(progress.history[-1], run.config.epochs), flush=True)
 
 
+def metrics_log(run: Run) -> reporting.MetricsLog:
+  """The run's :class:`saner_jax.train.reporting.MetricsLog`, with the loggers its config asks for.
+
+  Raises:
+    ConfigError: a logger's package is missing, or W&B cannot start.
+  """
+  config = run.config
+  wandb = (
+    {"project": config.wandb_project, "name": config.run_name, "config": config.to_dict()} if config.wandb else None
+  )
+  try:
+    return reporting.MetricsLog(run.out_dir, tensorboard=config.tensorboard, wandb=wandb)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 def summarise(run: Run, progress: checkpointing.Progress) -> dict[str, Any]:
   """The run's summary; process 0 also writes ``summary.json`` and ``curves.png``."""
   config, history = run.config, progress.history
@@ -688,11 +718,11 @@ def train(
     state, progress = restore(run, checkpoints, parts.init(), resume=resume, iterator=parts.iterator)
     wall_offset = progress.wall_time_s
     epoch = progress.epoch + 1
+    logs = None
     try:
-      logs = None
       if run.primary:
         with checkpointing.refused_writes("the logs", run.out_dir):
-          logs = reporting.MetricsLog(run.out_dir)
+          logs = metrics_log(run)
           logs.write(progress.history, tensorboard=False)  # the restored epochs are in TensorBoard already
         _announce(run)
       for epoch in range(progress.epoch + 1, config.epochs + 1):
@@ -708,3 +738,6 @@ def train(
       return summarise(run, progress)
     except (FloatingPointError, KeyboardInterrupt, checkpointing.WriteError) as e:
       raise _stopped(run, epoch, e) from e
+    finally:
+      if logs is not None:
+        logs.close()

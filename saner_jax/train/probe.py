@@ -80,7 +80,7 @@ def make_probe(
   spec = resolve_spec(config, spec, loose, "make_probe")
   if not (config.log_decomposition or config.sharpness_every):
     return lambda state, epoch: {}
-  model = models.create_model(config.model, num_classes, dtype=config.compute_dtype)
+  model = models.create_model(config.model, num_classes, width=config.model_width, dtype=config.compute_dtype)
   batch = pipeline.gather(data, jnp.asarray(probe_indices(config, data.size)))
   images = pipeline.normalize(batch.images, spec.mean, spec.std, config.compute_dtype)
   perturbation = optimizer.perturbation or saner_jax.sam(config.rho)

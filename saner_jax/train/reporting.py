@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import pathlib
+import secrets
 import subprocess
 from collections.abc import Sequence
 from typing import Any
@@ -67,27 +69,71 @@ def write_results(prefix: str | os.PathLike, record: dict[str, Any], text: str) 
   _replace_text(prefix.with_name(prefix.name + ".txt"), text if text.endswith("\n") else text + "\n")
 
 
+# The optional loggers: (module imported, extra that installs it).
+LOGGERS = {"tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def missing_logger(name: str) -> str | None:
+  """None when logger ``name`` ("tensorboard" or "wandb") can be imported, else a one-line fix naming the pip command."""
+  module, extra = LOGGERS[name]
+  if importlib.util.find_spec(module) is not None:
+    return None
+  return f"needs the {module} package, which is not installed: pip install 'saner_jax[{extra}]'"
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+  """The record's numbers (None, the epoch and strings left out): what the loggers plot."""
+  return {
+    key: value
+    for key, value in record.items()
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch"
+  }
+
+
 class MetricsLog:
-  """``metrics.jsonl`` and ``metrics.csv``, always rewritten whole from the history.
+  """``metrics.jsonl`` and ``metrics.csv``, always rewritten whole from the history; TensorBoard and W&B optionally.
 
   Rewriting (atomically) instead of appending keeps the files complete and
-  unduplicated across kills and resumes; with tensorboardX installed, each
-  new epoch also goes to ``tensorboard/``.
+  unduplicated across kills and resumes. Each new epoch also goes, as
+  scalars at step = epoch, to TensorBoard (``tensorboard/`` under the run's
+  folder, written by tensorboardX) and to Weights & Biases, where asked.
+
+  The W&B run's id is kept in ``wandb_run_id`` in the run's folder, so a
+  resumed run continues the same W&B run (online; offline, ``wandb sync``
+  uploads each piece to it). W&B's mode comes from its own settings: set
+  ``WANDB_MODE=offline`` to write the run under ``wandb/`` in the run's
+  folder without a network. W&B does not capture the console.
+
+  Args:
+    out_dir: the run's folder.
+    tensorboard: "auto" (where tensorboardX is installed), "true" or "false".
+    wandb: the W&B run's ``project``, ``name`` and ``config`` (keyword
+      arguments of ``wandb.init``), or None for no W&B.
+
+  Raises:
+    ValueError: a logger was asked for whose package is missing, or W&B
+      could not start (no API key online, say); the message says what to do.
   """
 
-  def __init__(self, out_dir: pathlib.Path):
+  def __init__(self, out_dir: pathlib.Path, tensorboard: str = "auto", wandb: dict[str, Any] | None = None):
     self.jsonl = out_dir / "metrics.jsonl"
     self.csv = out_dir / "metrics.csv"
     self.tensorboard = None
-    try:
-      from tensorboardX import SummaryWriter  # optional
+    self.wandb = None
+    missing = missing_logger("tensorboard")
+    if tensorboard == "true" and missing:
+      raise ValueError(f"--tensorboard {missing}")
+    if tensorboard != "false" and not missing:
+      from tensorboardX import SummaryWriter
 
-      self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
-    except ImportError:
-      pass
+      # Event files are named by the second they start in: a suffix keeps a
+      # resumed run's writer from replacing the previous one's file.
+      self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"), filename_suffix=f".{secrets.token_hex(4)}")
+    if wandb is not None:
+      self.wandb = _start_wandb(out_dir, wandb)
 
   def write(self, history: Sequence[dict[str, Any]], tensorboard: bool = True) -> None:
-    """Rewrites both files; ``tensorboard`` adds the last record to TensorBoard."""
+    """Rewrites both files; ``tensorboard`` adds the last record to TensorBoard and W&B."""
     tmp = self.jsonl.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in history))
     os.replace(tmp, self.jsonl)
@@ -98,12 +144,55 @@ class MetricsLog:
         writer.writeheader()
         writer.writerows(history)
       os.replace(tmp, self.csv)
-    if tensorboard and self.tensorboard is not None and history:
-      record = history[-1]
-      for key, value in record.items():
-        if isinstance(value, (int, float)) and key != "epoch" and value is not None:
-          self.tensorboard.add_scalar(key, value, record["epoch"])
+    if not (tensorboard and history):
+      return
+    record = history[-1]
+    if self.tensorboard is not None:
+      for key, value in _scalars(record).items():
+        self.tensorboard.add_scalar(key, value, record["epoch"])
       self.tensorboard.flush()
+    if self.wandb is not None:
+      self.wandb.log({"epoch": record["epoch"], **_scalars(record)}, step=record["epoch"])
+
+  def close(self) -> None:
+    """Flushes and closes TensorBoard's file and ends the W&B run (uploading or writing what it holds)."""
+    if self.tensorboard is not None:
+      self.tensorboard.close()
+      self.tensorboard = None
+    if self.wandb is not None:
+      self.wandb.finish()
+      self.wandb = None
+
+
+def _start_wandb(out_dir: pathlib.Path, init: dict[str, Any]) -> Any:
+  """A W&B run in ``out_dir``, with the id kept in ``out_dir/wandb_run_id`` (reused on resume)."""
+  missing = missing_logger("wandb")
+  if missing:
+    raise ValueError(f"--wandb {missing}")
+  import wandb
+
+  id_file = out_dir / "wandb_run_id"
+  run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)
+  id_file.write_text(run_id + "\n")
+  try:
+    run = wandb.init(
+      **init,
+      id=run_id,
+      resume="allow",
+      dir=str(out_dir),
+      # The trainer prints its own lines and progress bar; W&B wrapping the
+      # console would duplicate them in the run's log.
+      settings=wandb.Settings(console="off", silent=True),
+    )
+  except wandb.Error as e:
+    message = " ".join(str(e).split())
+    raise ValueError(
+      f"--wandb: W&B could not start a run ({message}); run `wandb login`, or set WANDB_MODE=offline"
+    ) from None
+  mode = "offline" if run.settings.mode == "offline" else "online"
+  where = f"written to {run.dir.removesuffix('/files')}; upload it with `wandb sync`" if mode == "offline" else run.url
+  print(f"wandb: {mode} run {run.id}: {where}", flush=True)
+  return run
 
 
 def _pct(value) -> str:
