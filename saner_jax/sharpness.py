@@ -313,7 +313,7 @@ def _stacked_accumulation(
   return accumulated
 
 
-def sharpness_aware_grad(  # noqa: C901 (one entry point with the sharded helper in the redesign)
+def sharpness_aware_grad(
   loss_fn: Callable[..., Any],
   perturbation: optax.GradientTransformation,
   *,
