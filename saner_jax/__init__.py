@@ -11,6 +11,8 @@ The package has three tiers:
 """
 
 import sys as _sys
+import warnings
+from typing import Any
 
 from saner_jax import _cli_signals
 
@@ -24,18 +26,11 @@ from saner_jax.parallel import data_mesh, sharded_sharpness_aware_grad
 from saner_jax.perturbations import asam, friendly_sam, sam, vasso
 from saner_jax.policies import SharpnessPolicy, adaptive_steps, every_k_steps, random_steps, with_policy
 from saner_jax.saner import alpha_warmup, group_mask, gsam, saner, substitute_groups
-from saner_jax.sharpness import (
-  AuxLayout,
-  SharpnessAwareGrads,
-  accumulated_value_and_grad,
-  aux_layout,
-  sharpness_aware_grad,
-)
+from saner_jax.sharpness import SharpnessAwareGrads, accumulated_value_and_grad, aux_layout, sharpness_aware_grad
 
 __version__ = "0.2.0"
 
 __all__ = [
-  "AuxLayout",
   "SharpnessAwareGrads",
   "SharpnessPolicy",
   "accumulated_value_and_grad",
@@ -61,3 +56,18 @@ __all__ = [
   "vasso",
   "with_policy",
 ]
+
+
+def __getattr__(name: str) -> Any:
+  # The class behind the deprecated aux_layout, kept importable for one release.
+  if name == "AuxLayout":
+    warnings.warn(
+      "saner_jax.AuxLayout is deprecated (saner_jax 0.3.0) and goes in 0.4.0: sharpness_aware_grad merges the aux "
+      "itself (aux_reducers)",
+      DeprecationWarning,
+      stacklevel=2,
+    )
+    from saner_jax.sharpness import _AuxLayout
+
+    return _AuxLayout
+  raise AttributeError(f"module 'saner_jax' has no attribute {name!r}")

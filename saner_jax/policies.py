@@ -4,8 +4,8 @@ A sharpness-aware step costs two forward and backward passes. A *policy*
 decides, step by step, whether the second pass runs; on the other steps the
 perturbed gradient is the clean one, :math:`g^{SAM}_t = g_t`, and the step
 costs one pass, as SGD's does. Wrap a perturbation with :func:`with_policy`
-and give it to :func:`saner_jax.sharpness_aware_grad` (or the sharded helper)
-as usual::
+and give it to :func:`saner_jax.sharpness_aware_grad` (on one device or a
+mesh) as usual::
 
   perturbation = saner_jax.with_policy(saner_jax.sam(0.1), saner_jax.every_k_steps(2))
   grad_fn = jax.jit(saner_jax.sharpness_aware_grad(loss_fn, perturbation))
@@ -52,7 +52,7 @@ as benchmarks/cheap_sam_cost.py measures. Under ``jax.vmap`` with a choice
 that differs along the mapped axis (per-example or per-model states), the
 cond becomes a ``select`` and both branches run on every step: the result is
 right but the cost is SAM's. In the per-device mode of
-:func:`saner_jax.sharded_sharpness_aware_grad` the choice is made once, from
+:func:`saner_jax.sharpness_aware_grad` the choice is made once, from
 the mean clean gradient over devices (and over m-sharpness sub-batches), so
 every device takes the same branch.
 
@@ -255,8 +255,7 @@ class PolicyPerturbation(NamedTuple):
 def with_policy(perturbation: optax.GradientTransformation, policy: SharpnessPolicy) -> PolicyPerturbation:
   """``perturbation`` whose second pass runs only on the steps ``policy`` chooses.
 
-  Pass the result to :func:`saner_jax.sharpness_aware_grad` or
-  :func:`saner_jax.sharded_sharpness_aware_grad` in place of the
+  Pass the result to :func:`saner_jax.sharpness_aware_grad` in place of the
   perturbation; its ``init(params)`` holds both states (a
   :class:`PolicyState`). The helpers then return the clean gradient as
   ``perturbed_grads`` on skipped steps, and ``sharpness_aware`` says which

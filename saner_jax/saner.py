@@ -97,8 +97,10 @@ def _require_clean_grads(name: str, updates: optax.Updates, clean_grads: optax.U
 
   Inside ``optax.masked`` and ``optax.multi_transform`` the updates arrive
   with ``optax.MaskedNode`` in place of the parameters (or whole subtrees)
-  left out, while extra arguments pass through whole; masking the clean
-  gradients the same way lets the transforms run on the chosen parameters.
+  left out. With ``mask_compatible_extra_args=True`` optax masks
+  ``clean_grads`` the same way itself and this only checks them; with
+  optax's default (False) they pass through whole, and masking them here
+  keeps ``optax.masked(saner(...), mask)`` working as written.
   """
   if clean_grads is None:
     raise ValueError(

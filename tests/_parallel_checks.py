@@ -94,18 +94,14 @@ def replicated(tree):
   return jax.device_put(tree, REPLICATED)
 
 
-def train(grad_fn, params, batch_stats, perturbation, batches, place, stacked_axes=0):
-  """A few SANER steps; returns every step's loss and the final state.
-
-  ``stacked_axes`` leading aux axes (sub-batches) are averaged for the
-  BatchNorm statistics, as the trainer does.
-  """
+def train(grad_fn, params, batch_stats, perturbation, batches, place):
+  """A few SANER steps; returns every step's loss and the final state (the aux comes back merged)."""
   tx = optax.chain(saner_jax.saner(0.5), optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
 
   @jax.jit
   def step(params, batch_stats, opt_state, perturbation_state, batch):
     out = grad_fn(params, perturbation_state, batch_stats, batch)
-    new_stats = jax.tree.map(lambda x: x.mean(tuple(range(stacked_axes))), out.aux[0])
+    new_stats = out.aux[0]
     updates, opt_state = tx.update(out.perturbed_grads, opt_state, params, clean_grads=out.clean_grads)
     return optax.apply_updates(params, updates), new_stats, opt_state, out.perturbation_state, out.loss
 
@@ -123,9 +119,7 @@ def synced_equals_single_device():
   loss_fn, params, batch_stats, batches = make_problem()
   perturbation = saner_jax.friendly_sam(0.1)
   single = saner_jax.sharpness_aware_grad(loss_fn, perturbation, has_aux=True, batch_argnum=2)
-  synced = parallel.sharded_sharpness_aware_grad(
-    loss_fn, perturbation, MESH, mode="synced", has_aux=True, batch_argnum=2
-  )
+  synced = saner_jax.sharpness_aware_grad(loss_fn, perturbation, has_aux=True, batch_argnum=2, mesh=MESH, mode="synced")
   want_losses, want = train(single, params, batch_stats, perturbation, batches, on_one_device)
   got_losses, got = train(synced, params, batch_stats, perturbation, batches, replicated)
   assert got[0]["dense_in"]["kernel"].sharding.num_devices == DEVICES
@@ -138,15 +132,17 @@ def per_device_equals_m_sharpness_helper():
   """Per-device mode = sharpness_aware_grad(m_sharpness=8), step by step and state by state."""
   loss_fn, params, batch_stats, batches = make_problem()
   perturbation = saner_jax.vasso(0.1, theta=0.3)  # a float state: averaged over devices
-  helper = saner_jax.sharpness_aware_grad(loss_fn, perturbation, has_aux=True, m_sharpness=DEVICES, batch_argnum=2)
-  per_device = parallel.sharded_sharpness_aware_grad(
-    loss_fn, perturbation, MESH, mode="per_device", has_aux=True, batch_argnum=2
+  helper = saner_jax.sharpness_aware_grad(
+    loss_fn, perturbation, has_aux=True, m_sharpness=DEVICES, batch_argnum=2, aux_reducers=("mean", "concat")
   )
-  # One step, every output, the stacked aux (batch stats, logits) included.
+  per_device = saner_jax.sharpness_aware_grad(
+    loss_fn, perturbation, has_aux=True, batch_argnum=2, mesh=MESH, mode="per_device", aux_reducers=("mean", "concat")
+  )
+  # One step, every output, the merged aux (batch stats, logits) included.
   state = perturbation.init(params)
   want = jax.jit(helper)(*on_one_device((params, state, batch_stats, batches[0])))
   got = jax.jit(per_device)(*replicated((params, state, batch_stats, batches[0])))
-  assert got.aux[1].shape == (DEVICES, 4, 3), got.aux[1].shape
+  assert got.aux[1].shape == (DEVICES * 4, 3), got.aux[1].shape
   assert_close(got, want)
   # Each device perturbed with its own gradient: not the synced result.
   synced = saner_jax.sharpness_aware_grad(loss_fn, perturbation, has_aux=True, batch_argnum=2)
@@ -155,8 +151,8 @@ def per_device_equals_m_sharpness_helper():
     got.perturbed_grads["dense_in"]["kernel"], full.perturbed_grads["dense_in"]["kernel"], rtol=1e-3
   )
   # Several training steps, running averages averaged over the sub-batches.
-  want_losses, want = train(helper, params, batch_stats, perturbation, batches, on_one_device, 1)
-  got_losses, got = train(per_device, params, batch_stats, perturbation, batches, replicated, 1)
+  want_losses, want = train(helper, params, batch_stats, perturbation, batches, on_one_device)
+  got_losses, got = train(per_device, params, batch_stats, perturbation, batches, replicated)
   assert_close(got_losses, want_losses)
   assert_close(got, want)
 
@@ -172,8 +168,8 @@ def batchnorm_statistics():
   inputs = replicated((params, perturbation.init(params), batch_stats, batches[0]))
   outs = {}
   for mode in parallel.PERTURBATION_MODES:
-    grad_fn = parallel.sharded_sharpness_aware_grad(
-      loss_fn, perturbation, MESH, mode=mode, has_aux=True, batch_argnum=2
+    grad_fn = saner_jax.sharpness_aware_grad(
+      loss_fn, perturbation, has_aux=True, batch_argnum=2, mesh=MESH, mode=mode, aux_reducers="stack"
     )
     outs[mode] = jax.jit(grad_fn)(*inputs).aux[0]["bn"]
   # flax momentum 0.9: new = 0.9 old + 0.1 batch statistic; mean 0 and var 1 initially.
@@ -193,11 +189,11 @@ def accumulation_over_devices():
   # BN-free, synced, 4 micro-batches = one device, no accumulation.
   loss_fn, params, batch_stats, batches = make_problem(batch_norm=False)
   plain = saner_jax.sharpness_aware_grad(loss_fn, perturbation, has_aux=True, batch_argnum=2)
-  accumulated = parallel.sharded_sharpness_aware_grad(
-    loss_fn, perturbation, MESH, has_aux=True, accumulation_steps=4, batch_argnum=2
+  accumulated = saner_jax.sharpness_aware_grad(
+    loss_fn, perturbation, has_aux=True, accumulation_steps=4, batch_argnum=2, mesh=MESH
   )
   want_losses, want = train(plain, params, batch_stats, perturbation, batches, on_one_device)
-  got_losses, got = train(accumulated, params, batch_stats, perturbation, batches, replicated, 1)
+  got_losses, got = train(accumulated, params, batch_stats, perturbation, batches, replicated)
   assert_close(got_losses, want_losses)
   assert_close(got, want)
   # With BatchNorm: synced = the helper's accumulation on one device, and
@@ -208,15 +204,15 @@ def accumulation_over_devices():
     helper = saner_jax.sharpness_aware_grad(
       loss_fn, perturbation, has_aux=True, m_sharpness=helper_m, accumulation_steps=2, batch_argnum=2
     )
-    sharded = parallel.sharded_sharpness_aware_grad(
+    sharded = saner_jax.sharpness_aware_grad(
       loss_fn,
       perturbation,
-      MESH,
-      mode=mode,
       has_aux=True,
       m_sharpness=m_sharpness,
       accumulation_steps=2,
       batch_argnum=2,
+      mesh=MESH,
+      mode=mode,
     )
     want = jax.jit(helper)(*on_one_device((params, state, batch_stats, batches[0])))
     got = jax.jit(sharded)(*replicated((params, state, batch_stats, batches[0])))
@@ -224,8 +220,8 @@ def accumulation_over_devices():
 
 
 @check
-def aux_layout_puts_sub_batch_outputs_back_in_order():
-  """The sharded helper's aux layout undoes every split: m-sharpness, devices, micro-batches."""
+def aux_reducers_put_sub_batch_outputs_back_in_order():
+  """The aux merged on a mesh undoes every split: m-sharpness, devices, micro-batches."""
 
   def loss_fn(params, batch_stats, batch):
     # "Logits" that name their examples, batch stats that are the mean id.
@@ -235,19 +231,19 @@ def aux_layout_puts_sub_batch_outputs_back_in_order():
   params = {"w": jnp.ones(())}
   ids = jnp.arange(64)
   for mode, m_sharpness, k in (("synced", 1, 2), ("synced", 2, 4), ("per_device", 1, 1), ("per_device", 2, 2)):
-    grad_fn = parallel.sharded_sharpness_aware_grad(
+    grad_fn = saner_jax.sharpness_aware_grad(
       loss_fn,
       saner_jax.sam(0.1),
-      MESH,
-      mode=mode,
       has_aux=True,
       m_sharpness=m_sharpness,
       accumulation_steps=k,
       batch_argnum=2,
+      mesh=MESH,
+      mode=mode,
+      aux_reducers=("mean", "concat"),
     )
     out = jax.jit(grad_fn)(*replicated((params, saner_jax.sam(0.1).init(params), {}, ids)))
-    layout = parallel.sharded_aux_layout(mode, m_sharpness, k)
-    stats, logits = layout.mean(out.aux[0]), layout.examples(out.aux[1])
+    stats, logits = out.aux
     np.testing.assert_array_equal(np.asarray(logits[:, 0]), np.arange(64), err_msg=f"{mode} m={m_sharpness} k={k}")
     np.testing.assert_allclose(float(stats["mean_id"]), 31.5)
 

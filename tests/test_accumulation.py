@@ -42,7 +42,7 @@ def _close(got, want, rtol=1e-5, atol=1e-6):
 
 @pytest.mark.parametrize("k", [1, 2, 4, 16])
 def test_accumulated_value_and_grad_is_the_full_batch_one(k):
-  fn = jax.jit(accumulated_value_and_grad(loss_with_first_x, k, has_aux=True))
+  fn = jax.jit(accumulated_value_and_grad(loss_with_first_x, k, has_aux=True, aux_reducers="stack"))
   (value, first_x), grads = fn(PARAMS, (X, Y))
   (want_value, _), want_grads = jax.value_and_grad(loss_with_first_x, has_aux=True)(PARAMS, (X, Y))
   _close(value, want_value)
@@ -52,6 +52,9 @@ def test_accumulated_value_and_grad_is_the_full_batch_one(k):
     assert "scan" in str(jax.make_jaxpr(accumulated_value_and_grad(loss_fn, k))(PARAMS, (X, Y)))
   else:
     np.testing.assert_array_equal(first_x, X[0])
+  # By default the micro-batches' aux is averaged.
+  (_, mean_first_x), _ = accumulated_value_and_grad(loss_with_first_x, k, has_aux=True)(PARAMS, (X, Y))
+  _close(mean_first_x, X[:k].mean(0))
 
 
 PERTURBATIONS = {
@@ -124,8 +127,8 @@ def test_one_perturbation_from_the_clean_gradient_of_all_micro_batches_with_batc
   _close(out.loss, np.mean([loss for (loss, _), _ in per_micro]))
   _close(out.clean_grads, clean)
   _close(out.perturbed_grads, perturbed)
-  # The clean pass's running averages, one entry per micro-batch.
-  _close(out.aux, jax.tree.map(lambda *xs: jnp.stack(xs), *[stats for (_, stats), _ in per_micro]))
+  # The clean pass's running averages, averaged over the micro-batches.
+  _close(out.aux, mean([stats for (_, stats), _ in per_micro]))
   # Not the whole batch's BatchNorm: the step differs from the un-accumulated one.
   whole = sharpness_aware_grad(bn_loss, perturbation, has_aux=True, batch_argnum=2)(
     params, perturbation.init(params), batch_stats, (X, Y)
@@ -136,9 +139,9 @@ def test_one_perturbation_from_the_clean_gradient_of_all_micro_batches_with_batc
 def test_accumulation_inside_m_sharpness():
   """m = 2 sub-batches, each accumulated over k = 2 micro-batches of its own."""
   perturbation = saner_jax.sam(0.2)
-  out = sharpness_aware_grad(loss_with_first_x, perturbation, has_aux=True, m_sharpness=2, accumulation_steps=2)(
-    PARAMS, perturbation.init(PARAMS), (X, Y)
-  )
+  out = sharpness_aware_grad(
+    loss_with_first_x, perturbation, has_aux=True, m_sharpness=2, accumulation_steps=2, aux_reducers="stack"
+  )(PARAMS, perturbation.init(PARAMS), (X, Y))
   halves = [
     sharpness_aware_grad(loss_fn, perturbation)(PARAMS, perturbation.init(PARAMS), (X[s], Y[s]))
     for s in (slice(0, 8), slice(8, 16))

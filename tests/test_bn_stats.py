@@ -183,8 +183,8 @@ def test_the_trainer_changes_only_evaluation(tmp_path, idx_dir):
   assert "bn_stats: perturbed" in (tmp_path / "perturbed" / "config.yaml").read_text()
 
 
-def test_the_perturbed_pass_aux_comes_back_in_the_aux_layout():
-  """sharpness_aware_grad returns both passes' aux, stacked alike."""
+def test_the_perturbed_pass_aux_comes_back_merged_like_the_clean_one():
+  """sharpness_aware_grad returns both passes' aux, stacked alike under "stack" and averaged by default."""
 
   def loss_fn(params, batch_stats, batch):
     x, y = batch
@@ -196,9 +196,19 @@ def test_the_perturbed_pass_aux_comes_back_in_the_aux_layout():
   params = MODEL.init(jax.random.key(0), X, train=False)["params"]
   perturbation = saner_jax.sam(RHO)
   grad_fn = saner_jax.sharpness_aware_grad(
-    loss_fn, perturbation, has_aux=True, m_sharpness=2, accumulation_steps=2, batch_argnum=2
+    loss_fn, perturbation, has_aux=True, m_sharpness=2, accumulation_steps=2, batch_argnum=2, aux_reducers="stack"
   )
   out = jax.jit(grad_fn)(params, perturbation.init(params), _zero_stats(), (X, Y))
+  merged = jax.jit(
+    saner_jax.sharpness_aware_grad(
+      loss_fn, perturbation, has_aux=True, m_sharpness=2, accumulation_steps=2, batch_argnum=2
+    )
+  )(params, perturbation.init(params), _zero_stats(), (X, Y))
+  jax.tree.map(
+    lambda m, s: np.testing.assert_allclose(m, s.mean((0, 1)), rtol=1e-6),
+    (merged.aux, merged.perturbed_aux),
+    (out.aux, out.perturbed_aux),
+  )
   assert out.perturbed_aux["bn"]["mean"].shape == out.aux["bn"]["mean"].shape == (2, 2, 3)
   pieces = _pieces(2, 2)
   for j, sub_batch in enumerate(pieces):

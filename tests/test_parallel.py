@@ -125,7 +125,7 @@ def _start_check(spawn, name: str, *args: str) -> Child:
     "per_device_equals_m_sharpness_helper",
     "batchnorm_statistics",
     "accumulation_over_devices",
-    "aux_layout_puts_sub_batch_outputs_back_in_order",
+    "aux_reducers_put_sub_batch_outputs_back_in_order",
     "bn_stats_perturbed_over_devices",
   ],
 )

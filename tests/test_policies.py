@@ -252,7 +252,7 @@ def test_policy_with_m_sharpness_and_accumulation(m, k):
 def test_sharded_helper_with_an_adaptive_policy(mode):
   mesh = saner_jax.data_mesh(jax.devices()[:1])
   perturbation = saner_jax.with_policy(saner_jax.sam(0.1), saner_jax.adaptive_steps(0.5))
-  sharded = jax.jit(saner_jax.sharded_sharpness_aware_grad(loss_fn, perturbation, mesh, mode=mode))
+  sharded = jax.jit(saner_jax.sharpness_aware_grad(loss_fn, perturbation, mesh=mesh, mode=mode))
   single = jax.jit(saner_jax.sharpness_aware_grad(loss_fn, perturbation))
   s_state = p_state = perturbation.init(PARAMS)
   for t in range(4):

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+import saner_jax
 from saner_jax import (
   SharpnessAwareGrads,
   accumulated_value_and_grad,
@@ -208,7 +209,9 @@ def test_m_sharpness_is_the_mean_over_sub_batches(variant, m):
     return loss_fn(params, batch), {"first_x": batch[0][0]}
 
   perturbation = vasso(rho, theta=theta)
-  grad_fn = variant(sharpness_aware_grad(loss_with_aux, perturbation, has_aux=True, m_sharpness=m))
+  grad_fn = variant(
+    sharpness_aware_grad(loss_with_aux, perturbation, has_aux=True, m_sharpness=m, aux_reducers="stack")
+  )
   out = grad_fn(PARAMS, perturbation.init(PARAMS), (X, Y))
 
   size = len(X) // m
@@ -225,7 +228,7 @@ def test_m_sharpness_is_the_mean_over_sub_batches(variant, m):
   # Not the full-batch SAM gradient: each sub-batch has its own eps.
   _, _, full = _np_two_passes(PARAMS, X, Y, rho)
   assert not np.allclose(np.asarray(out.perturbed_grads["w"]), full["w"], rtol=1e-4)
-  # aux has one entry per sub-batch; the state is that of the mean gradient.
+  # aux, kept stacked, has one entry per sub-batch; the state is that of the mean gradient.
   np.testing.assert_array_equal(np.asarray(out.aux["first_x"]), X[::size][:m])
   _assert_tree_close(out.perturbation_state.average, mean(gs))
   assert int(out.perturbation_state.count) == 1
@@ -271,22 +274,86 @@ def test_bad_arguments():
     grad_fn(PARAMS, sam().init(PARAMS), (X, Y))
 
 
+def _loss_with_ids(params, batch):
+  """The "logits" name their examples; the "statistic" is the batch's mean id."""
+  x = batch.astype(jnp.float32)
+  return jnp.sum(params * x), (x[:, None], x.mean())
+
+
 @pytest.mark.parametrize("m, k", [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2), (2, 4)])
-def test_aux_layout_undoes_every_split(m, k):
+def test_aux_reducers_undo_every_split(m, k):
   """Each example's id comes back in batch order; a per-piece mean comes back as the batch mean."""
   ids = jnp.arange(16)
-
-  def loss_with_ids(params, batch):
-    x = batch.astype(jnp.float32)
-    return jnp.sum(params * x), (x[:, None], x.mean())
-
-  out = sharpness_aware_grad(loss_with_ids, sam(0.1), has_aux=True, m_sharpness=m, accumulation_steps=k)(
+  out = sharpness_aware_grad(
+    _loss_with_ids, sam(0.1), has_aux=True, m_sharpness=m, accumulation_steps=k, aux_reducers=("concat", "mean")
+  )(jnp.ones(()), sam(0.1).init(jnp.ones(())), ids)
+  for aux in (out.aux, out.perturbed_aux):
+    np.testing.assert_array_equal(np.asarray(aux[0])[:, 0], np.arange(16))
+    assert aux[1].shape == () and float(aux[1]) == 7.5
+  # The default averages every leaf: the ids' mean per position within a piece.
+  default = sharpness_aware_grad(_loss_with_ids, sam(0.1), has_aux=True, m_sharpness=m, accumulation_steps=k)(
     jnp.ones(()), sam(0.1).init(jnp.ones(())), ids
   )
-  layout = aux_layout(m_sharpness=m, accumulation_steps=k)
-  assert layout.axes == int(m > 1) + int(k > 1)
-  np.testing.assert_array_equal(np.asarray(layout.examples(out.aux[0]))[:, 0], np.arange(16))
-  assert float(layout.mean(out.aux[1])) == 7.5
-  if m == 1:  # the same layout describes the one-pass accumulation
-    (_, aux), _ = accumulated_value_and_grad(loss_with_ids, k, has_aux=True)(jnp.ones(()), ids)
-    np.testing.assert_array_equal(np.asarray(layout.examples(aux[0]))[:, 0], np.arange(16))
+  pieces = np.arange(16).reshape(m, -1, k).transpose(0, 2, 1).reshape(m * k, -1)  # sub-batch, then micro-batch
+  np.testing.assert_allclose(np.asarray(default.aux[0])[:, 0], pieces.mean(0))
+  assert float(default.aux[1]) == 7.5
+  # "stack" keeps the pieces, as 0.2.0 returned them; the deprecated aux_layout still reads it.
+  stacked = sharpness_aware_grad(
+    _loss_with_ids, sam(0.1), has_aux=True, m_sharpness=m, accumulation_steps=k, aux_reducers="stack"
+  )(jnp.ones(()), sam(0.1).init(jnp.ones(())), ids)
+  assert stacked.aux[0].ndim == 2 + int(m > 1) + int(k > 1)
+  with pytest.warns(DeprecationWarning, match=r"aux_layout is deprecated \(saner_jax 0.3.0\) and goes in 0.4.0"):
+    layout = aux_layout(m_sharpness=m, accumulation_steps=k)
+  np.testing.assert_array_equal(np.asarray(layout.examples(stacked.aux[0]))[:, 0], np.arange(16))
+  # The one-pass accumulation merges alike.
+  (_, aux), _ = accumulated_value_and_grad(_loss_with_ids, k, has_aux=True, aux_reducers=("concat", "mean"))(
+    jnp.ones(()), ids[: 16 // m]
+  )
+  np.testing.assert_array_equal(np.asarray(aux[0])[:, 0], np.arange(16 // m))
+  np.testing.assert_allclose(float(aux[1]), (16 // m - 1) / 2)
+
+
+def test_aux_reducers_mistakes_are_named():
+  ids = jnp.arange(8)
+  params = jnp.ones(())
+
+  def int_aux(params, batch):
+    return jnp.sum(params * batch), batch  # an integer leaf has no mean
+
+  grad_fn = sharpness_aware_grad(int_aux, sam(0.1), has_aux=True, m_sharpness=2)
+  with pytest.raises(ValueError, match=r"aux_reducers: an aux leaf of dtype int32 cannot be averaged"):
+    grad_fn(params, sam(0.1).init(params), ids)
+  # Unsplit, there is nothing to average: the aux comes back as it is.
+  out = sharpness_aware_grad(int_aux, sam(0.1), has_aux=True)(params, sam(0.1).init(params), ids)
+  np.testing.assert_array_equal(out.aux, ids)
+  with pytest.raises(ValueError, match=r"aux_reducers leaves must be one of \('mean', 'concat', 'stack'\)"):
+    sharpness_aware_grad(int_aux, sam(0.1), has_aux=True, aux_reducers=("mean", "sum"))
+  with pytest.raises(ValueError, match=r"drop it or set has_aux=True"):
+    sharpness_aware_grad(loss_fn, sam(0.1), aux_reducers="mean")
+  with pytest.raises(ValueError, match=r"aux_reducers must be a prefix of the aux's tree structure"):
+    sharpness_aware_grad(_loss_with_ids, sam(0.1), has_aux=True, m_sharpness=2, aux_reducers=("concat",) * 3)(
+      params, sam(0.1).init(params), ids
+    )
+  with pytest.raises(ValueError, match=r'mode="per_device" splits the batch over devices: pass mesh='):
+    sharpness_aware_grad(loss_fn, sam(0.1), mode="per_device")
+  with pytest.raises(ValueError, match=r"mode must be one of \('synced', 'per_device'\)"):
+    sharpness_aware_grad(loss_fn, sam(0.1), mode="sync")
+
+
+@pytest.mark.parametrize("mode", ["synced", "per_device"])
+def test_the_sharded_name_is_a_deprecated_alias_with_the_stacked_aux(mode):
+  mesh = saner_jax.data_mesh(jax.devices()[:1])
+  ids, params = jnp.arange(8), jnp.ones(())
+  with pytest.warns(DeprecationWarning, match=r"sharded_sharpness_aware_grad is deprecated \(saner_jax 0.3.0\)"):
+    alias = saner_jax.sharded_sharpness_aware_grad(_loss_with_ids, sam(0.1), mesh, mode=mode, has_aux=True)
+  got = jax.jit(alias)(params, sam(0.1).init(params), ids)
+  want = jax.jit(
+    sharpness_aware_grad(_loss_with_ids, sam(0.1), has_aux=True, mesh=mesh, mode=mode, aux_reducers="stack")
+  )(params, sam(0.1).init(params), ids)
+  chex.assert_trees_all_equal(got, want)
+  assert got.aux[0].shape == ((1, 8, 1) if mode == "per_device" else (8, 1))
+  with pytest.warns(DeprecationWarning, match=r"sharded_aux_layout is deprecated"):
+    layout = saner_jax.parallel.sharded_aux_layout(mode)
+  np.testing.assert_array_equal(np.asarray(layout.examples(got.aux[0]))[:, 0], np.arange(8))
+  with pytest.warns(DeprecationWarning, match=r"AuxLayout is deprecated"):
+    assert saner_jax.AuxLayout is type(layout)

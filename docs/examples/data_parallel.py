@@ -31,7 +31,7 @@ def loss_fn(params, batch):
 def main(mode="synced", steps=5, global_batch=64):
   mesh = saner_jax.data_mesh()  # every device of every process, axis "data"
   sam = saner_jax.sam(rho=0.1)
-  grad_fn = saner_jax.sharded_sharpness_aware_grad(loss_fn, sam, mesh, mode=mode)
+  grad_fn = saner_jax.sharpness_aware_grad(loss_fn, sam, mesh=mesh, mode=mode)
   tx = optax.chain(saner_jax.saner(alpha=0.5), optax.sgd(0.1, momentum=0.9))
 
   @jax.jit

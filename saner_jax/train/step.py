@@ -8,7 +8,7 @@ device, so the host never waits on a step.
 Data parallelism: the step runs on a one-axis device mesh. The gathered
 batch is split over its ``"data"`` axis (``with_sharding_constraint``) while
 params, optimizer state and the dataset stay replicated, and
-:func:`saner_jax.sharded_sharpness_aware_grad` forms the perturbation in the
+:func:`saner_jax.sharpness_aware_grad` forms the perturbation in the
 config's ``perturbation_mode``. On one device the constraints are no-ops.
 """
 
@@ -119,7 +119,8 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
       alpha = optax.constant_schedule(config.alpha)
     reweight = saner_jax.saner(alpha, group=config.saner_group, reuse_mask=config.saner_reuse_mask)
     if config.saner_params == "head":  # the authors' SANERLAST
-      reweight = optax.masked(reweight, head_mask)
+      # optax masks clean_grads itself with mask_compatible_extra_args.
+      reweight = optax.masked(reweight, head_mask, mask_compatible_extra_args=True)
     parts.append(reweight)
   if config.substitute_groups:
     parts.append(saner_jax.substitute_groups(config.substitute_groups, outside=config.substitute_outside))
@@ -254,6 +255,11 @@ def make_batch_fn(config: TrainConfig, spec: DatasetSpec | None = None, *, mesh:
   return batch_fn
 
 
+# The loss's aux is (batch_stats, logits): running averages are averaged over
+# the pieces a step splits the batch into, logits put back in batch order.
+AUX_REDUCERS = ("mean", "concat")
+
+
 def batch_stats_forward(model: nn.Module, sub_batches: int = 1, micro_batches: int = 1) -> Callable:
   r"""``forward(params, batch_stats, images) -> batch_stats``: running statistics updated by a train-mode forward.
 
@@ -263,8 +269,8 @@ def batch_stats_forward(model: nn.Module, sub_batches: int = 1, micro_batches: i
   micro-batches (accumulation, one at a time with ``lax.map``). Each piece
   :math:`p` moves the running averages to :math:`m r + (1 - m) s_p` (flax's
   ``momentum`` :math:`m`, :math:`s_p` the piece's batch statistics); the
-  result is their mean, as :meth:`saner_jax.AuxLayout.mean` takes the two
-  passes'. No gradient is taken.
+  result is their mean, as :func:`saner_jax.sharpness_aware_grad` merges
+  the two passes' (``aux_reducers="mean"``). No gradient is taken.
   """
 
   def one(params, batch_stats, images):
@@ -326,21 +332,20 @@ def make_update(
   if optimizer.perturbation is None:
     two_pass = None
     value_and_grad = saner_jax.accumulated_value_and_grad(
-      loss_fn, config.grad_accum_steps, has_aux=True, batch_argnum=2
+      loss_fn, config.grad_accum_steps, has_aux=True, batch_argnum=2, aux_reducers=AUX_REDUCERS
     )
-    layout = saner_jax.aux_layout(accumulation_steps=config.grad_accum_steps)
   else:
-    two_pass = parallel.sharded_sharpness_aware_grad(
+    two_pass = saner_jax.sharpness_aware_grad(
       loss_fn,
       optimizer.perturbation,
-      mesh,
-      mode=config.perturbation_mode,
       has_aux=True,
       m_sharpness=config.m_sharpness,
       accumulation_steps=config.grad_accum_steps,
       batch_argnum=2,
+      mesh=mesh,
+      mode=config.perturbation_mode,
+      aux_reducers=AUX_REDUCERS,
     )
-    layout = parallel.sharded_aux_layout(config.perturbation_mode, config.m_sharpness, config.grad_accum_steps)
 
   def update(state: TrainState, images, targets):
     if two_pass is None:
@@ -369,8 +374,6 @@ def make_update(
         for k, v in diagnostics.gradient_diagnostics(result.perturbed_grads, result.clean_grads).items()
       }
       gradient_stats["sam_steps"] = taken
-    # The helpers stack the clean pass's aux over sub- and micro-batches.
-    batch_stats, logits = layout.mean(batch_stats), layout.examples(logits)
     params = optax.apply_updates(state.params, updates)
     if authors_bn and jax.tree.leaves(batch_stats):  # a model without BatchNorm needs no third pass
       batch_stats = refresh(params, batch_stats, images)
