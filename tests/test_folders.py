@@ -299,8 +299,8 @@ from saner_jax.train.config import from_mapping
 import yaml
 cfg = from_mapping(yaml.safe_load(open(sys.argv[1])))
 original = checkpointing.save
-def save_then_die(checkpoints, state, progress, iterator=None):
-  original(checkpoints, state, progress, iterator)
+def save_then_die(checkpoints, state, progress, *args, **kwargs):
+  original(checkpoints, state, progress, *args, **kwargs)
   if progress.epoch == 1:
     os.kill(os.getpid(), signal.SIGKILL)
 checkpointing.save = save_then_die
