@@ -19,7 +19,7 @@ step mypy
 step bash scripts/docs.sh
 # The examples in the core's docstrings.
 step python -m pytest -q -p no:xdist --doctest-modules \
-  saner_jax/{perturbations,saner,sharpness,parallel,diagnostics,analysis}.py
+  saner_jax/{perturbations,saner,sharpness,parallel,policies,diagnostics,analysis}.py
 # Everything runs, the cases marked slow included; pass -m "not slow" for
 # a quicker local run.
 step python -m pytest -n 2 "$@"
