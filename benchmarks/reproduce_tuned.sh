@@ -5,7 +5,8 @@
 # the test set. Both stages resume where they stopped.
 #   bash benchmarks/reproduce_tuned.sh STAGE SETTING [OUT_DIR]
 # STAGE:   tune    the grids below with tuning seeds 0-1 (fashion_mnist_quick preset)
-#          final   the chosen configs with seeds 10-19, one seed of all three at a time
+#          final   the chosen configs with fresh seeds (default 10-19; SEEDS="10 11 12" for fewer),
+#                  one seed of all three at a time, then the paired statistics
 # SETTING: sym40, sym60 or asym40
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -25,7 +26,7 @@ case "$stage" in
       --grid sam:rho=0.02,0.05,0.1,0.2,0.3,0.5 saner:rho=0.1,0.2 saner:alpha=0.25,0.5,0.75 sgd:lr=0.02,0.05,0.1 \
       --seeds 0 1 --out_dir "$out/tune" ;;
   final)
-    for seed in $(seq 10 19); do
+    for seed in ${SEEDS:-$(seq 10 19)}; do
       for run in sgd sam saner; do
         [ -e "$out/final/${run}_seed$seed/summary.json" ] && continue
         resume=(); [ -e "$out/final/${run}_seed$seed/config.yaml" ] && resume=(--resume)
