@@ -390,6 +390,7 @@ def setup(config: TrainConfig, *, resume: bool = False) -> Run:
   """Validates ``config``, claims its ``out_dir``, loads the data, builds the model and optimizer."""
   from saner_jax.train import models
 
+  reporting.git_revision()  # the revision of the code this process loaded, before a run can outlast it
   initialize_distributed(config)
   config.validate()
   if config.compilation_cache:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import json
 import os
@@ -38,7 +39,15 @@ PROBE_PANELS = (
 _UNSCALED = ("sharpness_lambda_max",)
 
 
+@functools.cache
 def git_revision() -> str | None:
+  """The checkout's revision when first asked, kept for the life of the process.
+
+  A process runs the code it imported when it started, so a later commit to
+  the checkout (during a long ``tune``) must not relabel its runs;
+  :func:`saner_jax.train.loop.setup` asks before the first run trains.
+  ``+dirty``: tracked files differed from the commit.
+  """
   try:
     root = pathlib.Path(__file__).resolve().parents[2]
     rev = subprocess.run(
