@@ -608,7 +608,14 @@ except _cli_signals.Interrupted as e:
 
 
 def test_an_interrupt_a_callback_swallowed_is_raised_at_the_next_check():
-  proc = subprocess.run([sys.executable, "-c", SWALLOWED], capture_output=True, text=True, timeout=120, cwd=REPO)
+  proc = subprocess.run(
+    [sys.executable, "-c", SWALLOWED],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=REPO,
+    preexec_fn=_default_sigint,  # a CI started as a background job ignores SIGINT, and so would the child
+  )
   # Swallowed, and silently: the next check raises it.
   assert proc.stdout.splitlines() == ["still running", "check raised SIGINT 130"], proc.stdout
   assert proc.stderr == "", proc.stderr
