@@ -8,9 +8,14 @@
 #               with every policy at two costs, with and without the mask reuse, seeds 0-9
 #        smoke  one epoch of each run name on 256 examples, seed 0: checks the names and flags
 #        plot   the figure and the paired table from the finished runs (benchmarks/plot_cheap_sam.py)
+#        tuned  the reduced run this CPU affords: 40% symmetric noise, the tuned comparison's SANER config
+#               (benchmarks/reproduce_tuned.sh) with the policies that cost <= 1.3x SGD (every2, every4,
+#               every4 with mask reuse), its fresh seeds (default 10-14; SEEDS="10 11" for fewer); SGD,
+#               SAM and full SANER are that comparison's runs, and a rerun of its SANER seed 10 checks
+#               that the revision still gives the identical run, so that pairing with them is sound
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-stage=${1:?give a stage: runs, smoke or plot}
+stage=${1:?give a stage: runs, smoke, plot or tuned}
 out=${2:-benchmarks/results/fashion_mnist/cheap_sam}
 # A 500-example validation set held out of the train split (noisy labels, as a practitioner has)
 # selects each run's epoch; the test accuracy reported is that epoch's.
@@ -32,10 +37,30 @@ case "$stage" in
   smoke)
     run --noise_mode symmetric --noise_rate 0.4 --seeds 0 --runs sgd sam saner "${policies[@]}" --epochs 1 \
       --train_examples 256 --test_examples 256 --eval_batch_size 256 --alpha_warmup_epochs 1 --out_dir "$out/smoke" ;;
+  tuned)
+    tuned=benchmarks/results/fashion_mnist/tuned/sym40
+    dir="$out/sym40_tuned"
+    train() {  # NAME SEED FLAGS...: one run, resumed if interrupted, skipped if finished
+      local name=$1 seed=$2; shift 2
+      local run_dir="$dir/${name}_seed$seed" resume=()
+      [ -e "$run_dir/summary.json" ] && return
+      [ -e "$run_dir/config.yaml" ] && resume=(--resume)
+      python -m saner_jax.train --config "$tuned/tune/saner.yaml" --seed "$seed" --progress none \
+        --out_dir "$run_dir" "${resume[@]}" "$@"
+    }
+    train saner_rerun 10
+    for seed in ${SEEDS:-$(seq 10 14)}; do
+      train saner@every2 "$seed" --sam_policy every --sam_every 2
+      train saner@every4 "$seed" --sam_policy every --sam_every 4
+      train saner@every4-reuse "$seed" --sam_policy every --sam_every 4 --saner_reuse_mask true
+    done
+    python benchmarks/seed_statistics.py tuned="$tuned/final" cheap="$dir" \
+      --pairs tuned/saner:cheap/saner@every2 tuned/saner:cheap/saner@every4 tuned/sgd:cheap/saner@every2 \
+      tuned/saner:cheap/saner@every4-reuse tuned/sam:cheap/saner@every2 | tee "$dir/statistics.md" ;;
   plot)
     for rate in 40 60; do
       python benchmarks/plot_cheap_sam.py "$out/sym$rate" --sgd_2x "$out/sym$rate/sgd_2x" \
         --title "Fashion-MNIST, $rate% symmetric noise, ResNet-8, 10 seeds"
     done ;;
-  *) echo "error: unknown stage $stage; use runs, smoke or plot" >&2; exit 2 ;;
+  *) echo "error: unknown stage $stage; use runs, smoke, plot or tuned" >&2; exit 2 ;;
 esac
