@@ -10,9 +10,11 @@ The package has three tiers:
   compiler and oneDNN at run time.
 """
 
+import importlib
 import sys as _sys
+import types
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from saner_jax import _cli_signals
 
@@ -21,44 +23,53 @@ from saner_jax import _cli_signals
 if _cli_signals.running_the_cli(getattr(_sys, "orig_argv", [])):
   _cli_signals.install(raising=False)  # recorded, raised once the CLI runs
 
-from saner_jax import analysis, diagnostics, parallel, policies
-from saner_jax.parallel import data_mesh, sharded_sharpness_aware_grad
-from saner_jax.perturbations import asam, friendly_sam, sam, vasso
-from saner_jax.policies import SharpnessPolicy, adaptive_steps, every_k_steps, random_steps, with_policy
-from saner_jax.saner import alpha_warmup, group_mask, gsam, saner, substitute_groups
-from saner_jax.sharpness import SharpnessAwareGrads, accumulated_value_and_grad, aux_layout, sharpness_aware_grad
-
 __version__ = "0.2.0"
 
-__all__ = [
-  "SharpnessAwareGrads",
-  "SharpnessPolicy",
-  "accumulated_value_and_grad",
-  "adaptive_steps",
-  "alpha_warmup",
-  "analysis",
-  "asam",
-  "aux_layout",
-  "data_mesh",
-  "diagnostics",
-  "every_k_steps",
-  "friendly_sam",
-  "group_mask",
-  "gsam",
-  "parallel",
-  "policies",
-  "random_steps",
-  "sam",
-  "saner",
-  "sharded_sharpness_aware_grad",
-  "sharpness_aware_grad",
-  "substitute_groups",
-  "vasso",
-  "with_policy",
-]
+# The core's names load on first use (PEP 562), so that what needs none of
+# them (the CLI's --help, reading a config) does not pay for importing JAX.
+_SUBMODULES = ("analysis", "diagnostics", "parallel", "policies")
+_NAMES = {
+  "data_mesh": "parallel",
+  "sharded_sharpness_aware_grad": "parallel",
+  "asam": "perturbations",
+  "friendly_sam": "perturbations",
+  "sam": "perturbations",
+  "vasso": "perturbations",
+  "SharpnessPolicy": "policies",
+  "adaptive_steps": "policies",
+  "every_k_steps": "policies",
+  "random_steps": "policies",
+  "with_policy": "policies",
+  "alpha_warmup": "saner",
+  "group_mask": "saner",
+  "gsam": "saner",
+  "saner": "saner",
+  "substitute_groups": "saner",
+  "SharpnessAwareGrads": "sharpness",
+  "accumulated_value_and_grad": "sharpness",
+  "aux_layout": "sharpness",
+  "sharpness_aware_grad": "sharpness",
+}
+
+if TYPE_CHECKING:
+  # What type checkers and editors see; at run time __getattr__ loads these.
+  from saner_jax import analysis, diagnostics, parallel, policies  # noqa: F401
+  from saner_jax.parallel import data_mesh, sharded_sharpness_aware_grad  # noqa: F401
+  from saner_jax.perturbations import asam, friendly_sam, sam, vasso  # noqa: F401
+  from saner_jax.policies import SharpnessPolicy, adaptive_steps, every_k_steps, random_steps, with_policy  # noqa: F401
+  from saner_jax.saner import alpha_warmup, group_mask, gsam, saner, substitute_groups  # noqa: F401
+  from saner_jax.sharpness import SharpnessAwareGrads, accumulated_value_and_grad, aux_layout, sharpness_aware_grad  # noqa: F401
+
+__all__ = sorted([*_SUBMODULES, *_NAMES])
 
 
 def __getattr__(name: str) -> Any:
+  if name in _SUBMODULES:
+    return importlib.import_module(f"saner_jax.{name}")
+  if name in _NAMES:
+    value = getattr(importlib.import_module(f"saner_jax.{_NAMES[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
   # The class behind the deprecated aux_layout, kept importable for one release.
   if name == "AuxLayout":
     warnings.warn(
@@ -71,3 +82,20 @@ def __getattr__(name: str) -> Any:
 
     return _AuxLayout
   raise AttributeError(f"module 'saner_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+  # ``saner`` names both the transform and its module. Importing the module
+  # (``from saner_jax.saner import ...``, done by other core modules) makes
+  # the import system set the package attribute to the module; the public
+  # name is the transform, as it was when this package imported eagerly.
+  def __setattr__(self, name: str, value: Any) -> None:
+    if not (name == "saner" and isinstance(value, types.ModuleType)):
+      super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package

@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from saner_jax import _validation
+from saner_jax._modes import PERTURBATION_MODES
 from saner_jax.policies import PolicyPerturbation, PolicyState
 
 
@@ -74,7 +75,6 @@ class SharpnessAwareGrads(NamedTuple):
   perturbed_aux: Any = None
 
 
-PERTURBATION_MODES = ("synced", "per_device")
 AUX_REDUCERS = ("mean", "concat", "stack")
 AuxReducer = Literal["mean", "concat", "stack"]
 

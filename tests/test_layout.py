@@ -1,5 +1,5 @@
 """The tiers in the tree: the core imports with the toolkit's dependencies blocked, imports form no circle,
-and the toolkit's config and ``--help`` load neither flax nor orbax."""
+the core loads JAX on first use, and the toolkit's config and ``--help`` load none of JAX, flax or orbax."""
 
 import ast
 import pathlib
@@ -170,21 +170,23 @@ def test_the_core_imports_nothing_of_the_toolkit_or_the_kernels():
 
 
 def _loaded_by(code: str) -> list[str]:
-  """The top-level packages among flax, orbax, matplotlib and TensorFlow that ``code`` loads, in a fresh process."""
-  script = f"import sys\n{code}\nprint(sorted({{m.split('.')[0] for m in sys.modules}} & {{'flax', 'orbax', 'matplotlib', 'tensorflow'}}))"
+  """The top-level packages among JAX, flax, orbax, matplotlib and TensorFlow that ``code`` loads, in a fresh process."""
+  watched = "{'jax', 'flax', 'orbax', 'matplotlib', 'tensorflow'}"
+  script = f"import sys\n{code}\nprint(sorted({{m.split('.')[0] for m in sys.modules}} & {watched}))"
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   return ast.literal_eval(result.stdout.strip().splitlines()[-1])
 
 
-def test_reading_a_config_loads_neither_flax_nor_orbax():
+def test_reading_a_config_loads_no_jax():
   # Reading, not validating: the model's input check still lives with the flax models.
   code = "from saner_jax.train import config\nassert config.from_mapping(config.load_yaml('fashion_mnist_quick')).model"
   assert _loaded_by(code) == []
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["compare", "--help"], ["tune", "--help"]])
-def test_help_loads_neither_flax_nor_orbax(argv):
+def test_help_loads_no_jax(argv):
+  # JAX alone takes most of a second to import; --help and the choices it lists need none of it.
   code = f"from saner_jax.train import cli\ntry:\n  cli.main({argv!r})\nexcept SystemExit:\n  pass"
   assert _loaded_by(code) == []
 
@@ -192,7 +194,23 @@ def test_help_loads_neither_flax_nor_orbax(argv):
 def test_the_training_loop_loads_on_first_use():
   assert _loaded_by(
     "import saner_jax.train as t\nassert t.train is __import__('saner_jax.train.loop').train.loop.train"
-  ) == ["flax", "orbax"]
+  ) == ["flax", "jax", "orbax"]
+
+
+def test_the_core_loads_jax_on_first_use():
+  assert _loaded_by("import saner_jax\nassert saner_jax.__version__") == []
+  assert _loaded_by("import saner_jax\nassert callable(saner_jax.sam)") == ["jax"]
+
+
+def test_saner_names_the_transform_after_its_module_is_imported():
+  # The core's other modules import saner_jax.saner (the module); the package's name stays the function.
+  code = (
+    "import saner_jax, saner_jax.diagnostics\n"
+    "from saner_jax.saner import saner as transform\n"
+    "assert saner_jax.saner is transform, saner_jax.saner\n"
+    "assert {'saner', 'sam', 'parallel'} <= set(dir(saner_jax))"
+  )
+  assert _loaded_by(code) == ["jax"]
 
 
 def test_the_help_lists_exactly_the_models_there_are():

@@ -86,17 +86,42 @@ default): these convolutions on one CPU device in float32 where the
 kernels build, XLA's otherwise, with a one-line reason.
 """
 
-from saner_jax.cpu_conv._build import NativeBuildError, cache_dir, load_onednn_conv
-from saner_jax.cpu_conv._select import MODES, ConvChoice, choose
-from saner_jax.cpu_conv.ops import conv_general_dilated, is_supported
+from __future__ import annotations
 
-__all__ = [
-  "MODES",
-  "ConvChoice",
-  "NativeBuildError",
-  "cache_dir",
-  "choose",
-  "conv_general_dilated",
-  "is_supported",
-  "load_onednn_conv",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# --cpu_conv's values: "auto" chooses (see choose), "true" insists, "false" declines.
+# Defined here, without JAX, so that the CLI lists them without importing it.
+MODES = ("auto", "true", "false")
+
+# The rest loads on first use (PEP 562): building the kernels needs JAX.
+_NAMES = {
+  "NativeBuildError": "_build",
+  "cache_dir": "_build",
+  "load_onednn_conv": "_build",
+  "ConvChoice": "_select",
+  "choose": "_select",
+  "conv_general_dilated": "ops",
+  "is_supported": "ops",
+}
+
+if TYPE_CHECKING:
+  # What type checkers and editors see; at run time __getattr__ loads these.
+  from saner_jax.cpu_conv._build import NativeBuildError, cache_dir, load_onednn_conv  # noqa: F401
+  from saner_jax.cpu_conv._select import ConvChoice, choose  # noqa: F401
+  from saner_jax.cpu_conv.ops import conv_general_dilated, is_supported  # noqa: F401
+
+__all__ = ["MODES", *sorted(_NAMES)]
+
+
+def __getattr__(name: str) -> Any:
+  if name in _NAMES:
+    value = getattr(importlib.import_module(f"saner_jax.cpu_conv.{_NAMES[name]}"), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'saner_jax.cpu_conv' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__))

@@ -8,11 +8,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from saner_jax.cpu_conv import _build, ops
+from saner_jax.cpu_conv import MODES, _build, ops
 
-__all__ = ["MODES", "ConvChoice", "choose"]
-
-MODES = ("auto", "true", "false")
+__all__ = ["ConvChoice", "choose"]
 
 
 class ConvChoice(NamedTuple):

@@ -21,8 +21,8 @@ from typing import Any, NoReturn
 
 import yaml
 
+from saner_jax._modes import PERTURBATION_MODES
 from saner_jax.cpu_conv import MODES as CPU_CONV_MODES
-from saner_jax.parallel import PERTURBATION_MODES
 
 PERTURBATIONS = ("sgd", "sam", "asam", "friendly_sam", "vasso", "gsam")
 # "saner" alone is shorthand for SAM with SANER on, the paper's default.

@@ -8,17 +8,25 @@ the authors' defaults; the trainer (``python -m saner_jax.train --pipeline
 NAME``) runs them. docs/pipelines.md gives the maths and the references.
 """
 
-from saner_jax.train.pipelines import bootstrap, co_teaching, common, dividemix, joint_optimization, plc
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 # "none" is the plain trainer.
 PIPELINES = ("none", "bootstrap", "co_teaching", "dividemix", "plc", "joint_optimization")
 
-__all__ = [
-  "PIPELINES",
-  "bootstrap",
-  "co_teaching",
-  "common",
-  "dividemix",
-  "joint_optimization",
-  "plc",
-]
+# The modules load on first use (PEP 562): they need JAX, the list of names does not.
+_MODULES = ("bootstrap", "co_teaching", "common", "dividemix", "joint_optimization", "plc")
+
+if TYPE_CHECKING:
+  # What type checkers and editors see; at run time __getattr__ loads these.
+  from saner_jax.train.pipelines import bootstrap, co_teaching, common, dividemix, joint_optimization, plc  # noqa: F401
+
+__all__ = ["PIPELINES", *_MODULES]
+
+
+def __getattr__(name: str) -> Any:
+  if name in _MODULES:
+    return importlib.import_module(f"saner_jax.train.pipelines.{name}")
+  raise AttributeError(f"module 'saner_jax.train.pipelines' has no attribute {name!r}")
