@@ -21,7 +21,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from saner_jax.train import config as config_lib
-from saner_jax.train import data, loop, models, noise
+from saner_jax.train import data, engine, loop, models, noise
 
 PRESETS = [p for p in config_lib.preset_names() if p.startswith("paper/")]
 SETTINGS = (
@@ -109,7 +109,7 @@ def test_cifar100_asymmetric_preset_draws_the_authors_map(mock_tfds):
   assert "(c + 1) mod 100" in header and "noise_mode pair_flip" in header
   cfg = config_lib.from_mapping({**config_lib.load_yaml(preset), "train_examples": 400, "test_examples": 4})
   with mock_tfds(num_examples=400):
-    prepared = loop.prepare_data(cfg)
+    prepared = engine.prepare_data(cfg)
   true, labels = np.asarray(prepared.train.true_labels), np.asarray(prepared.train.labels)
   wrong = labels != true
   assert wrong.sum() >= 100  # about 40% of 400

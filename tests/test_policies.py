@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import saner_jax
-from saner_jax.train import cli, loop
+from saner_jax.train import cli, engine, loop
 from saner_jax.train import config as config_lib
 from saner_jax.train.config import ConfigError, TrainConfig
 
@@ -360,7 +360,7 @@ def test_resumed_run_continues_the_policy_exactly(tmp_path, idx_dir):
   loop.train(config_lib.from_mapping({**tiny, "out_dir": str(straight)}))
 
   def stop_in_epoch_2(run):
-    recipe = loop.supervised(run)
+    recipe = engine.supervised(run)
 
     def epoch(state, number):
       if number == 2:

@@ -9,21 +9,21 @@ import pytest
 from conftest import read_metrics
 from test_train import TINY
 
-from saner_jax.train import cli, data, loop, noise, reporting
+from saner_jax.train import cli, data, engine, loop, noise, reporting
 from saner_jax.train.config import TrainConfig
 
 
 def test_split_is_disjoint_and_leaves_the_training_subset_unchanged():
-  without = loop.split_indices(1000, 200, 0, seed=3)[0]
-  train, val = loop.split_indices(1000, 200, 100, seed=3)
+  without = engine.split_indices(1000, 200, 0, seed=3)[0]
+  train, val = engine.split_indices(1000, 200, 100, seed=3)
   np.testing.assert_array_equal(train, without)  # holding out a validation set moves no training example
   assert len(val) == 100 and not set(train) & set(val)
   assert list(val) == sorted(val)
   # Without a training subset, the validation set comes out of the whole split.
-  train, val = loop.split_indices(1000, None, 100, seed=3)
+  train, val = engine.split_indices(1000, None, 100, seed=3)
   assert (len(train), len(val)) == (900, 100) and not set(train) & set(val)
   assert sorted([*train, *val]) == list(range(1000))
-  np.testing.assert_array_equal(loop.split_indices(50, None, 0, seed=3)[0], np.arange(50))
+  np.testing.assert_array_equal(engine.split_indices(50, None, 0, seed=3)[0], np.arange(50))
 
 
 def _config(tmp_path, idx_dir, **values):
@@ -35,9 +35,9 @@ def _config(tmp_path, idx_dir, **values):
 @pytest.mark.parametrize("clean", [False, True])
 def test_validation_labels_get_the_documented_noise(tmp_path, idx_dir, clean):
   cfg = _config(tmp_path, idx_dir, val_examples=40, val_clean=clean, seed=7)
-  prepared = loop.prepare_data(cfg)
+  prepared = engine.prepare_data(cfg)
   train_set = data.load_dataset(cfg.spec, "train", data_dir=str(idx_dir))
-  _, val_idx = loop.split_indices(256, TINY["train_examples"], 40, seed=7)
+  _, val_idx = engine.split_indices(256, TINY["train_examples"], 40, seed=7)
   # Symmetric noise on the held-out examples: its own draw, exactly round(0.5 x 40) flipped.
   expected = noise.inject_noise(
     train_set.labels[val_idx], num_classes=10, mode="symmetric", rate=0.5, seed=[7, 1], dataset="fashion_mnist"

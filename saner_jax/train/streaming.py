@@ -43,7 +43,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from saner_jax.train import data as data_lib
-from saner_jax.train import folders, pipeline
+from saner_jax.train import engine, folders, pipeline
 from saner_jax.train import step as step_lib
 from saner_jax.train.config import ConfigError, TrainConfig
 
@@ -258,7 +258,7 @@ def train_indices(config: TrainConfig, size: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class StreamData:
-  """What :func:`prepare` gives the loop in place of ``loop.PreparedData`` (the same attributes)."""
+  """What :func:`prepare` gives the loop in place of ``engine.PreparedData`` (the same attributes)."""
 
   train: StreamSplit
   test: StreamSplit
@@ -297,7 +297,7 @@ def _subset(source: ImageSource, idx: np.ndarray) -> ImageSource:
 def prepare(config: TrainConfig) -> StreamData:
   """The streamed splits: the seeded training subset with its noise, and the test split; no image decoded.
 
-  The same subset and noise as the on-device path's ``loop.prepare_data``.
+  The same subset and noise as the on-device path's ``engine.prepare_data``.
   """
   from saner_jax.train import noise
 
@@ -380,8 +380,6 @@ def _predictor(run):
 
 def supervised(run):
   """The default recipe on streamed batches; its Grain iterator is saved with each checkpoint."""
-  from saner_jax.train import loop
-
   config, train = run.config, run.data.train
   step = make_step(run, train.source.augments_on_host)
   iterator = train_iterator(
@@ -417,7 +415,7 @@ def supervised(run):
     predicted = predictions(run, state.params, state.batch_stats, test.source, test.labels)
     return float(np.mean(predicted == test.labels))
 
-  return loop.Recipe(init=init, epoch=epoch, evaluate=evaluate, iterator=iterator)
+  return engine.Recipe(init=init, epoch=epoch, evaluate=evaluate, iterator=iterator)
 
 
 # ---------------------------------------------------------------------------
@@ -441,8 +439,6 @@ def real_noise_note(config: TrainConfig) -> str | None:
 def with_real_noise_fields(run, recipe):
   """``recipe`` with the fields a real-noise dataset cannot measure set to None, and Clothing1M's verified-subset
   memorisation added (for recipes whose state has ``params`` and ``batch_stats``)."""
-  from saner_jax.train import loop
-
   config = run.config
   if real_noise_note(config) is None:
     return recipe
@@ -467,7 +463,7 @@ def with_real_noise_fields(run, recipe):
                                     verified[1], verified[2]))  # fmt: skip
     return state, fields
 
-  return loop.Recipe(recipe.init, epoch, recipe.evaluate, recipe.iterator)
+  return engine.Recipe(recipe.init, epoch, recipe.evaluate, recipe.iterator)
 
 
 def verified_fields(predicted: np.ndarray, given: np.ndarray, verified: np.ndarray) -> dict[str, float | None]:

@@ -23,17 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from saner_jax.train import pipeline
+from saner_jax.train import engine, pipeline
 from saner_jax.train import step as step_lib
 from saner_jax.train.pipelines import bootstrap, co_teaching, common, dividemix, joint_optimization, plc
 
 SELECTION_KEYS = ("selected", "selected_clean", "clean_total", "judged")
-
-
-def _loop():
-  from saner_jax.train import loop  # the loop imports the recipes through the CLI: import it late
-
-  return loop
 
 
 def _first(tree):
@@ -134,16 +128,15 @@ def _network0_stats(stats) -> dict[str, jax.Array]:
 
 def _epoch(run, step, state, epoch, keys=()):
   """Runs one epoch of ``step``; returns the state, the summed metrics and the trainer's fields."""
-  state, sums = _loop().run_epoch(run, step, state, epoch, _zero_metrics(run, keys))
+  state, sums = engine.run_epoch(run, step, state, epoch, _zero_metrics(run, keys))
   return state, sums, step_lib.epoch_metrics(sums, two_pass=run.optimizer.perturbation is not None)
 
 
 def _evaluate(run, networks: int):
   """``evaluate(nets, split) -> accuracy`` of network 0 on ``split``."""
-  loop = _loop()
   eval_step = jax.jit(step_lib.make_eval_step(run.model, run.config, run.data.info, mesh=run.mesh))
   pick = _first if networks == 2 else (lambda tree: tree)
-  return lambda nets, split: loop.evaluate(run, eval_step, pick(nets.params), pick(nets.batch_stats), split)
+  return lambda nets, split: engine.evaluate(run, eval_step, pick(nets.params), pick(nets.batch_stats), split)
 
 
 def _on_nets(evaluate):
@@ -169,12 +162,12 @@ def bootstrap_recipe(run):
   """Hard bootstrapping: the plain trainer with Reed et al.'s loss."""
   beta = run.config.bootstrap_beta
   objective = lambda logits, labels: jnp.mean(bootstrap.hard_bootstrap_loss(logits, labels, beta))
-  return _loop().supervised(run, objective=objective)
+  return engine.supervised(run, objective=objective)
 
 
 def plc_recipe(run):
   """Progressive label correction: cross-entropy on the current labels, a correction pass after each epoch."""
-  config, loop = run.config, _loop()
+  config = run.config
   batch_fn = _batch_fn(run)
   update = step_lib.make_update(run.model, run.optimizer, config, mesh=run.mesh)
   train_set_logits = _train_set_logits(run, networks=1)
@@ -199,7 +192,7 @@ def plc_recipe(run):
     return state, {**fields, "tau": tau, "label_flips": flips, "label_accuracy": label_accuracy}
 
   init = lambda: pipeline.place(LabelsState(_init_nets(run, run.optimizer, 1), run.data.train.labels), run.replicated)
-  return loop.Recipe(init=init, epoch=epoch, evaluate=_on_nets(_evaluate(run, 1)))
+  return engine.Recipe(init=init, epoch=epoch, evaluate=_on_nets(_evaluate(run, 1)))
 
 
 # ---------------------------------------------------------------------------
@@ -215,7 +208,7 @@ class SoftLabelsState(NamedTuple):
 
 def joint_optimization_recipe(run):
   """Stage 1: Tanaka et al.'s loss on soft labels updated every epoch; stage 2: a fresh network on them."""
-  config, loop = run.config, _loop()
+  config = run.config
   stage1 = config.jo_stage1_epochs_resolved
   spe = run.steps_per_epoch
   optimizers = [
@@ -265,7 +258,7 @@ def joint_optimization_recipe(run):
     state = SoftLabelsState(_init_nets(run, optimizers[0], 1), soft, history, jnp.zeros([], jnp.int32))
     return pipeline.place(state, run.replicated)
 
-  return loop.Recipe(init=init, epoch=epoch, evaluate=_on_nets(_evaluate(run, 1)))
+  return engine.Recipe(init=init, epoch=epoch, evaluate=_on_nets(_evaluate(run, 1)))
 
 
 # ---------------------------------------------------------------------------
@@ -284,7 +277,7 @@ def _weighted_cross_entropy(logits, targets):
 
 
 def co_teaching_recipe(run):
-  config, loop = run.config, _loop()
+  config = run.config
   batch_fn = _batch_fn(run)
   update = _per_network(
     config,
@@ -318,7 +311,7 @@ def co_teaching_recipe(run):
   init = lambda: pipeline.place(
     CoTeachingState(_init_nets(run, run.optimizer, 2), jnp.asarray(config.batch_size, jnp.int32)), run.replicated
   )
-  return loop.Recipe(init=init, epoch=epoch, evaluate=_on_nets(_evaluate(run, 2)))
+  return engine.Recipe(init=init, epoch=epoch, evaluate=_on_nets(_evaluate(run, 2)))
 
 
 # ---------------------------------------------------------------------------
@@ -341,7 +334,7 @@ def _dividemix_targets(config, probs, labels, other_prob):
 
 
 def dividemix_recipe(run):
-  config, loop = run.config, _loop()
+  config = run.config
   batch_fn = _batch_fn(run)
   objective = lambda logits, targets: dividemix.mixed_loss(logits, *targets, config.lambda_u)
   update = _per_network(
@@ -408,7 +401,7 @@ def dividemix_recipe(run):
     state = DivideMixState(_init_nets(run, run.optimizer, 2), jnp.zeros((2, n)), jnp.ones((2, n)))
     return pipeline.place(state, run.replicated)
 
-  return loop.Recipe(init=init, epoch=epoch, evaluate=_on_nets(_evaluate(run, 2)))
+  return engine.Recipe(init=init, epoch=epoch, evaluate=_on_nets(_evaluate(run, 2)))
 
 
 RECIPES = {
