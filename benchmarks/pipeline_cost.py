@@ -62,7 +62,7 @@ def build(base: dict, variant: dict, out_dir: str):
   """The run, its recipe and initial state for one variant of ``base``."""
   values = {**base, **variant, "out_dir": out_dir, "checkpoint": False}
   values["progress"] = "none"
-  run = loop.setup(config_lib.from_mapping(values))
+  run = loop.setup(config_lib.from_mapping(values).validate())
   parts = loop.recipe_of(run.config)(run)
   return parts, parts.init()
 

@@ -65,8 +65,12 @@ def test_selection_follows_validation_and_the_test_maximum_is_only_a_diagnostic(
   assert no_val["test_acc_at_best_val"] is None and no_val["best_test_acc"] == 0.9
 
 
-def test_a_run_logs_validation_accuracy_and_reports_the_selected_epoch(tmp_path, idx_dir):
+def test_a_run_logs_validation_accuracy_and_reports_the_selected_epoch(tmp_path, idx_dir, monkeypatch):
+  checks = []
+  validate = TrainConfig.validate
+  monkeypatch.setattr(TrainConfig, "validate", lambda self: checks.append(self) or validate(self))
   summary = loop.train(_config(tmp_path, idx_dir, val_examples=32, epochs=3))
+  assert len(checks) == 1  # a run validates its config once
   history = read_metrics(tmp_path / "run")
   assert all(0 <= r["val_acc"] <= 1 for r in history)
   best = int(np.argmax([r["val_acc"] for r in history]))

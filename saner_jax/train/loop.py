@@ -218,12 +218,14 @@ def _claim_out_dir(config: TrainConfig, resume: bool) -> pathlib.Path:
 
 
 def setup(config: TrainConfig, *, resume: bool = False) -> Run:
-  """Validates ``config``, claims its ``out_dir``, loads the data, builds the model and optimizer."""
+  """Claims the ``out_dir`` of a validated ``config``, loads the data, builds the model and optimizer.
+
+  :func:`train` validates the config (once) and starts JAX's distributed
+  runtime before calling it; a caller of its own does the same.
+  """
   from saner_jax.train import models
 
   reporting.git_revision()  # the revision of the code this process loaded, before a run can outlast it
-  initialize_distributed(config)
-  config.validate()
   if config.compilation_cache:
     compilation.enable_compilation_cache()
   mesh = _device_mesh(config)
