@@ -53,14 +53,40 @@ _NAMES = {
 
 if TYPE_CHECKING:
   # What type checkers and editors see; at run time __getattr__ loads these.
-  from saner_jax import analysis, diagnostics, parallel, policies  # noqa: F401
-  from saner_jax.parallel import data_mesh, sharded_sharpness_aware_grad  # noqa: F401
-  from saner_jax.perturbations import asam, friendly_sam, sam, vasso  # noqa: F401
-  from saner_jax.policies import SharpnessPolicy, adaptive_steps, every_k_steps, random_steps, with_policy  # noqa: F401
-  from saner_jax.saner import alpha_warmup, group_mask, gsam, saner, substitute_groups  # noqa: F401
-  from saner_jax.sharpness import SharpnessAwareGrads, accumulated_value_and_grad, aux_layout, sharpness_aware_grad  # noqa: F401
+  from saner_jax import analysis, diagnostics, parallel, policies
+  from saner_jax.parallel import data_mesh, sharded_sharpness_aware_grad
+  from saner_jax.perturbations import asam, friendly_sam, sam, vasso
+  from saner_jax.policies import SharpnessPolicy, adaptive_steps, every_k_steps, random_steps, with_policy
+  from saner_jax.saner import alpha_warmup, group_mask, gsam, saner, substitute_groups
+  from saner_jax.sharpness import SharpnessAwareGrads, accumulated_value_and_grad, aux_layout, sharpness_aware_grad
 
-__all__ = sorted([*_SUBMODULES, *_NAMES])
+# Written out, not computed, so that type checkers see what the package exports.
+__all__ = [
+  "SharpnessAwareGrads",
+  "SharpnessPolicy",
+  "accumulated_value_and_grad",
+  "adaptive_steps",
+  "alpha_warmup",
+  "analysis",
+  "asam",
+  "aux_layout",
+  "data_mesh",
+  "diagnostics",
+  "every_k_steps",
+  "friendly_sam",
+  "group_mask",
+  "gsam",
+  "parallel",
+  "policies",
+  "random_steps",
+  "sam",
+  "saner",
+  "sharded_sharpness_aware_grad",
+  "sharpness_aware_grad",
+  "substitute_groups",
+  "vasso",
+  "with_policy",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -211,3 +211,14 @@ def test_the_help_lists_exactly_the_models_there_are():
   from saner_jax.train import config, models
 
   assert tuple(models.MODELS) == config.MODEL_NAMES
+
+
+def test_the_lazy_packages_export_exactly_what_they_load():
+  import saner_jax
+  import saner_jax.cpu_conv
+  import saner_jax.train.pipelines
+
+  assert set(saner_jax.__all__) == set(saner_jax._SUBMODULES) | set(saner_jax._NAMES)
+  assert set(saner_jax.cpu_conv.__all__) == {"MODES", *saner_jax.cpu_conv._NAMES}
+  assert set(saner_jax.train.pipelines.__all__) == {"PIPELINES", *saner_jax.train.pipelines._MODULES}
+  assert all(getattr(saner_jax, name) is not None for name in saner_jax.__all__)

@@ -108,11 +108,20 @@ _NAMES = {
 
 if TYPE_CHECKING:
   # What type checkers and editors see; at run time __getattr__ loads these.
-  from saner_jax.cpu_conv._build import NativeBuildError, cache_dir, load_onednn_conv  # noqa: F401
-  from saner_jax.cpu_conv._select import ConvChoice, choose  # noqa: F401
-  from saner_jax.cpu_conv.ops import conv_general_dilated, is_supported  # noqa: F401
+  from saner_jax.cpu_conv._build import NativeBuildError, cache_dir, load_onednn_conv
+  from saner_jax.cpu_conv._select import ConvChoice, choose
+  from saner_jax.cpu_conv.ops import conv_general_dilated, is_supported
 
-__all__ = ["MODES", *sorted(_NAMES)]
+__all__ = [
+  "MODES",
+  "ConvChoice",
+  "NativeBuildError",
+  "cache_dir",
+  "choose",
+  "conv_general_dilated",
+  "is_supported",
+  "load_onednn_conv",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -21,9 +21,9 @@ _MODULES = ("bootstrap", "co_teaching", "common", "dividemix", "joint_optimizati
 
 if TYPE_CHECKING:
   # What type checkers and editors see; at run time __getattr__ loads these.
-  from saner_jax.train.pipelines import bootstrap, co_teaching, common, dividemix, joint_optimization, plc  # noqa: F401
+  from saner_jax.train.pipelines import bootstrap, co_teaching, common, dividemix, joint_optimization, plc
 
-__all__ = ["PIPELINES", *_MODULES]
+__all__ = ["PIPELINES", "bootstrap", "co_teaching", "common", "dividemix", "joint_optimization", "plc"]
 
 
 def __getattr__(name: str) -> Any:
