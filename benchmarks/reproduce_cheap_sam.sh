@@ -56,7 +56,7 @@ case "$stage" in
     done
     python benchmarks/seed_statistics.py tuned="$tuned/final" cheap="$dir" \
       --pairs tuned/saner:cheap/saner@every2 tuned/saner:cheap/saner@every4 tuned/sgd:cheap/saner@every2 \
-      tuned/saner:cheap/saner@every4-reuse tuned/sam:cheap/saner@every2 | tee "$dir/statistics.md" ;;
+      tuned/saner:cheap/saner@every4-reuse tuned/sam:cheap/saner@every2 cheap/saner@every4:cheap/saner@every4-reuse | tee "$dir/statistics.md" ;;
   plot)
     for rate in 40 60; do
       python benchmarks/plot_cheap_sam.py "$out/sym$rate" --sgd_2x "$out/sym$rate/sgd_2x" \
