@@ -4,7 +4,8 @@
 # practitioner has), then the chosen configs retrained with fresh seeds. Nothing is chosen on
 # the test set. Both stages resume where they stopped.
 #   bash benchmarks/reproduce_tuned.sh STAGE SETTING [OUT_DIR]
-# STAGE:   tune    the grids below with tuning seeds 0-1 (fashion_mnist_quick preset)
+# STAGE:   tune    the grids below with tuning seeds 0-2 (TUNE_SEEDS="0 1" for two; the first
+#                  sym40 store, OUT/tune, used two), fashion_mnist_quick preset
 #          final   the chosen configs with fresh seeds (default 10-19; SEEDS="10 11 12" for fewer),
 #                  one seed of all three at a time, then the paired statistics
 # SETTING: sym40, sym60 or asym40
@@ -24,7 +25,7 @@ case "$stage" in
     python -m saner_jax.train tune --config fashion_mnist_quick "${noise[@]}" --val_examples 500 --cpu_conv true \
       --runs sam saner sgd \
       --grid sam:rho=0.02,0.05,0.1,0.2,0.3,0.5 saner:rho=0.1,0.2 saner:alpha=0.25,0.5,0.75 sgd:lr=0.02,0.05,0.1 \
-      --seeds 0 1 --out_dir "$out/tune" ;;
+      --seeds ${TUNE_SEEDS:-0 1 2} --out_dir "$out/tune" ;;
   final)
     for seed in ${SEEDS:-$(seq 10 19)}; do
       for run in sgd sam saner; do
