@@ -548,6 +548,24 @@ def test_compare_collects_a_matching_run_once_per_seed(compared, capsys):
   assert "| sgd | 1 |" in (out_dir / "compare.md").read_text()
 
 
+def test_compare_set_gives_one_run_its_own_value_over_the_base(compared, capsys):
+  """--set RUN:FLAG=VALUE wins over the shared base for that run alone (the main job's tuned SGD lr)."""
+  out_dir, argv = compared
+  # The run was made at lr 0.1: a base of 0.05 with sgd set back to 0.1 collects it...
+  assert cli.main([*argv, "--collect_only", "--lr", "0.05", "--set", "sgd:lr=0.1"]) == 0
+  assert "| sgd | 1 |" in (out_dir / "compare.md").read_text()
+  # ...and setting sgd to 0.05 is refused as the other settings they are.
+  assert cli.main([*argv, "--collect_only", "--set", "sgd:lr=0.05"]) == 2
+  assert "lr (0.1 -> 0.05)" in _one_error_line(capsys.readouterr().err)
+  for entry, error in (
+    ("sgd:lr=0.1,0.2", "error: --set: sgd:lr has 2 values; give one (tune searches several)"),
+    ("adam:lr=0.1", "error: --set: 'adam:lr=0.1' names run 'adam', which is not one of --runs ['sgd']"),
+    ("sgd:learning_rate=0.1", "error: --set: unknown flag 'learning_rate' in 'sgd:learning_rate=0.1'; "),
+  ):
+    assert cli.main([*argv, "--collect_only", "--set", entry]) == 2
+    assert _one_error_line(capsys.readouterr().err).startswith(error)
+
+
 def test_compare_names_the_run_and_the_damaged_summary(compared, capsys):
   out_dir, argv = compared
   assert cli.main([*argv[:2], "sgd", "adam", *argv[3:]]) == 2

@@ -21,7 +21,8 @@ import re
 import shlex
 import sys
 import traceback
-from typing import NoReturn
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from saner_jax.train import config as config_lib
 from saner_jax.train import data, folders
@@ -91,9 +92,10 @@ def _add_debug_flag(group) -> None:
 def _compare_parser() -> argparse.ArgumentParser:
   parser = _parser(
     "python -m saner_jax.train compare",
-    "%(prog)s [--runs RUN ...] [--seeds SEED ...] [--collect_only] [--config FILE|PRESET] [--FLAG VALUE ...]",
+    "%(prog)s [--runs RUN ...] [--seeds SEED ...] [--set RUN:FLAG=VALUE ...] [--collect_only] "
+    "[--config FILE|PRESET] [--FLAG VALUE ...]",
     "Run or collect several optimizers (x seeds) and compare them on one figure and table. "
-    "The config flags set the runs' shared base.",
+    "The config flags set the runs' shared base; --set changes it for one run.",
     _COMPARE_EXAMPLES,
   )
   comparison = parser.add_argument_group("comparison")
@@ -108,6 +110,14 @@ def _compare_parser() -> argparse.ArgumentParser:
   )
   comparison.add_argument(
     "--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="one run of each per seed (default: 0)"
+  )
+  comparison.add_argument(
+    "--set",
+    nargs="+",
+    default=[],
+    metavar="RUN:FLAG=VALUE",
+    help="a flag's value for one run, over the shared base: each method at its own tuned setting, e.g. "
+    "sgd:lr=0.02 (FLAG=VALUE without RUN: for every run)",
   )
   comparison.add_argument(
     "--collect_only", action="store_true", help="only collect finished runs under --out_dir; train none"
@@ -151,16 +161,23 @@ def _tune_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def run_config(name: str, seed: int, base: config_lib.TrainConfig, out_dir: pathlib.Path) -> config_lib.TrainConfig:
+def run_config(
+  name: str,
+  seed: int,
+  base: config_lib.TrainConfig,
+  out_dir: pathlib.Path,
+  overrides: dict[str, Any] | None = None,
+) -> config_lib.TrainConfig:
   """The config of one comparison entry, ``name`` as :func:`config.run_name_values` reads it.
 
+  ``overrides`` (compare's ``--set``) change the base for this run only.
   An error in a value the name sets names the run (``--runs: 'adam': ...``),
   not a flag the user never passed.
   """
   values = config_lib.run_name_values(name)
   try:
     return config_lib.from_mapping(
-      {**values, "seed": seed, "out_dir": str(out_dir / f"{name}_seed{seed}")},
+      {**values, **(overrides or {}), "seed": seed, "out_dir": str(out_dir / f"{name}_seed{seed}")},
       base,
     ).validate()
   except ConfigError as e:
@@ -205,18 +222,36 @@ def _check_same_settings(cfg: config_lib.TrainConfig, run_dir: pathlib.Path, sum
     )
 
 
+def run_settings(entries: list[str], runs: list[str]) -> dict[str, dict[str, Any]]:
+  """``{run: {flag: value}}`` from compare's ``--set`` entries (``[RUN:]FLAG=VALUE``, one value each)."""
+  from saner_jax.train import tune
+
+  settings = tune.parse_grid(entries, runs, option="--set")
+  for run, flags in settings.items():
+    for flag, values in flags.items():
+      if len(values) != 1:
+        raise ConfigError(f"--set: {run}:{flag} has {len(values)} values; give one (tune searches several)")
+  return {run: {flag: values[0] for flag, values in flags.items()} for run, flags in settings.items()}
+
+
 def run_or_collect(
-  base: config_lib.TrainConfig, runs: list[str], seeds: list[int], collect_only: bool = False
+  base: config_lib.TrainConfig,
+  runs: list[str],
+  seeds: list[int],
+  collect_only: bool = False,
+  settings: Sequence[str] = (),
 ) -> tuple[dict, dict]:
   """Trains (or resumes) each run x seed under ``base.out_dir`` unless finished.
 
+  ``settings``: compare's ``--set`` entries, each run's own values over ``base``.
   Returns ``(summaries, histories)``, each ``{run name: [one per seed]}``.
   """
   from saner_jax.train import loop
 
   out_dir = pathlib.Path(base.out_dir)
   runs, seeds = list(dict.fromkeys(runs)), list(dict.fromkeys(seeds))  # a repeat is the same run
-  configs = {name: [run_config(name, seed, base, out_dir) for seed in seeds] for name in runs}
+  overrides = run_settings(list(settings), runs)
+  configs = {name: [run_config(name, seed, base, out_dir, overrides[name]) for seed in seeds] for name in runs}
   # Every run directory is checked before any trains: a run made under other
   # settings is never collected, nor resumed under these.
   for seed_configs in configs.values():
@@ -253,7 +288,7 @@ def write_comparison(base: config_lib.TrainConfig, summaries: dict, histories: d
 
 def compare(args: argparse.Namespace) -> dict:
   base = config_lib.from_args(args)
-  summaries, histories = run_or_collect(base, args.runs, args.seeds, args.collect_only)
+  summaries, histories = run_or_collect(base, args.runs, args.seeds, args.collect_only, args.set)
   command = "python -m saner_jax.train compare " + " ".join(shlex.quote(a) for a in sys.argv[2:])
   table = write_comparison(base, summaries, histories, command)
   out_dir = pathlib.Path(base.out_dir)

@@ -77,27 +77,30 @@ class Point:
     return dict(self.values)
 
 
-def parse_grid(entries: Sequence[str], runs: Sequence[str]) -> dict[str, dict[str, tuple]]:
-  """``{run: {flag: values}}`` from ``[RUN:]FLAG=V1,V2,...`` entries; the values coerced to the flag's type."""
+def parse_grid(entries: Sequence[str], runs: Sequence[str], option: str = "--grid") -> dict[str, dict[str, tuple]]:
+  """``{run: {flag: values}}`` from ``[RUN:]FLAG=V1,V2,...`` entries; the values coerced to the flag's type.
+
+  ``option`` names the command-line option in errors (compare's ``--set`` reads the same form).
+  """
   grids: dict[str, dict[str, tuple]] = {run: {} for run in runs}
   for entry in entries:
     target, colon, assignment = entry.rpartition(":") if ":" in entry.split("=")[0] else ("", "", entry)
     flag, equals, listed = assignment.partition("=")
     flag = flag.strip().removeprefix("--")
     if not equals or not flag or not listed:
-      raise ConfigError(f"--grid: {entry!r} is not [RUN:]FLAG=V1,V2,... (for example saner:alpha=0.25,0.5)")
+      raise ConfigError(f"{option}: {entry!r} is not [RUN:]FLAG=V1,V2,... (for example saner:alpha=0.25,0.5)")
     if flag not in config_lib.field_names():
-      raise ConfigError(f"--grid: unknown flag {flag!r} in {entry!r}; a grid ranges over the trainer's flags (--help)")
+      raise ConfigError(f"{option}: unknown flag {flag!r} in {entry!r}; it takes the trainer's flags (--help)")
     if flag in _NOT_TUNABLE:
-      raise ConfigError(f"--grid: {flag} names the run, not its training; give seeds with --seeds")
+      raise ConfigError(f"{option}: {flag} names the run, not its training; give seeds with --seeds")
     if colon and target not in grids:
-      raise ConfigError(f"--grid: {entry!r} names run {target!r}, which is not one of --runs {list(runs)}")
+      raise ConfigError(f"{option}: {entry!r} names run {target!r}, which is not one of --runs {list(runs)}")
     values = tuple(config_lib.coerce(flag, v.strip()) for v in listed.split(","))
     if len(set(values)) != len(values):
-      raise ConfigError(f"--grid: {entry!r} lists a value twice")
+      raise ConfigError(f"{option}: {entry!r} lists a value twice")
     for run in [target] if colon else runs:
       if flag in grids[run]:
-        raise ConfigError(f"--grid: {flag} is given twice for run {run!r}")
+        raise ConfigError(f"{option}: {flag} is given twice for run {run!r}")
       grids[run][flag] = values
   return grids
 
