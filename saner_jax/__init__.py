@@ -10,13 +10,12 @@ The package has three tiers:
   compiler and oneDNN at run time.
 """
 
-import importlib
 import sys as _sys
 import types
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from saner_jax import _cli_signals
+from saner_jax import _cli_signals, _lazy
 
 # The training CLI handles Ctrl-C and SIGTERM from its first second on, before
 # JAX is imported (saner_jax/_cli_signals.py); importing the library changes nothing.
@@ -89,20 +88,14 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-  if name in _SUBMODULES:
-    return importlib.import_module(f"saner_jax.{name}")
-  if name in _NAMES:
-    value = getattr(importlib.import_module(f"saner_jax.{_NAMES[name]}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+def _deprecated(name: str) -> Any:
   # The class behind the deprecated aux_layout, kept importable for one release.
   if name == "AuxLayout":
     warnings.warn(
       "saner_jax.AuxLayout is deprecated (saner_jax 0.3.0) and goes in 0.4.0: sharpness_aware_grad merges the aux "
       "itself (aux_reducers)",
       DeprecationWarning,
-      stacklevel=2,
+      stacklevel=3,
     )
     from saner_jax.sharpness import _AuxLayout
 
@@ -110,8 +103,7 @@ def __getattr__(name: str) -> Any:
   raise AttributeError(f"module 'saner_jax' has no attribute {name!r}")
 
 
-def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy.attach(__name__, _SUBMODULES, _NAMES, _deprecated)
 
 
 class _Package(types.ModuleType):

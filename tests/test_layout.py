@@ -142,8 +142,7 @@ DEFERRED_CIRCLE = {"saner_jax.train.data", "saner_jax.train.folders"}
 
 
 def test_deferred_imports_close_no_new_circle():
-  circles = _circles(deferred=True)
-  for circle in circles:
+  for circle in _circles(deferred=True):
     assert set(circle) <= DEFERRED_CIRCLE, f"a new import circle: {circle}"
 
 
@@ -222,3 +221,8 @@ def test_the_lazy_packages_export_exactly_what_they_load():
   assert set(saner_jax.cpu_conv.__all__) == {"MODES", *saner_jax.cpu_conv._NAMES}
   assert set(saner_jax.train.pipelines.__all__) == {"PIPELINES", *saner_jax.train.pipelines._MODULES}
   assert all(getattr(saner_jax, name) is not None for name in saner_jax.__all__)
+  # One helper owns the lazy loading of all three.
+  for package in (saner_jax, saner_jax.cpu_conv, saner_jax.train.pipelines):
+    assert package.__getattr__.__module__ == "saner_jax._lazy", package.__name__
+    with pytest.raises(AttributeError, match=f"module '{package.__name__}' has no attribute 'nope'"):
+      package.nope  # noqa: B018

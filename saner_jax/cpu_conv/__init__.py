@@ -88,8 +88,9 @@ kernels build, XLA's otherwise, with a one-line reason.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from saner_jax import _lazy
 
 # --cpu_conv's values: "auto" chooses (see choose), "true" insists, "false" declines.
 # Defined here, without JAX, so that the CLI lists them without importing it.
@@ -124,13 +125,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-  if name in _NAMES:
-    value = getattr(importlib.import_module(f"saner_jax.cpu_conv.{_NAMES[name]}"), name)
-    globals()[name] = value
-    return value
-  raise AttributeError(f"module 'saner_jax.cpu_conv' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy.attach(__name__, names=_NAMES)

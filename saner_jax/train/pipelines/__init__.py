@@ -10,8 +10,9 @@ NAME``) runs them. docs/pipelines.md gives the maths and the references.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from saner_jax import _lazy
 
 # "none" is the plain trainer.
 PIPELINES = ("none", "bootstrap", "co_teaching", "dividemix", "plc", "joint_optimization")
@@ -26,7 +27,4 @@ if TYPE_CHECKING:
 __all__ = ["PIPELINES", "bootstrap", "co_teaching", "common", "dividemix", "joint_optimization", "plc"]
 
 
-def __getattr__(name: str) -> Any:
-  if name in _MODULES:
-    return importlib.import_module(f"saner_jax.train.pipelines.{name}")
-  raise AttributeError(f"module 'saner_jax.train.pipelines' has no attribute {name!r}")
+__getattr__, __dir__ = _lazy.attach(__name__, _MODULES)
