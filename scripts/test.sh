@@ -17,9 +17,9 @@ step ruff check .
 step ruff format --check .
 step mypy
 step bash scripts/docs.sh
-# The examples in the core's docstrings.
+# The examples in the core's docstrings, and the registry's.
 step python -m pytest -q -p no:xdist --doctest-modules \
-  saner_jax/{perturbations,saner,sharpness,parallel,policies,diagnostics,analysis}.py
+  saner_jax/{perturbations,saner,sharpness,parallel,policies,diagnostics,analysis}.py saner_jax/train/registry.py
 # Everything runs, the cases marked slow included; pass -m "not slow" for
 # a quicker local run.
 step python -m pytest -n 2 "$@"

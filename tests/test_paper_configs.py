@@ -21,7 +21,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from saner_jax.train import config as config_lib
-from saner_jax.train import data, engine, loop, models, noise
+from saner_jax.train import data, engine, loop, models, noise, registry
 
 PRESETS = [p for p in config_lib.preset_names() if p.startswith("paper/")]
 SETTINGS = (
@@ -194,7 +194,7 @@ def test_pipeline_preset_has_the_authors_values(preset):
   two_stages = cfg.pipeline == "joint_optimization"
   assert {k: getattr(cfg, k) for k in PAPER_VALUES} == {**PAPER_VALUES, "epochs": 400 if two_stages else 200}
   defaults = config_lib.TrainConfig()
-  for field in config_lib.PIPELINE_FIELDS:
+  for field in registry.owned_fields("pipelines"):
     expected = 200 if field == "jo_stage1_epochs" and two_stages else getattr(defaults, field)
     assert getattr(cfg, field) == expected, field
   header = config_lib.resolve_preset(preset).read_text()
@@ -218,7 +218,7 @@ def test_fashion_mnist_pipeline_preset_is_the_quick_preset_in_its_pipeline(pipel
   quick = config_lib.load_yaml("fashion_mnist_quick")
   assert values["pipeline"] == pipeline
   assert {k: v for k, v in values.items() if k in quick} == quick
-  assert set(values) - set(quick) - {"pipeline", "out_dir"} <= set(config_lib.PIPELINE_FIELDS)
+  assert set(values) - set(quick) - {"pipeline", "out_dir"} <= set(registry.owned_fields("pipelines"))
 
 
 def _over_paper_preset(preset: str) -> tuple[str, dict]:

@@ -162,7 +162,8 @@ def test_compare_help_explains_its_own_flags(capsys, monkeypatch):
     (dict(rho=-0.1), "--rho: must be >= 0, got -0.1"),
     (dict(lr=-1.0), "--lr: must be >= 0, got -1.0"),
     (dict(momentum=1.5), "--momentum: must be in [0, 1], got 1.5"),
-    (dict(vasso_theta=-0.1), "--vasso_theta: must be in [0, 1], got -0.1"),
+    (dict(optimizer="vasso", vasso_theta=-0.1), "--vasso_theta: must be in [0, 1], got -0.1"),
+    (dict(vasso_theta=0.5), "--vasso_theta: applies to --optimizer vasso only, not 'sam'; drop it or set --optimizer"),
     (dict(substitute_outside=True), "--substitute_outside: needs --substitute_groups, e.g. B"),
     (
       dict(optimizer="sam", substitute_groups=""),

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from saner_jax.train import config as config_lib
-from saner_jax.train import data, folders
+from saner_jax.train import data, folders, registry
 from saner_jax.train.config import ConfigError
 
 _TRAIN_EXAMPLES = """\
@@ -106,7 +106,7 @@ def _compare_parser() -> argparse.ArgumentParser:
     metavar="RUN",
     help="the runs: OPT, OPT+saner, saner, with _head for SANER on the classifier only, OPT+grX (the clean "
     "gradient on groups X) or OPT+onlyX (SAM's gradient on groups X only), X letters from ABC; OPT one of: "
-    f"{', '.join(config_lib.PERTURBATIONS)} (default: sgd sam saner)",
+    f"{', '.join(registry.perturbations())} (default: sgd sam saner)",
   )
   comparison.add_argument(
     "--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="one run of each per seed (default: 0)"

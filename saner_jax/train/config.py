@@ -24,9 +24,6 @@ import yaml
 from saner_jax._modes import PERTURBATION_MODES
 from saner_jax.cpu_conv import MODES as CPU_CONV_MODES
 
-PERTURBATIONS = ("sgd", "sam", "asam", "friendly_sam", "vasso", "gsam")
-# "saner" alone is shorthand for SAM with SANER on, the paper's default.
-OPTIMIZERS = PERTURBATIONS + ("saner",)
 LR_SCHEDULES = ("multistep", "cosine", "constant")
 # When a SAM-family step takes its second pass (saner_jax.policies); each policy's own flag.
 SAM_POLICIES = ("always", "every", "random", "adaptive")
@@ -96,20 +93,38 @@ def choices(field: str) -> tuple[str, ...]:
   return tuple(values() if callable(values) else values)
 
 
-def _fail(field: str, message: str) -> NoReturn:
+# The checks a registry entry (saner_jax.train.registry) runs on its own fields.
+def fail(field: str, message: str) -> NoReturn:
+  """Raises the one-line ConfigError ``--field: message``."""
   raise ConfigError(f"--{field}: {message}")
 
 
-def _at_least(config: TrainConfig, low: int, *fields: str) -> None:
+def at_least(config: TrainConfig, low: int, *fields: str) -> None:
+  """Fails on the first of ``fields`` below ``low``."""
   for field in fields:
     if getattr(config, field) < low:
-      _fail(field, f"must be >= {low}, got {getattr(config, field)}")
+      fail(field, f"must be >= {low}, got {getattr(config, field)}")
 
 
-def _in_unit_interval(config: TrainConfig, *fields: str) -> None:
+def in_unit_interval(config: TrainConfig, *fields: str) -> None:
+  """Fails on the first of ``fields`` outside [0, 1]."""
   for field in fields:
     if not 0.0 <= getattr(config, field) <= 1.0:
-      _fail(field, f"must be in [0, 1], got {getattr(config, field)}")
+      fail(field, f"must be in [0, 1], got {getattr(config, field)}")
+
+
+def _registered(kind: str) -> Callable[[], Iterable[str]]:
+  """The names in a registry, read when needed: the registry loads its built-in entries on first use."""
+
+  def names() -> Iterable[str]:
+    from saner_jax.train import registry
+
+    if kind == "perturbations":
+      # "saner" alone is shorthand for SAM with SANER on, the paper's default.
+      return (*registry.perturbations(), "saner")
+    return ("none", *registry.pipelines())  # none: plain training
+
+  return names
 
 
 @dataclasses.dataclass
@@ -186,7 +201,10 @@ class TrainConfig:
     CPU_CONV_MODES,
   )
   optimizer: str = _field(
-    "saner", GROUP_OPTIMIZER, "the ascent family; saner is SAM with SANER's reweighting (the paper's)", OPTIMIZERS
+    "saner",
+    GROUP_OPTIMIZER,
+    "the ascent family; saner is SAM with SANER's reweighting (the paper's)",
+    _registered("perturbations"),
   )
   saner: bool = _field(False, GROUP_OPTIMIZER, "SANER on top of the chosen SAM-family optimizer")
   alpha: float = _field(0.5, GROUP_OPTIMIZER, "SANER's weight on the chosen group's gradient components; 1 is SAM")
@@ -256,7 +274,7 @@ class TrainConfig:
     GROUP_PIPELINES,
     "a noise-robust training pipeline (docs/pipelines.md); none: plain training. Each pipeline's fields "
     "below default to the authors' values and may only be set with their pipeline",
-    _owned("pipelines", "PIPELINES"),
+    _registered("pipelines"),
   )
   pipeline_warmup_epochs: int = _field(10, GROUP_PIPELINES, "dividemix, plc: epochs of plain training first")
   bootstrap_beta: float = _field(0.8, GROUP_PIPELINES, "bootstrap: the weight of the given label")
@@ -359,13 +377,13 @@ class TrainConfig:
     if spec.layout is None:
       for field in ("image_size", "eval_split"):
         if getattr(self, field) is not None:
-          _fail(field, f"applies to datasets read from folders, not {self.dataset}; drop it")
+          fail(field, f"applies to datasets read from folders, not {self.dataset}; drop it")
       return spec
     from saner_jax.train import folders
 
     if self.image_size is not None:
       if self.image_size < 8:
-        _fail("image_size", f"must be >= 8, got {self.image_size}")
+        fail("image_size", f"must be >= 8, got {self.image_size}")
       side = self.image_size
       spec = dataclasses.replace(spec, image_shape=(side, side, 3), crop_padding=max(1, side // 8))
     if self.eval_split is not None:
@@ -433,50 +451,50 @@ class TrainConfig:
 
     for field, wanted in (("tensorboard", self.tensorboard == "true"), ("wandb", self.wandb)):
       if wanted and (missing := reporting.missing_logger(field)):
-        _fail(field, missing)
+        fail(field, missing)
 
   def _check_input(self) -> None:
     if self.stream_workers is not None and self.stream_workers < 0:
-      _fail("stream_workers", f"must be >= 0 (0: threads only), got {self.stream_workers}")
+      fail("stream_workers", f"must be >= 0 (0: threads only), got {self.stream_workers}")
     if self.input_pipeline != "stream":
       return
     if self.pipeline != "none":
-      _fail("input_pipeline", f"stream feeds plain training; --pipeline {self.pipeline} needs --input_pipeline device")
+      fail("input_pipeline", f"stream feeds plain training; --pipeline {self.pipeline} needs --input_pipeline device")
     if self.noise_mode == "instance":
-      _fail("input_pipeline", "stream cannot draw instance-dependent noise, which needs every image in memory")
+      fail("input_pipeline", "stream cannot draw instance-dependent noise, which needs every image in memory")
     if self.log_decomposition or self.sharpness_every:
-      _fail("input_pipeline", "the mechanism probe needs --input_pipeline device")
+      fail("input_pipeline", "the mechanism probe needs --input_pipeline device")
     if self.val_examples:
-      _fail("input_pipeline", "stream holds out no validation set; --val_examples needs --input_pipeline device")
+      fail("input_pipeline", "stream holds out no validation set; --val_examples needs --input_pipeline device")
 
   def _check_choices_and_numbers(self) -> None:
     for field in _FIELDS:
       allowed = choices(field)
       if allowed and getattr(self, field) not in allowed:
-        _fail(field, f"unknown value {getattr(self, field)!r}; choose one of {sorted(allowed)}")
+        fail(field, f"unknown value {getattr(self, field)!r}; choose one of {sorted(allowed)}")
     for field in _FLOAT_FIELDS:  # nan passes every comparison below, inf some of them
       if not math.isfinite(getattr(self, field)):
-        _fail(field, f"must be a finite number, got {getattr(self, field)}")
+        fail(field, f"must be a finite number, got {getattr(self, field)}")
     if not 0 <= self.seed < 2**32:
-      _fail("seed", f"must be in [0, 2**32), got {self.seed}")
+      fail("seed", f"must be in [0, 2**32), got {self.seed}")
     self._check_out_dir()
 
   def _check_out_dir(self) -> None:
     """The system's limits on names, checked before anything trains: files deep inside a checkpoint
     would otherwise fail only at the first save."""
     if not self.out_dir.strip():
-      _fail("out_dir", "is empty; name a directory, e.g. --out_dir runs/my_run")
+      fail("out_dir", "is empty; name a directory, e.g. --out_dir runs/my_run")
     name_max, path_max = _path_limits()
     longest = max(pathlib.PurePath(self.out_dir).parts, key=len)
     if len(longest.encode()) > name_max:
-      _fail(
+      fail(
         "out_dir",
         f"a part of the path is {len(longest.encode())} bytes long, over the system's limit of {name_max} "
         f"({longest[:20]}...); choose a shorter --out_dir",
       )
     needed = len(os.fsencode(os.path.abspath(self.out_dir))) + DEEPEST_RUN_FILE
     if needed > path_max:
-      _fail(
+      fail(
         "out_dir",
         f"the run's deepest files would have paths of {needed} bytes, over the system's limit of {path_max}; "
         f"choose a --out_dir of at most {path_max - DEEPEST_RUN_FILE} bytes as an absolute path",
@@ -485,11 +503,11 @@ class TrainConfig:
   def _check_noise(self, spec) -> None:
     from saner_jax.train import noise
 
-    _in_unit_interval(self, "noise_rate")
+    in_unit_interval(self, "noise_rate")
     if self.noise_mode not in ("none", "real"):
       highest = noise.max_rate(self.noise_mode, spec.num_classes)
       if self.noise_rate > highest:
-        _fail(
+        fail(
           "noise_rate",
           f"{self.noise_mode} noise on {spec.num_classes} classes is defined up to {highest:.3g}, got {self.noise_rate}",
         )
@@ -497,37 +515,43 @@ class TrainConfig:
       try:
         noise.asymmetric_map(self.dataset)
       except ValueError as e:
-        _fail("noise_mode", str(e))
+        fail("noise_mode", str(e))
     if self.noise_mode == "real":
       if not spec.noisy_label_keys:
-        _fail("noise_mode", f"'real' needs human labels; {self.dataset} has none (use cifar10_n or cifar100_n)")
+        fail("noise_mode", f"'real' needs human labels; {self.dataset} has none (use cifar10_n or cifar100_n)")
       if self.noise_label_key not in spec.noisy_label_keys:
-        _fail("noise_label_key", f"{self.dataset} has {list(spec.noisy_label_keys)}, got {self.noise_label_key!r}")
+        fail("noise_label_key", f"{self.dataset} has {list(spec.noisy_label_keys)}, got {self.noise_label_key!r}")
 
   def _check_optimizer(self) -> None:
     if self.saner_group == "B" and not 0.0 <= self.alpha <= 1.0:
-      _fail("alpha", f"must be in [0, 1] for group B, got {self.alpha}")
-    _at_least(self, 0, "alpha")
-    if self.saner and self.optimizer == "sgd":
-      _fail("saner", "SANER reweights SAM's second gradient; it needs a SAM-family optimizer, not sgd")
+      fail("alpha", f"must be in [0, 1] for group B, got {self.alpha}")
+    at_least(self, 0, "alpha")
+    if self.saner and not self.perturbation_entry.two_pass:
+      fail("saner", f"SANER reweights SAM's second gradient; it needs a SAM-family optimizer, not {self.optimizer}")
     if self.saner_params != "all" and not self.uses_saner:
-      _fail(
+      fail(
         "saner_params", f"{self.saner_params!r} chooses where SANER acts; turn SANER on (--optimizer saner or --saner)"
       )
-    _at_least(self, 0, "rho", "asam_eta", "fsam_sigma", "gsam_alpha", "lr", "weight_decay")
-    _in_unit_interval(self, "momentum", "fsam_lmbda", "vasso_theta")
+    at_least(self, 0, "rho", "lr", "weight_decay")
+    in_unit_interval(self, "momentum")
+    self._check_owned_fields("optimizer", self.perturbation, "perturbations")
+    if self.perturbation_entry.check is not None:
+      self.perturbation_entry.check(self)
 
   def _check_sam_policy(self) -> None:
-    _at_least(self, 1, "sam_every")
-    _in_unit_interval(self, "sam_prob")
-    _at_least(self, 0, "sam_c")
+    at_least(self, 1, "sam_every")
+    in_unit_interval(self, "sam_prob")
+    at_least(self, 0, "sam_c")
     for field, owner in SAM_POLICY_FIELDS.items():
       if self.sam_policy != owner and getattr(self, field) != _FIELDS[field].default:
-        _fail(field, f"applies to --sam_policy {owner} only, not {self.sam_policy!r}; drop it or set --sam_policy")
-    if self.sam_policy != "always" and self.perturbation == "sgd":
-      _fail("sam_policy", "chooses the steps that take SAM's second pass; it needs a SAM-family optimizer, not sgd")
+        fail(field, f"applies to --sam_policy {owner} only, not {self.sam_policy!r}; drop it or set --sam_policy")
+    if self.sam_policy != "always" and not self.perturbation_entry.two_pass:
+      fail(
+        "sam_policy",
+        f"chooses the steps that take SAM's second pass; it needs a SAM-family optimizer, not {self.optimizer}",
+      )
     if self.saner_reuse_mask and (not self.uses_saner or self.sam_policy == "always"):
-      _fail(
+      fail(
         "saner_reuse_mask", "reuses SANER's mask on one-pass steps: it needs SANER and a --sam_policy other than always"
       )
 
@@ -536,54 +560,56 @@ class TrainConfig:
 
     if self.substitute_groups is None:
       if self.substitute_outside:
-        _fail("substitute_outside", "needs --substitute_groups, e.g. B")
+        fail("substitute_outside", "needs --substitute_groups, e.g. B")
       return
     try:
       _check_groups(self.substitute_groups, self.substitute_outside)
     except (TypeError, ValueError) as e:
-      _fail("substitute_groups", str(e))
+      fail("substitute_groups", str(e))
     if not self.substitute_groups and not self.substitute_outside:
-      _fail("substitute_groups", "is empty, which substitutes nothing; give letters from ABC or leave it out")
-    if self.perturbation == "sgd":
-      _fail("substitute_groups", "substitutes SAM's second gradient; it needs a SAM-family optimizer, not sgd")
+      fail("substitute_groups", "is empty, which substitutes nothing; give letters from ABC or leave it out")
+    if not self.perturbation_entry.two_pass:
+      fail(
+        "substitute_groups", f"substitutes SAM's second gradient; it needs a SAM-family optimizer, not {self.optimizer}"
+      )
     if self.uses_saner:
-      _fail(
+      fail(
         "substitute_groups", "replaces SANER's reweighting; use --optimizer sam (or another SAM variant) without SANER"
       )
 
   def _check_batches_and_schedule(self, spec) -> None:
-    _at_least(self, 1, "batch_size", "eval_batch_size", "epochs", "m_sharpness", "grad_accum_steps")
-    _at_least(self, 0, "alpha_warmup_epochs", "lr_decay")
+    at_least(self, 1, "batch_size", "eval_batch_size", "epochs", "m_sharpness", "grad_accum_steps")
+    at_least(self, 0, "alpha_warmup_epochs", "lr_decay")
     if self.batch_size % self.m_sharpness:
-      _fail("m_sharpness", f"must divide batch_size {self.batch_size}, got {self.m_sharpness}")
+      fail("m_sharpness", f"must divide batch_size {self.batch_size}, got {self.m_sharpness}")
     if self.batch_size % (self.m_sharpness * self.grad_accum_steps):
-      _fail(
+      fail(
         "grad_accum_steps",
         f"m_sharpness x grad_accum_steps = {self.m_sharpness} x {self.grad_accum_steps} "
         f"must divide batch_size {self.batch_size}",
       )
     if any(not 0.0 < m < 1.0 for m in self.lr_milestones):
-      _fail("lr_milestones", f"must be fractions of training in (0, 1), got {self.lr_milestones}")
+      fail("lr_milestones", f"must be fractions of training in (0, 1), got {self.lr_milestones}")
     for field, split in (("train_examples", "train"), ("test_examples", "test")):
       value = getattr(self, field)
       if value is not None and not 1 <= value <= spec.sizes[split]:
-        _fail(field, f"must be in [1, {spec.sizes[split]}], the size of {self.dataset}'s {split} split; got {value}")
+        fail(field, f"must be in [1, {spec.sizes[split]}], the size of {self.dataset}'s {split} split; got {value}")
     if self.val_examples < 0:
-      _fail("val_examples", f"must be >= 0 (0: no validation), got {self.val_examples}")
+      fail("val_examples", f"must be >= 0 (0: no validation), got {self.val_examples}")
     if self.val_clean and not self.val_examples:
-      _fail("val_clean", "validates the held-out examples, so it needs --val_examples N (N > 0)")
+      fail("val_clean", "validates the held-out examples, so it needs --val_examples N (N > 0)")
     size = spec.sizes["train"]
     if self.train_examples and self.val_examples > size - self.train_examples:
-      _fail(
+      fail(
         "val_examples",
         f"{self.val_examples} exceeds the {size - self.train_examples} examples of {self.dataset}'s train split "
         f"left beside --train_examples {self.train_examples}; lower either",
       )
     if not self.train_examples and self.val_examples >= size:
-      _fail("val_examples", f"{self.val_examples} leaves none of {self.dataset}'s {size} training examples to train on")
+      fail("val_examples", f"{self.val_examples} leaves none of {self.dataset}'s {size} training examples to train on")
     train_size = self.train_examples or spec.sizes["train"] - self.val_examples
     if self.batch_size > train_size:
-      _fail("batch_size", f"{self.batch_size} exceeds the {train_size} training examples")
+      fail("batch_size", f"{self.batch_size} exceeds the {train_size} training examples")
 
   def _check_model_and_diagnostics(self, spec) -> None:
     from saner_jax.train import models
@@ -591,45 +617,41 @@ class TrainConfig:
     try:
       models.check_input(self.model, spec.image_shape)
     except ValueError as e:
-      _fail("model", str(e))
+      fail("model", str(e))
     try:
       models.create_model(self.model, spec.num_classes, width=self.model_width)
     except ValueError as e:
-      _fail("model_width", str(e))
+      fail("model_width", str(e))
     if self.sharpness_every < 0:
-      _fail("sharpness_every", f"must be >= 0 (0: never), got {self.sharpness_every}")
-    _at_least(self, 1, "probe_examples", "sharpness_iterations", "hutchinson_samples")
+      fail("sharpness_every", f"must be >= 0 (0: never), got {self.sharpness_every}")
+    at_least(self, 1, "probe_examples", "sharpness_iterations", "hutchinson_samples")
 
   def _check_pipeline(self) -> None:
-    for field, owners in PIPELINE_FIELDS.items():
-      if self.pipeline not in owners and getattr(self, field) != _FIELDS[field].default:
-        _fail(
-          field, f"applies to --pipeline {' or '.join(owners)} only, not {self.pipeline!r}; drop it or set --pipeline"
-        )
-    if not 0.0 <= self.forget_rate < 1.0:
-      _fail("forget_rate", f"must be in [0, 1), got {self.forget_rate}")
-    _in_unit_interval(self, "bootstrap_beta", "p_threshold")
-    _at_least(self, 0, "pipeline_warmup_epochs", "num_gradual", "forget_exponent", "lambda_u", "tau_step")
-    _at_least(self, 0, "jo_alpha", "jo_beta")
-    _at_least(self, 1, "jo_window")
-    for field in ("sharpen_temperature", "mixup_alpha"):
-      if getattr(self, field) <= 0:
-        _fail(field, f"must be > 0, got {getattr(self, field)}")
-    # A warm-up over the whole run would train plainly under the pipeline's name. DivideMix
-    # co-divides from the epoch after its warm-up; PLC corrects labels after epoch warmup_epochs.
-    last_warm = {"dividemix": self.epochs, "plc": self.epochs + 1}.get(self.pipeline)
-    if last_warm is not None and self.pipeline_warmup_epochs >= last_warm:
-      _fail(
-        "pipeline_warmup_epochs",
-        f"{self.pipeline_warmup_epochs} covers all {self.epochs} epochs, so {self.pipeline} would never act "
-        f"(plain training); use at most {last_warm - 1}, or more --epochs",
-      )
-    if self.tau_end > self.tau_start:
-      _fail("tau_end", f"must be <= tau_start {self.tau_start}, got {self.tau_end}")
-    if self.pipeline == "joint_optimization" and not 1 <= self.jo_stage1_epochs_resolved < self.epochs:
-      _fail(
-        "jo_stage1_epochs", f"must leave both stages an epoch: in [1, {self.epochs - 1}], got {self.jo_stage1_epochs}"
-      )
+    self._check_owned_fields("pipeline", self.pipeline, "pipelines")
+    if self.pipeline != "none" and (check := self.pipeline_entry.check) is not None:
+      check(self)
+
+  def _check_owned_fields(self, flag: str, chosen: str, kind: str) -> None:
+    """Refuses a field that registry entries own, set away from its default without one of them chosen."""
+    from saner_jax.train import registry
+
+    for field, owners in registry.owned_fields(kind).items():
+      if chosen not in owners and getattr(self, field) != _FIELDS[field].default:
+        fail(field, f"applies to --{flag} {' or '.join(owners)} only, not {chosen!r}; drop it or set --{flag}")
+
+  @property
+  def perturbation_entry(self):
+    """The registry entry (:class:`saner_jax.train.registry.Perturbation`) of the ascent family."""
+    from saner_jax.train import registry
+
+    return registry.perturbations()[self.perturbation]
+
+  @property
+  def pipeline_entry(self):
+    """The registry entry (:class:`saner_jax.train.registry.Pipeline`) of ``pipeline``; KeyError for "none"."""
+    from saner_jax.train import registry
+
+    return registry.pipelines()[self.pipeline]
 
   @property
   def jo_stage1_epochs_resolved(self) -> int:
@@ -718,15 +740,6 @@ def _policy_values(name: str, policy: str) -> dict[str, Any]:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-# The pipeline-specific fields and the pipelines they belong to.
-PIPELINE_FIELDS = {
-  "pipeline_warmup_epochs": ("dividemix", "plc"),
-  "bootstrap_beta": ("bootstrap",),
-  **dict.fromkeys(("forget_rate", "num_gradual", "forget_exponent"), ("co_teaching",)),
-  **dict.fromkeys(("p_threshold", "lambda_u", "sharpen_temperature", "mixup_alpha"), ("dividemix",)),
-  **dict.fromkeys(("tau_start", "tau_end", "tau_step"), ("plc",)),
-  **dict.fromkeys(("jo_alpha", "jo_beta", "jo_window", "jo_update_start", "jo_stage1_epochs"), ("joint_optimization",)),
-}
 _TYPES = typing.get_type_hints(TrainConfig)
 _FLOAT_FIELDS = tuple(name for name, hint in _TYPES.items() if hint is float)
 

@@ -53,7 +53,6 @@ from saner_jax.train import config as config_lib
 from saner_jax.train import step as step_lib
 from saner_jax.train.config import ConfigError, TrainConfig
 from saner_jax.train.engine import Recipe, Run, RunKeys, prepare_data, supervised
-from saner_jax.train.pipelines import recipes
 
 # Keys a resumed run may change without changing the result.
 _RESUME_FREE_KEYS = (
@@ -400,7 +399,7 @@ def recipe_of(config: TrainConfig) -> Callable[[Run], Recipe]:
   """The recipe of the config's ``pipeline``: :func:`supervised` for "none"."""
   if config.pipeline == "none":
     return supervised
-  return recipes.RECIPES[config.pipeline]
+  return config.pipeline_entry.recipe
 
 
 def _input_recipe(run: Run, recipe: Callable[[Run], Recipe] | None) -> Recipe:

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from saner_jax.train import registry
+
 # What the figures show, panel by panel: (metric key, title).
 PANELS = (
   ("test_acc", "test accuracy"),
@@ -22,13 +24,6 @@ PANELS = (
   ("noisy_memorised", "noisy train samples: fit to the WRONG label"),
   ("noisy_true", "noisy train samples: fit to the true label"),
   ("group_B", "group B: share of coordinates SAM shrank"),
-)
-# The noise-robust pipelines' own metrics, drawn when a run logged them.
-PIPELINE_PANELS = (
-  ("clean_precision", "judged clean: label precision"),
-  ("clean_recall", "judged clean: share of the clean samples"),
-  ("clean_fraction", "share of samples judged clean"),
-  ("label_accuracy", "corrected labels: accuracy"),
 )
 # The mechanism probe's (saner_jax.train.probe), drawn when a run logged them;
 # sharpness is not a percentage.
@@ -249,7 +244,9 @@ def plot_compare(runs: dict[str, list[list[dict[str, Any]]]], path: pathlib.Path
   value (sharpness between the epochs it is measured) are skipped.
   """
   logged = lambda key: any(r.get(key) is not None for hs in runs.values() for h in hs for r in h)
-  panels = PANELS + tuple(panel for panel in PIPELINE_PANELS + PROBE_PANELS if logged(panel[0]))
+  # The noise-robust pipelines' own metrics (their registry entries') and the probe's, where logged.
+  optional = registry.report("panels") + PROBE_PANELS
+  panels = PANELS + tuple(panel for panel in optional if logged(panel[0]))
   plt, fig, axes = _figure(len(panels))
   for ax, (key, panel_title) in zip(axes, panels):
     scale = 1.0 if key in _UNSCALED else 100.0
@@ -328,14 +325,6 @@ def selected_metrics(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
   }
 
 
-# Added to the table when a run logged them (the noise-robust pipelines).
-PIPELINE_COLUMNS = (
-  ("clean_precision", "judged clean: precision % (final)"),
-  ("clean_recall", "judged clean: recall % (final)"),
-  ("label_accuracy", "label accuracy % (final)"),
-)
-
-
 def _summary_value(summary: dict[str, Any], key: str):
   if key in summary:
     return summary[key]
@@ -345,7 +334,8 @@ def _summary_value(summary: dict[str, Any], key: str):
 def markdown_table(summaries: dict[str, list[dict[str, Any]]]) -> str:
   """Mean ± std over seeds of each run's headline numbers."""
   logged = lambda key: any(_summary_value(s, key) is not None for runs in summaries.values() for s in runs)
-  columns = TABLE_COLUMNS + tuple(column for column in PIPELINE_COLUMNS if logged(column[0]))
+  # The pipelines' columns (their registry entries'), where some run logged them.
+  columns = TABLE_COLUMNS + tuple(column for column in registry.report("columns") if logged(column[0]))
   header = "| run | seeds | " + " | ".join(title for _, title in columns) + " |"
   lines = [header, "|" + "---|" * (len(columns) + 2)]
   for name, runs in summaries.items():

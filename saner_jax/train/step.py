@@ -94,23 +94,18 @@ def sam_policy(config: TrainConfig) -> saner_jax.SharpnessPolicy | None:
 
 
 def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
-  """The optax chain and perturbation of a config (authors' order: reweight, then L2)."""
-  perturbations = {
-    "sgd": lambda: None,
-    "sam": lambda: saner_jax.sam(config.rho),
-    "gsam": lambda: saner_jax.sam(config.rho),
-    "asam": lambda: saner_jax.asam(config.rho, config.asam_eta),
-    "friendly_sam": lambda: saner_jax.friendly_sam(config.rho, config.fsam_sigma, config.fsam_lmbda),
-    "vasso": lambda: saner_jax.vasso(config.rho, config.vasso_theta),
-  }
-  perturbation = perturbations[config.perturbation]()
+  """The optax chain and perturbation of a config (authors' order: reweight, then L2).
+
+  The perturbation and any transform heading the chain come from the
+  family's registry entry (:mod:`saner_jax.train.optimizers`).
+  """
+  entry = config.perturbation_entry
+  perturbation = entry.build(config)
   policy = sam_policy(config)
   if perturbation is not None and policy is not None:
     perturbation = saner_jax.with_policy(perturbation, policy)
   lr = lr_schedule(config, steps_per_epoch)
-  parts = []
-  if config.perturbation == "gsam":
-    parts.append(saner_jax.gsam(config.gsam_alpha))
+  parts = [] if entry.update is None else [entry.update(config)]
   alpha = None
   if config.uses_saner:
     if config.saner_group == "B":

@@ -1,0 +1,163 @@
+"""The toolkit's extension points: one registry of perturbations, one of noise-robust pipelines.
+
+An entry owns everything the trainer knows about it: how to build it, the
+config fields only it reads (which may then be set only with it), the checks
+of their values, and what it adds to a run's figure and to ``compare``'s
+table. The config, the optimizer factory, the trainer and the reports read
+the entries; none of them lists the perturbations or the pipelines itself.
+
+Adding one is one call, in your own code or next to a built-in's::
+
+  from saner_jax.train import registry
+
+  registry.register_perturbation(
+    registry.Perturbation("my_sam", build=lambda config: my_sam(config.rho))
+  )
+  # python -m saner_jax.train --optimizer my_sam --saner true ...
+
+Reading a registry loads no JAX: builders and recipes are called only when a
+run is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+  import optax
+
+  from saner_jax.train.config import TrainConfig
+  from saner_jax.train.engine import Recipe, Run
+
+Check = Callable[["TrainConfig"], None]
+# (metric key, title): a panel of the run's figure, or a column of compare's table.
+Report = tuple[tuple[str, str], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Perturbation:
+  """An ascent family, ``--optimizer NAME``.
+
+  Attributes:
+    name: the ``--optimizer`` value.
+    build: the config's perturbation, a transform of :mod:`saner_jax.perturbations`'
+      kind (the ascent direction for the second pass); None for a one-pass step.
+    update: a transform put first in the update chain, before SANER and weight
+      decay (GSAM's projection), or None.
+    fields: the config fields only this family reads; set with another, they are refused.
+    check: raises :class:`~saner_jax.train.config.ConfigError` for bad values of ``fields``.
+    two_pass: whether the step takes the second, perturbed pass; False only for plain SGD,
+      which SANER, the group substitutions and the ``--sam_policy`` need.
+  """
+
+  name: str
+  build: Callable[[TrainConfig], optax.GradientTransformation | None]
+  update: Callable[[TrainConfig], optax.GradientTransformation] | None = None
+  fields: tuple[str, ...] = ()
+  check: Check | None = None
+  two_pass: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+  """A noise-robust training pipeline, ``--pipeline NAME``.
+
+  Attributes:
+    name: the ``--pipeline`` value.
+    recipe: the trainer recipe (:class:`saner_jax.train.engine.Recipe`) of a run.
+    fields: the config fields only this pipeline reads; set without it, they are refused.
+    check: raises :class:`~saner_jax.train.config.ConfigError` for bad values of ``fields``.
+    panels: the figure panels of the metrics it logs, ``(key, title)``.
+    columns: the ``compare`` table columns of its final metrics, ``(key, title)``.
+  """
+
+  name: str
+  recipe: Callable[[Run], Recipe]
+  fields: tuple[str, ...] = ()
+  check: Check | None = None
+  panels: Report = ()
+  columns: Report = ()
+
+
+_PERTURBATIONS: dict[str, Perturbation] = {}
+_PIPELINES: dict[str, Pipeline] = {}
+# The modules whose import registers the built-in entries.
+_BUILT_IN = ("saner_jax.train.optimizers", "saner_jax.train.pipelines")
+
+
+def _register(table: dict[str, Any], entry: Any, kind: str, reserved: Iterable[str], replace: bool) -> None:
+  if not entry.name.isidentifier():
+    raise ValueError(
+      f"a {kind} name must be an identifier (it is a flag value and part of run names), got {entry.name!r}"
+    )
+  if entry.name in reserved or (entry.name in table and not replace):
+    raise ValueError(f"{kind} {entry.name!r} is already registered; pass replace=True to replace it")
+  table[entry.name] = entry
+
+
+def register_perturbation(entry: Perturbation, *, replace: bool = False) -> Perturbation:
+  """Adds ``entry`` under ``--optimizer entry.name``; returns it. ``saner`` is reserved (SAM with SANER)."""
+  _load_built_ins()
+  _register(_PERTURBATIONS, entry, "perturbation", ("saner",), replace)
+  return entry
+
+
+def register_pipeline(entry: Pipeline, *, replace: bool = False) -> Pipeline:
+  """Adds ``entry`` under ``--pipeline entry.name``; returns it. ``none`` is reserved (plain training)."""
+  _load_built_ins()
+  _register(_PIPELINES, entry, "pipeline", ("none",), replace)
+  return entry
+
+
+def unregister(kind: str, name: str) -> None:
+  """Removes a perturbation or pipeline registered earlier (a test's or a notebook's)."""
+  {"perturbation": _PERTURBATIONS, "pipeline": _PIPELINES}[kind].pop(name, None)
+
+
+_loaded = False
+
+
+def _load_built_ins() -> None:
+  global _loaded
+  if not _loaded:
+    _loaded = True
+    for module in _BUILT_IN:
+      importlib.import_module(module)
+
+
+def perturbations() -> dict[str, Perturbation]:
+  """Every registered perturbation by name, the built-ins first."""
+  _load_built_ins()
+  return dict(_PERTURBATIONS)
+
+
+def pipelines() -> dict[str, Pipeline]:
+  """Every registered pipeline by name, the built-ins first (``none``, plain training, is not one)."""
+  _load_built_ins()
+  return dict(_PIPELINES)
+
+
+def owned_fields(kind: str) -> dict[str, tuple[str, ...]]:
+  """``{config field: the entries that own it}`` of ``kind``, "perturbations" or "pipelines".
+
+  >>> owned_fields("pipelines")["pipeline_warmup_epochs"]
+  ('dividemix', 'plc')
+  """
+  entries = perturbations() if kind == "perturbations" else pipelines()
+  owners: dict[str, tuple[str, ...]] = {}
+  for entry in entries.values():
+    for field in entry.fields:
+      owners[field] = (*owners.get(field, ()), entry.name)
+  return owners
+
+
+def report(attribute: str) -> Report:
+  """The pipelines' ``panels`` or ``columns``, each key once, in registration order."""
+  seen: dict[str, str] = {}
+  for entry in pipelines().values():
+    for key, title in getattr(entry, attribute):
+      seen.setdefault(key, title)
+  return tuple(seen.items())

@@ -1,0 +1,150 @@
+"""The toolkit's extension points: a perturbation and a pipeline added through their registries alone.
+
+Each toy is checked against the built-in it reduces to, so the test pins
+that the registry entry, not a hard-wired list, drives the config, the
+optimizer, the trainer and the reports.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from saner_jax.train import cli, loop, registry, reporting
+from saner_jax.train import config as config_lib
+from saner_jax.train.config import ConfigError, TrainConfig, fail
+from saner_jax.train.engine import supervised
+
+ONE_EPOCH = dict(
+  model="resnet8",
+  epochs=1,
+  batch_size=32,
+  train_examples=96,
+  test_examples=64,
+  eval_batch_size=32,
+  alpha_warmup_epochs=1,
+  progress="none",
+  checkpoint=False,
+)
+COMPARED = ("train_loss", "train_acc", "test_acc", "clean_acc", "noisy_memorised")
+
+
+def _zero_ascent(config: TrainConfig) -> optax.GradientTransformation:
+  """A perturbation of zero: the second gradient is the clean one, so the step is SGD's."""
+  return optax.stateless(lambda updates, params: jax.tree.map(jnp.zeros_like, updates))
+
+
+def _check_rho(config: TrainConfig) -> None:
+  if config.rho > 1.0:
+    fail("rho", f"zero_ascent takes rho <= 1, got {config.rho}")
+
+
+@pytest.fixture
+def toy_perturbation():
+  entry = registry.register_perturbation(registry.Perturbation("zero_ascent", build=_zero_ascent, check=_check_rho))
+  yield entry
+  registry.unregister("perturbation", entry.name)
+
+
+def _toy_recipe(run):
+  """The supervised recipe, with a metric of its own in every epoch's record."""
+  plain = supervised(run)
+
+  def epoch(state, number):
+    state, fields = plain.epoch(state, number)
+    return state, {**fields, "toy_share": 0.25}
+
+  return plain._replace(epoch=epoch)
+
+
+@pytest.fixture
+def toy_pipeline():
+  entry = registry.register_pipeline(
+    registry.Pipeline(
+      "toy",
+      _toy_recipe,
+      panels=(("toy_share", "toy: share"),),
+      columns=(("toy_share", "toy share % (final)"),),
+    )
+  )
+  yield entry
+  registry.unregister("pipeline", entry.name)
+
+
+def _metrics(run_dir: pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_toy_perturbation_trains_through_its_entry_alone(toy_perturbation, idx_dir, tmp_path):
+  assert "zero_ascent" in config_lib.choices("optimizer")
+  with pytest.raises(ConfigError, match=r"^--rho: zero_ascent takes rho <= 1, got 2.0$"):
+    TrainConfig(optimizer="zero_ascent", rho=2.0, data_dir=str(idx_dir), **ONE_EPOCH).validate()
+  runs = {}
+  for optimizer in ("zero_ascent", "sgd"):
+    cfg = TrainConfig(optimizer=optimizer, data_dir=str(idx_dir), out_dir=str(tmp_path / optimizer), **ONE_EPOCH)
+    loop.train(cfg.validate())
+    runs[optimizer] = _metrics(tmp_path / optimizer)[-1]
+  # Two passes ran (SGD logs no group shares), and they took SGD's step.
+  assert runs["zero_ascent"]["group_B"] == 0.0 and runs["sgd"]["group_B"] is None
+  for key in COMPARED:
+    assert runs["zero_ascent"][key] == pytest.approx(runs["sgd"][key], rel=1e-4, abs=1.5 / 64), key
+
+
+def test_a_toy_pipeline_trains_and_reports_through_its_entry_alone(toy_pipeline, idx_dir, tmp_path, capsys):
+  assert "toy" in config_lib.choices("pipeline")
+  flags = [f"--{k}={v}" for k, v in {**ONE_EPOCH, "data_dir": idx_dir, "optimizer": "sgd"}.items()]
+  out = tmp_path / "cmp"
+  # compare runs the toy beside plain training: the toy's column joins the table, its panel the figure.
+  assert cli.main(["compare", "--runs", "sgd", "--set", "pipeline=toy", "--out_dir", str(out), *flags]) == 0
+  toy = _metrics(out / "sgd_seed0")[-1]
+  assert toy["toy_share"] == 0.25
+  assert "toy share % (final)" in (out / "compare.md").read_text()
+  assert ("toy_share", "toy: share") in registry.report("panels")
+  plain_dir = tmp_path / "plain"
+  plain_cfg = TrainConfig(optimizer="sgd", data_dir=str(idx_dir), out_dir=str(plain_dir), **ONE_EPOCH)
+  loop.train(plain_cfg.validate())
+  plain = _metrics(plain_dir)[-1]
+  for key in COMPARED:
+    assert toy[key] == plain[key], key
+  assert "toy share" not in reporting.markdown_table({"plain": [json.loads((plain_dir / "summary.json").read_text())]})
+
+
+def test_a_name_is_registered_once():
+  with pytest.raises(ValueError, match="perturbation 'sam' is already registered"):
+    registry.register_perturbation(registry.Perturbation("sam", build=_zero_ascent))
+  with pytest.raises(ValueError, match="pipeline 'none' is already registered"):
+    registry.register_pipeline(registry.Pipeline("none", _toy_recipe))
+  with pytest.raises(ValueError, match="must be an identifier"):
+    registry.register_pipeline(registry.Pipeline("my pipeline", _toy_recipe))
+
+
+def test_an_entrys_fields_may_be_set_only_with_it():
+  assert registry.owned_fields("perturbations")["fsam_sigma"] == ("friendly_sam",)
+  with pytest.raises(ConfigError, match=r"^--fsam_sigma: applies to --optimizer friendly_sam only, not 'sam'"):
+    TrainConfig(optimizer="sam", fsam_sigma=0.5, **ONE_EPOCH).validate()
+  with pytest.raises(ConfigError, match=r"^--tau_end: applies to --pipeline plc only, not 'dividemix'"):
+    TrainConfig(pipeline="dividemix", tau_end=0.1, **ONE_EPOCH).validate()
+
+
+def test_the_docs_example_registers_a_working_perturbation():
+  """docs/training.md's example, up to its training line: sign_sam's ascent has length rho."""
+  text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+  section = text.split("## Adding a perturbation or a pipeline")[1]
+  code = section.split("```python\n")[1].split("```")[0]
+  assert 'train(TrainConfig(optimizer="sign_sam"' in code
+  exec(code.split("\ntrain(")[0], {})  # the docs' own example
+  try:
+    entry = registry.perturbations()["sign_sam"]
+    config = TrainConfig(optimizer="sign_sam", saner=True, rho=0.5, **ONE_EPOCH)
+    grads = {"w": jnp.array([3.0, -4.0]), "b": jnp.array([0.0, 1.0])}
+    tx = entry.build(config)
+    eps, _ = tx.update(grads, tx.init(grads), grads)
+    assert float(optax.tree.norm(eps)) == pytest.approx(0.5 * (3 / 4) ** 0.5)  # one coordinate of 4 is 0
+    assert eps["w"].tolist() == pytest.approx([0.25, -0.25])
+  finally:
+    registry.unregister("perturbation", "sign_sam")
