@@ -6,12 +6,15 @@
 #   bash benchmarks/reproduce_tuned.sh STAGE SETTING [OUT_DIR]
 # STAGE:   tune    the grids below with tuning seeds 0-2 (TUNE_SEEDS="0 1" for two; the first
 #                  sym40 store, OUT/tune, used two), fashion_mnist_quick preset
+#          sgd_low SGD's lr grid extended below its smallest point (0.005, 0.01, 0.02), so that the
+#                  baseline's choice is not the grid's edge; the lr 0.02 runs are the tune stage's,
+#                  copied and read, not retrained
 #          final   the chosen configs with fresh seeds (default 10-19; SEEDS="10 11 12" for fewer),
 #                  one seed of all three at a time, then the paired statistics
 # SETTING: sym40, sym60 or asym40
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-stage=${1:?give a stage: tune or final}
+stage=${1:?give a stage: tune, sgd_low or final}
 setting=${2:?give a setting: sym40, sym60 or asym40}
 out=${3:-benchmarks/results/fashion_mnist/tuned}/$setting
 case "$setting" in
@@ -26,6 +29,14 @@ case "$stage" in
       --runs sam saner sgd \
       --grid sam:rho=0.02,0.05,0.1,0.2,0.3,0.5 saner:rho=0.1,0.2 saner:alpha=0.25,0.5,0.75 sgd:lr=0.02,0.05,0.1 \
       --seeds ${TUNE_SEEDS:-0 1 2} --out_dir "$out/tune" ;;
+  sgd_low)
+    mkdir -p "$out/tune_sgd_low/sgd"
+    for seed in ${TUNE_SEEDS:-0 1 2}; do
+      src="$out/tune/sgd/lr0.02_seed$seed" dst="$out/tune_sgd_low/sgd/lr0.02_seed$seed"
+      if [ -e "$src/summary.json" ] && [ ! -e "$dst" ]; then cp -r "$src" "$dst"; fi
+    done
+    python -m saner_jax.train tune --config fashion_mnist_quick "${noise[@]}" --val_examples 500 --cpu_conv true \
+      --runs sgd --grid sgd:lr=0.005,0.01,0.02 --seeds ${TUNE_SEEDS:-0 1 2} --out_dir "$out/tune_sgd_low" ;;
   final)
     for seed in ${SEEDS:-$(seq 10 19)}; do
       for run in sgd sam saner; do
@@ -36,5 +47,5 @@ case "$stage" in
       done
     done
     python benchmarks/seed_statistics.py "$out/final" --pairs sam:saner sgd:sam sgd:saner | tee "$out/final/statistics.md" ;;
-  *) echo "error: unknown stage $stage; give tune or final" >&2; exit 2 ;;
+  *) echo "error: unknown stage $stage; give tune, sgd_low or final" >&2; exit 2 ;;
 esac
