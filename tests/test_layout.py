@@ -226,3 +226,16 @@ def test_the_lazy_packages_export_exactly_what_they_load():
     assert package.__getattr__.__module__ == "saner_jax._lazy", package.__name__
     with pytest.raises(AttributeError, match=f"module '{package.__name__}' has no attribute 'nope'"):
       package.nope  # noqa: B018
+
+
+def test_the_run_directory_names_its_files_in_one_place():
+  """saner_jax.train.run_dir owns the names of a run's and a comparison's files; no other module spells them."""
+  names = ("config.yaml", "metrics.jsonl", "metrics.csv", "summary.json", "curves.png", "checkpoints", "compare.md")
+  names += ("compare.png", "wandb_run_id", ".lock")
+  package = pathlib.Path(__file__).resolve().parents[1] / "saner_jax"
+  for path in sorted((package / "train").rglob("*.py")):
+    if path.name == "run_dir.py":
+      continue
+    source = path.read_text()
+    spelled = [name for name in names if f'"{name}"' in source or f"'{name}'" in source]
+    assert not spelled, f"{path.relative_to(package)} names {spelled}; use saner_jax.train.run_dir"

@@ -24,6 +24,7 @@ import pytest
 from saner_jax.train import cli, lock
 from saner_jax.train import config as config_lib
 from saner_jax.train.config import ConfigError
+from saner_jax.train.run_dir import RunDir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -138,7 +139,7 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
   finally:
     holder.kill()
     holder.wait()
-  assert f"process {holder.pid}" in (tmp_path / lock.LOCK_NAME).read_text()
+  assert f"process {holder.pid}" in RunDir(tmp_path).lock.read_text()
   with lock.hold(tmp_path):
     pass
 

@@ -40,6 +40,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from saner_jax.train.run_dir import RunDir
+
 UNUSABLE_DIR = "unusable_checkpoints"  # where damaged checkpoints are moved, next to checkpoints/
 
 
@@ -159,7 +161,7 @@ def manager(out_dir: pathlib.Path) -> ocp.CheckpointManager:
   removes.
   """
   return ocp.CheckpointManager(
-    (pathlib.Path(out_dir) / "checkpoints").absolute(),
+    RunDir(out_dir).checkpoints.absolute(),
     options=ocp.CheckpointManagerOptions(
       max_to_keep=2, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True
     ),
@@ -168,7 +170,7 @@ def manager(out_dir: pathlib.Path) -> ocp.CheckpointManager:
 
 def completed_epochs(out_dir: pathlib.Path) -> list[int]:
   """The epochs with a completed checkpoint in ``out_dir``, oldest first; a save cut short is not one."""
-  directory = pathlib.Path(out_dir) / "checkpoints"
+  directory = RunDir(out_dir).checkpoints
   return sorted(ocp.utils.checkpoint_steps(directory)) if directory.is_dir() else []
 
 
@@ -246,7 +248,7 @@ def stored_config(out_dir: pathlib.Path) -> dict[str, Any] | None:
     OSError: ``checkpoints/`` cannot be listed (e.g. no permission).
   """
   for epoch in reversed(completed_epochs(out_dir)):
-    item = pathlib.Path(out_dir).absolute() / "checkpoints" / str(epoch) / "config"
+    item = RunDir(out_dir).checkpoints.absolute() / str(epoch) / "config"
     try:
       saved = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item)
     except Exception:  # missing (an earlier release), unreadable or damaged: try the one before

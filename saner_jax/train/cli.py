@@ -15,7 +15,6 @@ with a markdown table::
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import re
 import shlex
@@ -27,6 +26,7 @@ from typing import Any, NoReturn
 from saner_jax.train import config as config_lib
 from saner_jax.train import data, folders, registry
 from saner_jax.train.config import ConfigError
+from saner_jax.train.run_dir import ComparisonDir, RunDir
 
 _TRAIN_EXAMPLES = """\
 Flags override the --config file's values; booleans take true/false. Examples:
@@ -177,7 +177,7 @@ def run_config(
   values = config_lib.run_name_values(name)
   try:
     return config_lib.from_mapping(
-      {**values, **(overrides or {}), "seed": seed, "out_dir": str(out_dir / f"{name}_seed{seed}")},
+      {**values, **(overrides or {}), "seed": seed, "out_dir": str(ComparisonDir(out_dir).run(name, seed))},
       base,
     ).validate()
   except ConfigError as e:
@@ -187,31 +187,15 @@ def run_config(
     raise
 
 
-def _finished_summary(run_dir: pathlib.Path) -> dict | None:
-  """The run's ``summary.json``, None while it has none; an unreadable one is a one-line ConfigError."""
-  path = run_dir / "summary.json"
-  try:
-    summary = json.loads(path.read_text())
-    if not isinstance(summary, dict):
-      raise ValueError("not a JSON object")
-    return summary
-  except FileNotFoundError:
-    return None
-  except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-    problem = e.strerror if isinstance(e, OSError) else f"{type(e).__name__}: {str(e).splitlines()[0]}"
-    raise ConfigError(
-      f"compare: cannot read {path}: {problem}; delete it, and compare finishes the run from its checkpoints"
-    ) from None
-
-
-def _check_same_settings(cfg: config_lib.TrainConfig, run_dir: pathlib.Path, summary: dict | None) -> None:
+def _check_same_settings(cfg: config_lib.TrainConfig, run_dir: RunDir) -> None:
   """Refuses a run directory made under other settings than ``cfg`` (its summary's config, else its checkpoint's)."""
   from saner_jax.train import loop
 
-  if summary is None and not loop._holds_run(run_dir):  # nothing, or a start that failed: nothing to reuse
+  summary = run_dir.read_summary()
+  if summary is None and not loop._holds_run(run_dir.path):  # nothing, or a start that failed: nothing to reuse
     return
-  identity = (summary["config"], str(run_dir / "summary.json")) if summary and "config" in summary else None
-  identity = identity or loop.run_identity(run_dir)
+  identity = (summary["config"], str(run_dir.summary)) if summary and "config" in summary else None
+  identity = identity or loop.run_identity(run_dir.path)
   if identity is None:
     return
   changed = loop.config_changes(identity[0], cfg)
@@ -256,19 +240,21 @@ def run_or_collect(
   # settings is never collected, nor resumed under these.
   for seed_configs in configs.values():
     for cfg in seed_configs:
-      run_dir = pathlib.Path(cfg.out_dir)
-      _check_same_settings(cfg, run_dir, _finished_summary(run_dir))
-  summaries, histories = {}, {}
+      _check_same_settings(cfg, RunDir(cfg.out_dir))
+  summaries: dict[str, list[dict[str, Any]]] = {}
+  histories: dict[str, list[list[dict[str, Any]]]] = {}
   for name, seed_configs in configs.items():
     summaries[name], histories[name] = [], []
     for cfg in seed_configs:
-      run_dir = pathlib.Path(cfg.out_dir)
-      if _finished_summary(run_dir) is None:
+      run_dir = RunDir(cfg.out_dir)
+      summary = run_dir.read_summary()
+      if summary is None:
         if collect_only:
-          raise ConfigError(f"--collect_only: {run_dir} has no finished run")
-        loop.train(cfg, resume=(run_dir / "config.yaml").exists())
-      summaries[name].append(_finished_summary(run_dir))
-      histories[name].append([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()])
+          raise ConfigError(f"--collect_only: {run_dir.path} has no finished run")
+        loop.train(cfg, resume=run_dir.config.exists())
+        summary = run_dir.read_summary()
+      summaries[name].append(summary)
+      histories[name].append(run_dir.read_history())
   return summaries, histories
 
 
@@ -276,12 +262,13 @@ def write_comparison(base: config_lib.TrainConfig, summaries: dict, histories: d
   """Writes ``compare.png`` and ``compare.md`` into ``base.out_dir``; returns the table."""
   from saner_jax.train import reporting
 
-  out_dir = pathlib.Path(base.out_dir)
+  out = ComparisonDir(base.out_dir)
   title = f"{base.dataset}, {base.noise_description}, {base.model}, {base.epochs} epochs"
-  reporting.plot_compare(histories, out_dir / "compare.png", title=title)
+  reporting.plot_compare(histories, out.figure, title=title)
   table = reporting.markdown_table(summaries)
-  (out_dir / "compare.md").write_text(
-    f"# {title}\n\n{table}\nCommand: `{command}`\n\ngit revision: {reporting.git_revision()}\n\n![curves](compare.png)\n"
+  out.table.write_text(
+    f"# {title}\n\n{table}\nCommand: `{command}`\n\ngit revision: {reporting.git_revision()}\n\n"
+    f"![curves]({out.figure.name})\n"
   )
   return table
 
@@ -291,8 +278,8 @@ def compare(args: argparse.Namespace) -> dict:
   summaries, histories = run_or_collect(base, args.runs, args.seeds, args.collect_only, args.set)
   command = "python -m saner_jax.train compare " + " ".join(shlex.quote(a) for a in sys.argv[2:])
   table = write_comparison(base, summaries, histories, command)
-  out_dir = pathlib.Path(base.out_dir)
-  print("\n" + table + f"\nfigure: {out_dir / 'compare.png'}\ntable: {out_dir / 'compare.md'}", flush=True)
+  out = ComparisonDir(base.out_dir)
+  print("\n" + table + f"\nfigure: {out.figure}\ntable: {out.table}", flush=True)
   return summaries
 
 
@@ -306,9 +293,7 @@ def _resume_where_pointed(args: argparse.Namespace, config: config_lib.TrainConf
   if "out_dir" in vars(args) or not args.config:
     return config
   here = pathlib.Path(args.config).parent
-  if not (
-    pathlib.Path(args.config).is_file() and ((here / "checkpoints").is_dir() or (here / "metrics.jsonl").is_file())
-  ):
+  if not (pathlib.Path(args.config).is_file() and RunDir(here).looks_like_a_run()):
     return config
   if pathlib.Path(config.out_dir).absolute() != here.absolute():
     print(f"resuming the run in {here}, where --config is (its config names {config.out_dir})", flush=True)

@@ -23,6 +23,7 @@ import yaml
 
 from saner_jax._modes import PERTURBATION_MODES
 from saner_jax.cpu_conv import MODES as CPU_CONV_MODES
+from saner_jax.train.errors import ConfigError
 
 LR_SCHEDULES = ("multistep", "cosine", "constant")
 # When a SAM-family step takes its second pass (saner_jax.policies); each policy's own flag.
@@ -50,10 +51,6 @@ MODEL_NAMES = (
 )
 LOGGER_MODES = ("auto", "true", "false")
 PRESET_DIR = pathlib.Path(__file__).resolve().parent / "configs"
-
-
-class ConfigError(ValueError):
-  """A bad config value; the message names the field (and flag)."""
 
 
 # The topics of ``--help``, in its order; each field's metadata names one.

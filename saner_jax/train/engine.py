@@ -28,6 +28,7 @@ from saner_jax import _cli_signals
 from saner_jax.train import pipeline, probe
 from saner_jax.train import step as step_lib
 from saner_jax.train.config import ConfigError, TrainConfig
+from saner_jax.train.run_dir import RunDir
 
 
 class EvalSet(NamedTuple):
@@ -184,6 +185,11 @@ class Run:
   started: float  # time.perf_counter() before the data loaded
   input_path: str = "device"  # or "stream" (saner_jax.train.streaming), chosen by choose_input
   input_reason: str = ""
+
+  @property
+  def files(self) -> RunDir:
+    """The run directory's files (:class:`saner_jax.train.run_dir.RunDir`)."""
+    return RunDir(self.out_dir)
 
   @property
   def replicated(self) -> NamedSharding:

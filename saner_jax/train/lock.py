@@ -18,9 +18,8 @@ import socket
 import time
 from collections.abc import Iterator
 
-from saner_jax.train.config import ConfigError
-
-LOCK_NAME = ".lock"
+from saner_jax.train.errors import ConfigError
+from saner_jax.train.run_dir import RunDir
 
 
 def unusable(out_dir: pathlib.Path, error: OSError) -> ConfigError:
@@ -51,7 +50,7 @@ def hold(out_dir: str | os.PathLike) -> Iterator[None]:
   out_dir = pathlib.Path(out_dir)
   try:
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(RunDir(out_dir).lock, os.O_RDWR | os.O_CREAT, 0o644)
   except OSError as e:
     raise unusable(out_dir, e) from e
   try:

@@ -32,7 +32,6 @@ nothing changes. Multi-host runs pass ``--distributed`` (see
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pathlib
 import shlex
@@ -43,7 +42,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import yaml
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -53,6 +51,7 @@ from saner_jax.train import config as config_lib
 from saner_jax.train import step as step_lib
 from saner_jax.train.config import ConfigError, TrainConfig
 from saner_jax.train.engine import Recipe, Run, RunKeys, prepare_data, supervised
+from saner_jax.train.run_dir import RunDir, problem
 
 # Keys a resumed run may change without changing the result.
 _RESUME_FREE_KEYS = (
@@ -140,30 +139,20 @@ def run_identity(out_dir: pathlib.Path) -> tuple[dict[str, Any], str] | None:
   release (no config in its checkpoints) or one without checkpoints,
   ``config.yaml``; None where neither is.
   """
+  files = RunDir(out_dir)
   try:
     saved = checkpointing.stored_config(out_dir)
   except OSError as e:
-    raise _unreadable(out_dir / "checkpoints", e) from e
+    raise _unreadable(files.checkpoints, e) from e
   if saved is not None:
     return saved, "its checkpoint"
-  path = out_dir / "config.yaml"
-  try:
-    return (yaml.safe_load(path.read_text()) or {}), str(path)
-  except FileNotFoundError:
-    return None
-  except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
-    raise ConfigError(f"--resume: cannot read {path}: {_problem(e)}; restore the file or start a new --out_dir") from e
-
-
-def _problem(error: BaseException) -> str:
-  if isinstance(error, OSError):
-    return error.strerror or str(error)
-  return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+  values = files.read_config()
+  return None if values is None else (values, str(files.config))
 
 
 def _unreadable(path: pathlib.Path, error: OSError) -> ConfigError:
   return ConfigError(
-    f"--resume: cannot read {path}: {_problem(error)}; make it readable (chmod -R u+rwX {shlex.quote(str(path))}) "
+    f"--resume: cannot read {path}: {problem(error)}; make it readable (chmod -R u+rwX {shlex.quote(str(path))}) "
     "or start a new --out_dir"
   )
 
@@ -183,12 +172,12 @@ def _check_resumable(out_dir: pathlib.Path, config: TrainConfig) -> None:
 
 def _holds_run(out_dir: pathlib.Path) -> bool:
   """A completed checkpoint, logged epochs or a summary: what a start that failed never leaves."""
-  metrics = out_dir / "metrics.jsonl"
+  files = RunDir(out_dir)
   try:
     epochs = checkpointing.completed_epochs(out_dir)
   except OSError as e:  # checkpoints/ cannot be listed
-    raise _unreadable(out_dir / "checkpoints", e) from e
-  return bool(epochs or (metrics.is_file() and metrics.stat().st_size) or (out_dir / "summary.json").exists())
+    raise _unreadable(files.checkpoints, e) from e
+  return bool(epochs or files.has_logged_epochs() or files.summary.exists())
 
 
 def _claim_out_dir(config: TrainConfig, resume: bool) -> pathlib.Path:
@@ -210,7 +199,7 @@ def _claim_out_dir(config: TrainConfig, resume: bool) -> pathlib.Path:
   out_dir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     try:
-      (out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+      RunDir(out_dir).write_config(config.to_dict())
     except OSError as e:  # a full disk
       raise lock.unusable(out_dir, e) from e
   return out_dir
@@ -280,8 +269,7 @@ def restore(
     if run.primary:
       print(f"resumed {run.out_dir} after epoch {restored[1].epoch}", flush=True)
     return restored
-  metrics = run.out_dir / "metrics.jsonl"
-  if resume and metrics.exists() and metrics.stat().st_size:
+  if resume and run.files.has_logged_epochs():
     raise ConfigError(
       f"--resume: {run.out_dir} has logged epochs but no checkpoint to resume from "
       "(was it run with --checkpoint false?); start a new --out_dir"
@@ -374,8 +362,8 @@ def summarise(run: Run, progress: checkpointing.Progress) -> dict[str, Any]:
   }
   if run.primary:
     with checkpointing.refused_writes("the summary", run.out_dir):
-      (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
-      reporting.plot_run(history, run.out_dir / "curves.png", title=config.run_name)
+      run.files.write_summary(summary)
+      reporting.plot_run(history, run.files.curves, title=config.run_name)
   return summary
 
 
@@ -438,7 +426,7 @@ def _stopped(run: Run, epoch: int, cause: BaseException) -> RunStopped:
   once = f"once {run.out_dir} can be written again, " if unwritable else ""
   if kept:
     todo = (
-      f"{once}continue with: python -m saner_jax.train --config {shlex.quote(str(run.out_dir / 'config.yaml'))} --resume"
+      f"{once}continue with: python -m saner_jax.train --config {shlex.quote(str(run.files.config))} --resume"
       if interrupted or unwritable
       else "start a new --out_dir with a lower --lr or --rho"
     )

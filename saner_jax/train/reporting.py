@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from saner_jax.train import registry
+from saner_jax.train.run_dir import RunDir
 
 # What the figures show, panel by panel: (metric key, title).
 PANELS = (
@@ -120,8 +121,9 @@ class MetricsLog:
   """
 
   def __init__(self, out_dir: pathlib.Path, tensorboard: str = "auto", wandb: dict[str, Any] | None = None):
-    self.jsonl = out_dir / "metrics.jsonl"
-    self.csv = out_dir / "metrics.csv"
+    files = RunDir(out_dir)
+    self.jsonl = files.metrics
+    self.csv = files.metrics_csv
     self.tensorboard = None
     self.wandb = None
     missing = missing_logger("tensorboard")
@@ -132,7 +134,7 @@ class MetricsLog:
 
       # Event files are named by the second they start in: a suffix keeps a
       # resumed run's writer from replacing the previous one's file.
-      self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"), filename_suffix=f".{secrets.token_hex(4)}")
+      self.tensorboard = SummaryWriter(str(files.tensorboard), filename_suffix=f".{secrets.token_hex(4)}")
     if wandb is not None:
       self.wandb = _start_wandb(out_dir, wandb)
 
@@ -175,7 +177,7 @@ def _start_wandb(out_dir: pathlib.Path, init: dict[str, Any]) -> Any:
     raise ValueError(f"--wandb {missing}")
   import wandb
 
-  id_file = out_dir / "wandb_run_id"
+  id_file = RunDir(out_dir).wandb_run_id
   run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)
   id_file.write_text(run_id + "\n")
   try:

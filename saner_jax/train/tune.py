@@ -52,6 +52,7 @@ import yaml
 
 from saner_jax.train import config as config_lib
 from saner_jax.train.config import ConfigError, TrainConfig
+from saner_jax.train.run_dir import RunDir
 
 STORE = "tune.db"
 TABLE = "tune.md"
@@ -236,12 +237,10 @@ def tune(
         summaries = []
         for seed in seeds:
           config = point_config(base, point, seed, out_dir)
-          run_dir = pathlib.Path(config.out_dir)
-          summary_path = run_dir / "summary.json"
-          if summary_path.exists():
-            summary = _read_summary(summary_path)
-          else:
-            summary = train(config, (run_dir / "config.yaml").exists())
+          run_dir = RunDir(config.out_dir)
+          summary = run_dir.read_summary(command="tune")
+          if summary is None:
+            summary = train(config, run_dir.config.exists())
           summaries.append(summary)
           done += 1
           say(f"[{done}/{total}] {run} {point.name} seed {seed}: val {100 * (summary.get('best_val_acc') or 0):.2f}%")
@@ -260,13 +259,6 @@ def _failed():
   from optuna.trial import TrialState
 
   return TrialState.FAIL
-
-
-def _read_summary(path: pathlib.Path) -> dict[str, Any]:
-  try:
-    return json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"tune: {path} cannot be read ({e}); delete its run directory to retrain it") from None
 
 
 def _pct(value: float | None) -> str:
