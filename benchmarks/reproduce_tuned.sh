@@ -11,10 +11,12 @@
 #                  copied and read, not retrained
 #          final   the chosen configs with fresh seeds (default 10-19; SEEDS="10 11 12" for fewer),
 #                  one seed of all three at a time, then the paired statistics
+#          final_sgd_low  SGD at sgd_low's choice with the same fresh seeds (final/sgd_low_seed*),
+#                  then the statistics with it paired against SAM, SANER and the first SGD
 # SETTING: sym40, sym60 or asym40
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-stage=${1:?give a stage: tune, sgd_low or final}
+stage=${1:?give a stage: tune, sgd_low, final or final_sgd_low}
 setting=${2:?give a setting: sym40, sym60 or asym40}
 out=${3:-benchmarks/results/fashion_mnist/tuned}/$setting
 case "$setting" in
@@ -23,6 +25,17 @@ case "$setting" in
   asym40) noise=(--noise_mode asymmetric --noise_rate 0.4) ;;
   *) echo "error: unknown setting $setting; give sym40, sym60 or asym40" >&2; exit 2 ;;
 esac
+train_final() {  # NAME CONFIG SEED: one fresh-seed run, resumed if interrupted, skipped if finished
+  local run_dir="$out/final/${1}_seed$3" resume=()
+  [ -e "$run_dir/summary.json" ] && return
+  [ -e "$run_dir/config.yaml" ] && resume=(--resume)
+  python -m saner_jax.train --config "$2" --seed "$3" --progress none --out_dir "$run_dir" "${resume[@]}"
+}
+statistics() {  # the paired table over the finished runs
+  local pairs=(sam:saner sgd:sam sgd:saner)
+  if ls -d "$out"/final/sgd_low_seed* >/dev/null 2>&1; then pairs+=(sgd_low:sam sgd_low:saner sgd:sgd_low); fi
+  python benchmarks/seed_statistics.py "$out/final" --pairs "${pairs[@]}" | tee "$out/final/statistics.md"
+}
 case "$stage" in
   tune)
     python -m saner_jax.train tune --config fashion_mnist_quick "${noise[@]}" --val_examples 500 --cpu_conv true \
@@ -39,13 +52,11 @@ case "$stage" in
       --runs sgd --grid sgd:lr=0.005,0.01,0.02 --seeds ${TUNE_SEEDS:-0 1 2} --out_dir "$out/tune_sgd_low" ;;
   final)
     for seed in ${SEEDS:-$(seq 10 19)}; do
-      for run in sgd sam saner; do
-        [ -e "$out/final/${run}_seed$seed/summary.json" ] && continue
-        resume=(); [ -e "$out/final/${run}_seed$seed/config.yaml" ] && resume=(--resume)
-        python -m saner_jax.train --config "$out/tune/$run.yaml" --seed "$seed" --progress none \
-          --out_dir "$out/final/${run}_seed$seed" "${resume[@]}"
-      done
+      for run in sgd sam saner; do train_final "$run" "$out/tune/$run.yaml" "$seed"; done
     done
-    python benchmarks/seed_statistics.py "$out/final" --pairs sam:saner sgd:sam sgd:saner | tee "$out/final/statistics.md" ;;
-  *) echo "error: unknown stage $stage; give tune, sgd_low or final" >&2; exit 2 ;;
+    statistics ;;
+  final_sgd_low)
+    for seed in ${SEEDS:-$(seq 10 19)}; do train_final sgd_low "$out/tune_sgd_low/sgd.yaml" "$seed"; done
+    statistics ;;
+  *) echo "error: unknown stage $stage; give tune, sgd_low, final or final_sgd_low" >&2; exit 2 ;;
 esac
