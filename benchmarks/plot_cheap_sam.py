@@ -1,10 +1,12 @@
 """Test accuracy and memorisation against cost: one point per method, with 95% error bars.
 
 Reads the runs of ``benchmarks/reproduce_cheap_sam.sh`` (the layout ``python -m
-saner_jax.train compare`` writes: ``<dir>/<run>_seed<k>/``) and writes, into the
-directory, ``cost.png`` (two panels, test accuracy and memorisation against the
-cost) and ``cost.md`` (the table behind it, and each method's difference from
-SANER paired by seed, with its 95% interval).
+saner_jax.train compare`` writes: ``<dir>/<run>_seed<k>/``), from one directory
+or several (the tuned comparison keeps SGD, SAM and SANER apart from the cheap
+policies), and writes, into the first directory or ``--out``, ``cost.png`` (two
+panels, test accuracy and memorisation against the cost) and ``cost.md`` (the
+table behind it, and each method's difference from SANER paired by the seeds
+both have, with its 95% interval).
 
 - cost: gradient evaluations per epoch relative to SGD's, ``1 + sam_share``
   averaged over the epochs (SGD for twice the epochs counts 2), and the
@@ -19,6 +21,10 @@ Error bars are two-sided 95% Student-t intervals of the mean over seeds.
 
     python benchmarks/plot_cheap_sam.py benchmarks/results/fashion_mnist/cheap_sam/sym40 \
         --sgd_2x benchmarks/results/fashion_mnist/cheap_sam/sym40/sgd_2x
+    python benchmarks/plot_cheap_sam.py benchmarks/results/fashion_mnist/tuned/sym40/final \
+        benchmarks/results/fashion_mnist/cheap_sam/sym40_tuned --exclude saner_rerun \
+        --sgd_2x benchmarks/results/fashion_mnist/cheap_sam/sym40_tuned/sgd_2x \
+        --out benchmarks/results/fashion_mnist/cheap_sam/sym40_tuned
 """
 
 from __future__ import annotations
@@ -67,11 +73,18 @@ def interval(values: list[float]) -> tuple[float, float]:
   return mean, float(stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / np.sqrt(n))
 
 
-def collect(out_dir: pathlib.Path, sgd_2x: pathlib.Path | None) -> dict[str, dict[int, dict]]:
-  """{method: {seed: point}}; SGD for twice the epochs is the method ``sgd_2x``."""
+def collect(
+  run_dirs: list[pathlib.Path], sgd_2x: pathlib.Path | None, exclude: tuple[str, ...] = ()
+) -> dict[str, dict[int, dict]]:
+  """{method: {seed: point}} over the directories; SGD for twice the epochs is the method ``sgd_2x``."""
   points: dict[str, dict[int, dict]] = {}
-  for name, by_seed in seed_statistics.load([out_dir]).items():
-    points[name] = {seed: run_point(out_dir / f"{name}_seed{seed}") for seed in by_seed}
+  for out_dir in run_dirs:
+    for name, by_seed in seed_statistics.load([out_dir]).items():
+      if name in exclude:
+        continue
+      if name in points:
+        raise SystemExit(f"error: runs named {name} are in two of the directories; --exclude one")
+      points[name] = {seed: run_point(out_dir / f"{name}_seed{seed}") for seed in by_seed}
   if sgd_2x is not None:
     for name, by_seed in seed_statistics.load([sgd_2x]).items():
       points[f"{name}_2x"] = {seed: run_point(sgd_2x / f"{name}_seed{seed}", 2.0) for seed in by_seed}
@@ -80,14 +93,18 @@ def collect(out_dir: pathlib.Path, sgd_2x: pathlib.Path | None) -> dict[str, dic
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("out_dir", type=pathlib.Path, help="the directory of the runs")
+  parser.add_argument("run_dirs", type=pathlib.Path, nargs="+", help="the directories of the runs")
   parser.add_argument("--sgd_2x", type=pathlib.Path, help="the directory of SGD run for twice the epochs")
+  parser.add_argument("--exclude", nargs="*", default=[], help="run names to leave out")
+  parser.add_argument("--out", type=pathlib.Path, help="where cost.png and cost.md go (default: the first directory)")
   parser.add_argument("--reference", default="saner", help="the run the paired differences are taken from")
   parser.add_argument("--title", default="")
   args = parser.parse_args(argv)
-  points = collect(args.out_dir, args.sgd_2x)
+  out_dir = args.out or args.run_dirs[0]
+  points = collect(args.run_dirs, args.sgd_2x, tuple(args.exclude))
   if "sgd" not in points:
-    print(f"error: {args.out_dir} holds no finished sgd runs, the unit of cost; run them first", file=sys.stderr)
+    where = " or ".join(str(d) for d in args.run_dirs)
+    print(f"error: {where} holds no finished sgd runs, the unit of cost; run them first", file=sys.stderr)
     return 2
   sgd_wall = float(np.mean([p["wall_s"] for p in points["sgd"].values()]))
   selected = all(p["validation_selected"] for by_seed in points.values() for p in by_seed.values())
@@ -125,20 +142,21 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_xlabel("gradient evaluations per epoch (x SGD)")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
-  fig.suptitle(args.title or str(args.out_dir))
+  fig.suptitle(args.title or str(out_dir))
   fig.tight_layout()
-  fig.savefig(args.out_dir / "cost.png", dpi=120)
+  fig.savefig(out_dir / "cost.png", dpi=120)
   header = (
     f"| run | seeds | passes x SGD | wall x SGD | {accuracy} | memorised % | {accuracy} - {args.reference} "
     f"| memorised - {args.reference} |\n|---|---|---|---|---|---|---|---|\n"
   )
   table = header + "\n".join(line for _, line in sorted(rows)) + "\n"
   text = (
-    f"# {args.title or args.out_dir}\n\nMeans ± 95% t-interval half-widths over seeds; differences paired by seed "
-    f"with their 95% intervals.\n\n{table}\n![cost](cost.png)\n"
+    f"# {args.title or out_dir}\n\nMeans ± 95% t-interval half-widths over seeds; differences paired by seed "
+    f"with their 95% intervals. Wall x SGD is the runs' own training time, which a shared machine "
+    f"makes noisy; benchmarks/cheap_sam_cost.py measures the step times in one run.\n\n{table}\n![cost](cost.png)\n"
   )
-  (args.out_dir / "cost.md").write_text(text)
-  print(table + f"figure: {args.out_dir / 'cost.png'}")
+  (out_dir / "cost.md").write_text(text)
+  print(table + f"figure: {out_dir / 'cost.png'}")
   return 0
 
 

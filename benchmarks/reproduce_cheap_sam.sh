@@ -10,7 +10,8 @@
 #        plot   the figure and the paired table from the finished runs (benchmarks/plot_cheap_sam.py)
 #        tuned  the reduced run this CPU affords: 40% symmetric noise, the tuned comparison's SANER config
 #               (benchmarks/reproduce_tuned.sh) with the policies that cost <= 1.3x SGD (every2, every4,
-#               every4 with mask reuse), its fresh seeds (default 10-14; SEEDS="10 11" for fewer); SGD,
+#               every4 with mask reuse) and the tuned SGD for twice the epochs, its fresh seeds (default
+#               10-14; SEEDS="10 11" for fewer), then the paired table and the cost figure; SGD,
 #               SAM and full SANER are that comparison's runs, and a rerun of its SANER seed 10 checks
 #               that the revision still gives the identical run, so that pairing with them is sound
 set -euo pipefail
@@ -40,23 +41,29 @@ case "$stage" in
   tuned)
     tuned=benchmarks/results/fashion_mnist/tuned/sym40
     dir="$out/sym40_tuned"
-    train() {  # NAME SEED FLAGS...: one run, resumed if interrupted, skipped if finished
-      local name=$1 seed=$2; shift 2
+    train() {  # CONFIG NAME SEED FLAGS...: one run, resumed if interrupted, skipped if finished
+      local config=$1 name=$2 seed=$3; shift 3
       local run_dir="$dir/${name}_seed$seed" resume=()
       [ -e "$run_dir/summary.json" ] && return
       [ -e "$run_dir/config.yaml" ] && resume=(--resume)
-      python -m saner_jax.train --config "$tuned/tune/saner.yaml" --seed "$seed" --progress none \
+      python -m saner_jax.train --config "$config" --seed "$seed" --progress none \
         --out_dir "$run_dir" "${resume[@]}" "$@"
     }
-    train saner_rerun 10
+    saner="$tuned/tune/saner.yaml"
+    train "$saner" saner_rerun 10
     for seed in ${SEEDS:-$(seq 10 14)}; do
-      train saner@every2 "$seed" --sam_policy every --sam_every 2
-      train saner@every4 "$seed" --sam_policy every --sam_every 4
-      train saner@every4-reuse "$seed" --sam_policy every --sam_every 4 --saner_reuse_mask true
+      train "$saner" saner@every2 "$seed" --sam_policy every --sam_every 2
+      train "$saner" saner@every4 "$seed" --sam_policy every --sam_every 4
+      train "$saner" saner@every4-reuse "$seed" --sam_policy every --sam_every 4 --saner_reuse_mask true
+      # The tuned SGD for twice the epochs: as many gradient evaluations as SAM's run.
+      train "$tuned/tune/sgd.yaml" sgd_2x/sgd "$seed" --epochs 60
     done
-    python benchmarks/seed_statistics.py tuned="$tuned/final" cheap="$dir" \
+    python benchmarks/seed_statistics.py tuned="$tuned/final" cheap="$dir" sgd_2x="$dir/sgd_2x" \
       --pairs tuned/saner:cheap/saner@every2 tuned/saner:cheap/saner@every4 tuned/sgd:cheap/saner@every2 \
-      tuned/saner:cheap/saner@every4-reuse tuned/sam:cheap/saner@every2 cheap/saner@every4:cheap/saner@every4-reuse | tee "$dir/statistics.md" ;;
+      tuned/saner:cheap/saner@every4-reuse tuned/sam:cheap/saner@every2 cheap/saner@every4:cheap/saner@every4-reuse \
+      tuned/saner:sgd_2x/sgd tuned/sgd:sgd_2x/sgd | tee "$dir/statistics.md"
+    python benchmarks/plot_cheap_sam.py "$tuned/final" "$dir" --exclude saner_rerun --sgd_2x "$dir/sgd_2x" \
+      --out "$dir" --title "Fashion-MNIST, 40% symmetric noise, ResNet-8, tuned settings" ;;
   plot)
     for rate in 40 60; do
       python benchmarks/plot_cheap_sam.py "$out/sym$rate" --sgd_2x "$out/sym$rate/sgd_2x" \

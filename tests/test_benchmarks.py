@@ -87,3 +87,46 @@ def test_results_are_written_as_json_and_text_into_a_new_folder_and_replaced_who
   assert json.loads((tmp_path / "new" / "bench.json").read_text()) == {"ratio": 1.5}
   assert (tmp_path / "new" / "bench.txt").read_text() == "ratio 1.5\n"
   assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["bench.json", "bench.txt"]  # no temporary left
+
+
+def _fake_run(run_dir: pathlib.Path, shares, vals, tests, memorised) -> None:
+  """A finished run's directory: the per-epoch records plot_cheap_sam reads, and a summary."""
+  run_dir.mkdir(parents=True)
+  records = [
+    {"sam_share": s, "val_acc": v, "test_acc": t, "noisy_memorised": memorised, "epoch_time_s": 1.0}
+    for s, v, t in zip(shares, vals, tests)
+  ]
+  (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  (run_dir / "summary.json").write_text("{}")
+
+
+def test_the_cost_plot_reads_several_directories_and_counts_passes_by_hand(tmp_path):
+  plot = _script("plot_cheap_sam")
+  tuned, cheap = tmp_path / "tuned", tmp_path / "cheap"
+  for seed, bump in ((10, 0.0), (11, 0.02)):
+    _fake_run(tuned / f"sgd_seed{seed}", [None, None], [0.4, 0.5], [0.70 + bump, 0.60], 0.2)
+    _fake_run(tuned / f"saner_seed{seed}", [1.0, 1.0], [0.5, 0.4], [0.75 + bump, 0.50], 0.1)
+    # Half the steps sharpness-aware in epoch 1, none in epoch 2: 1.25 passes per epoch on average.
+    _fake_run(cheap / f"saner@every2_seed{seed}", [0.5, 0.0], [0.3, 0.6], [0.50, 0.72 + bump], 0.3)
+    _fake_run(cheap / f"saner_rerun_seed{seed}", [1.0, 1.0], [0.5, 0.4], [0.75, 0.50], 0.1)
+    _fake_run(cheap / "sgd_2x" / f"sgd_seed{seed}", [None, None], [0.5, 0.4], [0.71 + bump, 0.60], 0.4)
+  out = tmp_path / "out"
+  out.mkdir()
+  argv = [str(tuned), str(cheap), "--exclude", "saner_rerun", "--sgd_2x", str(cheap / "sgd_2x"), "--out", str(out)]
+  assert plot.main(argv) == 0
+  points = plot.collect([tuned, cheap], cheap / "sgd_2x", ("saner_rerun",))
+  assert sorted(points) == ["saner", "saner@every2", "sgd", "sgd_2x"]
+  assert points["saner@every2"][10]["passes"] == 1.25
+  assert points["saner"][10]["passes"] == 2.0 and points["sgd"][10]["passes"] == 1.0
+  assert points["sgd_2x"][10]["passes"] == 2.0  # twice the epochs, one pass each
+  # The test accuracy is the epoch of best validation accuracy's, never the best test.
+  assert points["saner@every2"][11]["test"] == pytest.approx(74.0)
+  assert points["sgd"][10]["test"] == pytest.approx(60.0)
+  table = (out / "cost.md").read_text()
+  assert "| saner@every2 | 2 | 1.25 |" in table and (out / "cost.png").stat().st_size > 0
+  # Both seeds of saner@every2 select 72 (+2 for seed 11) against SANER's 75 (+2): -3.00 exactly, paired.
+  assert "| -3.00 [-3.00, -3.00] |" in table
+  clash = tmp_path / "clash"
+  _fake_run(clash / "sgd_seed12", [None], [0.5], [0.7], 0.2)
+  with pytest.raises(SystemExit, match="sgd are in two of the directories"):
+    plot.collect([tuned, clash], None)
