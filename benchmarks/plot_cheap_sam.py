@@ -8,7 +8,7 @@ panels, test accuracy and memorisation against the cost) and ``cost.md`` (the
 table behind it, and each method's difference from SANER paired by the seeds
 both have, with its 95% interval).
 
-- cost: gradient evaluations per epoch relative to SGD's, ``1 + sam_share``
+- cost: gradient evaluations per run relative to SGD's, ``1 + sam_share``
   averaged over the epochs (SGD for twice the epochs counts 2), and the
   training wall time relative to SGD's, both means over seeds;
 - test accuracy: validation-selected when the runs log ``val_acc`` (the test
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in summary.items():
       ax.errorbar(s["passes"][0], s[key][0], yerr=s[key][1], fmt="o", capsize=3)
       ax.annotate(name, (s["passes"][0], s[key][0]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("gradient evaluations per epoch (x SGD)")
+    ax.set_xlabel("gradient evaluations per run (x SGD)")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
   fig.suptitle(args.title or str(out_dir))
