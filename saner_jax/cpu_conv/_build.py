@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 
 import jax
-import jaxlib
+import jaxlib.version
 
 __all__ = ["NativeBuildError", "cache_dir", "load_onednn_conv"]
 
@@ -115,7 +115,7 @@ def load_onednn_conv() -> pathlib.Path:
   naming what is missing, when the compiler or oneDNN is not installed.
   """
   digest = hashlib.sha256(SOURCE.read_bytes())
-  digest.update(f"{jaxlib.__version__} oneDNN {_onednn_version()}".encode())
+  digest.update(f"{jaxlib.version.__version__} oneDNN {_onednn_version()}".encode())
   digest.update(shlex.join(_compile_command(pathlib.Path("out"))).encode())
   library = cache_dir() / f"onednn_conv-{digest.hexdigest()[:16]}.so"
   if not library.exists():

@@ -24,7 +24,7 @@ class ConvChoice(NamedTuple):
     return "onednn" if self.conv is not None else "xla"
 
 
-def choose(mode: str | bool = "auto", *, dtype: Any = jnp.float32, devices: int = 1) -> ConvChoice:
+def choose(mode: str | bool | None = "auto", *, dtype: Any = jnp.float32, devices: int = 1) -> ConvChoice:
   """Picks the convolution for a run on ``devices`` devices computing in ``dtype``.
 
   ``mode`` "auto" (or None) takes oneDNN's convolutions on a single CPU device
@@ -34,7 +34,8 @@ def choose(mode: str | bool = "auto", *, dtype: Any = jnp.float32, devices: int 
   :class:`NativeBuildError` when the kernels do not build; on other
   backends and dtypes it takes XLA's, whose result it would be anyway.
   """
-  mode = {True: "true", False: "false", None: "auto"}.get(mode, mode)
+  names: dict[object, str] = {True: "true", False: "false", None: "auto"}
+  mode = names.get(mode, mode)
   if mode not in MODES:
     raise ValueError(f"cpu_conv mode must be one of {MODES}, got {mode!r}")
   backend = jax.default_backend()

@@ -88,7 +88,9 @@ def is_supported(
 def _explicit_padding(spatial, kernel, strides, padding) -> tuple[tuple[int, int], ...]:
   if isinstance(padding, str):
     return tuple(lax.padtype_to_pads(spatial, kernel, strides, padding.upper()))
-  return _pairs(padding)
+  pairs = _pairs(padding)
+  assert pairs is not None, "is_supported has checked the padding"
+  return pairs
 
 
 def conv_general_dilated(

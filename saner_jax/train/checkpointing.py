@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -176,7 +177,7 @@ def completed_epochs(out_dir: pathlib.Path) -> list[int]:
 
 def _host_array(leaf: Any) -> np.ndarray:
   if isinstance(leaf, jax.Array):
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
       leaf = jax.random.key_data(leaf)
     if not leaf.is_fully_addressable:  # replicated over the hosts, as the loop keeps it: a local shard is all of it
       leaf = leaf.addressable_data(0)

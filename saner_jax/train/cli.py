@@ -251,8 +251,10 @@ def run_or_collect(
       if summary is None:
         if collect_only:
           raise ConfigError(f"--collect_only: {run_dir.path} has no finished run")
-        loop.train(cfg, resume=run_dir.config.exists())
+        trained = loop.train(cfg, resume=run_dir.config.exists())
         summary = run_dir.read_summary()
+        if summary is None:  # only process 0 writes summary.json: elsewhere, the summary train returned
+          summary = trained
       summaries[name].append(summary)
       histories[name].append(run_dir.read_history())
   return summaries, histories

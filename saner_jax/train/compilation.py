@@ -36,12 +36,14 @@ def enable_compilation_cache(directory: str | pathlib.Path | None = None) -> pat
   loop's small functions add up, and loading one costs milliseconds. Call
   it before the first compilation: JAX opens the cache once per process.
   """
-  current = jax.config.jax_compilation_cache_dir
+  # jax.config.values reads the same value as the attribute jax.config.<name>, which
+  # JAX sets at runtime and its types do not declare (and jax.config.read refuses these).
+  current = jax.config.values["jax_compilation_cache_dir"]
   if current:
     return pathlib.Path(current)
   path = pathlib.Path(directory) if directory is not None else default_directory()
   path.mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(path))
-  if jax.config.jax_persistent_cache_min_compile_time_secs == 1.0:  # JAX's default, not the user's choice
+  if jax.config.values["jax_persistent_cache_min_compile_time_secs"] == 1.0:  # JAX's default, not the user's choice
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   return path

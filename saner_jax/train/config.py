@@ -23,7 +23,7 @@ import yaml
 
 from saner_jax._modes import PERTURBATION_MODES
 from saner_jax.cpu_conv import MODES as CPU_CONV_MODES
-from saner_jax.train.errors import ConfigError
+from saner_jax.train.errors import ConfigError as ConfigError  # re-exported: imported from here
 
 LR_SCHEDULES = ("multistep", "cosine", "constant")
 # When a SAM-family step takes its second pass (saner_jax.policies); each policy's own flag.
@@ -352,10 +352,13 @@ class TrainConfig:
   )
 
   def __post_init__(self):
-    if isinstance(self.cpu_conv, bool):  # TrainConfig(cpu_conv=False), as before it had "auto"
-      self.cpu_conv = str(self.cpu_conv).lower()
-    if isinstance(self.tensorboard, bool):  # TrainConfig(tensorboard=True)
-      self.tensorboard = str(self.tensorboard).lower()
+    # Typed str, but a caller may still pass a bool: read as object so the checks are not "unreachable".
+    cpu_conv: object = self.cpu_conv
+    if isinstance(cpu_conv, bool):  # TrainConfig(cpu_conv=False), as before it had "auto"
+      self.cpu_conv = str(cpu_conv).lower()
+    tensorboard: object = self.tensorboard
+    if isinstance(tensorboard, bool):  # TrainConfig(tensorboard=True)
+      self.tensorboard = str(tensorboard).lower()
 
   @property
   def perturbation(self) -> str:
@@ -753,6 +756,7 @@ def _coerce(name: str, value: Any) -> Any:  # noqa: C901 (split in the config/en
     raise ConfigError(f"--{name}: may not be empty")
   try:
     if typing.get_origin(hint) is tuple or typing.get_origin(base) is tuple:
+      items: Sequence[Any]
       if isinstance(value, str):
         items = value.split(",")
       else:  # a YAML list, or one number (`lr_milestones: 0.5`)

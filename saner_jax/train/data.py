@@ -595,7 +595,8 @@ def _idx_dir(spec: DatasetSpec, data_dir: str | None) -> str | None:
   """The IDX directory: data_dir, else the env variable, else the default."""
   if data_dir is not None:
     return data_dir
-  return os.environ.get(spec.idx_env_var) or spec.default_idx_dir
+  from_env = os.environ.get(spec.idx_env_var) if spec.idx_env_var is not None else None
+  return from_env or spec.default_idx_dir
 
 
 def load_dataset(

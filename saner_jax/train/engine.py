@@ -17,7 +17,7 @@ import functools
 import math
 import pathlib
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import numpy as np
@@ -98,8 +98,9 @@ def prepare_data(config: TrainConfig, sharding: NamedSharding | None = None) -> 
   from saner_jax.train import data, noise
 
   info = config.spec
-  train = data.load_dataset(info, "train", data_dir=config.data_dir, source=config.data_source)
-  test = data.load_dataset(info, "test", data_dir=config.data_dir, source=config.data_source)
+  source = cast(data.Source, config.data_source)  # validate() has checked it against data.SOURCES
+  train = data.load_dataset(info, "train", data_dir=config.data_dir, source=source)
+  test = data.load_dataset(info, "test", data_dir=config.data_dir, source=source)
   for field, split in (("train_examples", train), ("test_examples", test)):
     wanted = getattr(config, field)
     if wanted is not None and wanted > len(split):  # the published sizes were checked; a data_dir may hold fewer

@@ -230,8 +230,8 @@ def _clothing1m(root: pathlib.Path, split: str, eval_split: str) -> FolderIndex:
   given = noisy if split == "train" else clean
   missing = next((k for k in keys if k not in given), None)
   if missing is not None:
-    kv = "noisy_label_kv.txt" if split == "train" else "clean_label_kv.txt"
-    raise _error(layout, keys_path, f"lists {missing}, which {kv} does not label")
+    kv_file = "noisy_label_kv.txt" if split == "train" else "clean_label_kv.txt"
+    raise _error(layout, keys_path, f"lists {missing}, which {kv_file} does not label")
   if not keys:
     raise _error(layout, keys_path, "is empty")
   verified = [clean.get(k, -1) for k in keys]
@@ -366,12 +366,12 @@ def resize_center(image, size: int, random_resized_crop: bool) -> np.ndarray:
     short = round(size / 0.875)
     w, h = image.size
     scale = short / min(w, h)
-    image = image.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BILINEAR)
+    image = image.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.Resampling.BILINEAR)
     w, h = image.size
     left, top = (w - size) // 2, (h - size) // 2
     image = image.crop((left, top, left + size, top + size))
   elif image.size != (size, size):
-    image = image.resize((size, size), Image.BILINEAR)
+    image = image.resize((size, size), Image.Resampling.BILINEAR)
   return np.asarray(image, np.uint8)
 
 
@@ -398,9 +398,9 @@ def random_resized_crop(image, size: int, rng: np.random.Generator, flip: bool =
     ratio = w / h
     cw, ch = (w, round(w / (4 / 3))) if ratio > 4 / 3 else ((round(h * 3 / 4), h) if ratio < 3 / 4 else (w, h))
     box = ((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch)
-  out = image.resize((size, size), Image.BILINEAR, box=box)
+  out = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
   if flip and rng.random() < 0.5:
-    out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   return np.asarray(out, np.uint8)
 
 

@@ -79,8 +79,12 @@ def initialize_distributed(config: TrainConfig) -> None:
   """
   if not config.distributed or jax.distributed.is_initialized():
     return
-  env = {name: os.environ.get(f"JAX_{name.upper()}") for name in ("num_processes", "process_id")}
-  jax.distributed.initialize(**{k: int(v) for k, v in env.items() if v is not None})
+
+  def from_env(name: str) -> int | None:  # None (unset) is initialize's default: it looks for itself
+    value = os.environ.get(f"JAX_{name.upper()}")
+    return None if value is None else int(value)
+
+  jax.distributed.initialize(num_processes=from_env("num_processes"), process_id=from_env("process_id"))
 
 
 def _device_mesh(config: TrainConfig) -> Mesh:

@@ -80,13 +80,13 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 ModuleDef = Any
@@ -107,7 +107,7 @@ UNIFORM_01 = nn.initializers.uniform(1.0)
 def _check_shape(what: str, shape: Sequence[int], min_size: int) -> None:
   """Raises ValueError unless ``shape`` is (N,) H, W, C with H, W >= min_size."""
   shape = tuple(shape)
-  sizes_ok = all(isinstance(d, numbers.Integral) and d > 0 for d in shape)
+  sizes_ok = all(isinstance(d, (int, np.integer)) and d > 0 for d in shape)  # a NumPy shape entry counts too
   if len(shape) not in (3, 4) or not sizes_ok:
     raise ValueError(
       f"{what} takes images of shape (H, W, C) or (N, H, W, C) with positive "
@@ -826,14 +826,14 @@ def create_model(
   """
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
-  if not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+  if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
   model = MODELS[name](num_classes=num_classes, dtype=dtype, conv_general_dilated=conv_general_dilated)
   if width == 1.0:
     return model
   if name not in width_models():
     raise ValueError(f"model {name!r} has no width factor; the models that do: {', '.join(width_models())}")
-  if not (isinstance(width, numbers.Real) and math.isfinite(width) and width > 0):
+  if not (isinstance(width, (int, float, np.integer, np.floating)) and math.isfinite(width) and width > 0):
     raise ValueError(f"width must be a positive number, got {width!r}")
   model = model.clone(width_factor=float(width))
   if min(model.widths) < 1:
@@ -883,6 +883,7 @@ def init_model(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> 
   # It runs once: on the CPU, LLVM's optimisation of its random-number kernels
   # takes longer than it saves (ResNet-8 on a busy 2-core machine: 42 s against 7 s).
   # Unoptimised code rounds a few initial weights differently in the last bit.
-  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+  # Any: jax's CompilerOptions alias says str | bool, but XLA takes this int option as an int.
+  options: dict[str, Any] = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
   variables = init.compile(compiler_options=options)(rng, dummy)
   return variables["params"], variables["batch_stats"]

@@ -85,7 +85,7 @@ def _cifar100_next_in_superclass() -> dict[str, str]:
   cycle: the last one goes to the first.
   """
   index = {name: i for i, name in enumerate(data.DATASETS["cifar100"].class_names)}
-  out = {}
+  out: dict[str, str] = {}
   for members in CIFAR100_SUPERCLASSES.values():
     ordered = sorted(members, key=index.__getitem__)
     out.update(zip(ordered, ordered[1:] + ordered[:1]))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +90,8 @@ def make_probe(
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch.labels)
 
   def eval_loss(params: Any, batch_stats: Any) -> jax.Array:
-    logits = model.apply({"params": params, "batch_stats": batch_stats}, images, train=False)
+    # Without mutable, apply returns the output alone (flax types it as output or (output, variables)).
+    logits = cast(jax.Array, model.apply({"params": params, "batch_stats": batch_stats}, images, train=False))
     return label_cross_entropy(logits, batch.labels)
 
   split = analysis.clean_noisy_decomposition(per_example, perturbation, alpha=config.alpha)

@@ -114,7 +114,8 @@ def register_pipeline(entry: Pipeline, *, replace: bool = False) -> Pipeline:
 
 def unregister(kind: str, name: str) -> None:
   """Removes a perturbation or pipeline registered earlier (a test's or a notebook's)."""
-  {"perturbation": _PERTURBATIONS, "pipeline": _PIPELINES}[kind].pop(name, None)
+  registries: dict[str, dict[str, Any]] = {"perturbation": _PERTURBATIONS, "pipeline": _PIPELINES}
+  registries[kind].pop(name, None)
 
 
 _loaded = False

@@ -10,7 +10,7 @@ import os
 import pathlib
 import secrets
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -239,7 +239,7 @@ def plot_run(history: Sequence[dict[str, Any]], path: pathlib.Path, title: str =
   plot_compare({title or "run": [history]}, path)
 
 
-def plot_compare(runs: dict[str, list[list[dict[str, Any]]]], path: pathlib.Path, title: str = "") -> None:
+def plot_compare(runs: Mapping[str, Sequence[Sequence[dict[str, Any]]]], path: pathlib.Path, title: str = "") -> None:
   """One figure, one panel per metric, one curve (mean, with a min-max band over seeds) per run.
 
   Optional panels are added when some run logged them; epochs without a

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import flax.linen as nn
 import jax
@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 import saner_jax
 from saner_jax import diagnostics, parallel
+from saner_jax.saner import Group
 from saner_jax.train import pipeline
 from saner_jax.train.config import TrainConfig
 from saner_jax.train.data import DatasetSpec
@@ -51,7 +52,7 @@ class Optimizer(NamedTuple):
 
 
 def _count_nonfinite(tree) -> jax.Array:
-  return sum(jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(tree))
+  return jnp.asarray(sum(jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(tree)))
 
 
 def lr_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
@@ -112,7 +113,8 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
       alpha = saner_jax.alpha_warmup(config.alpha, config.alpha_warmup_epochs * steps_per_epoch, steps_per_epoch)
     else:  # the ablation groups may amplify (alpha > 1): no warm-up there
       alpha = optax.constant_schedule(config.alpha)
-    reweight = saner_jax.saner(alpha, group=config.saner_group, reuse_mask=config.saner_reuse_mask)
+    group = cast(Group, config.saner_group)  # validate() has checked it is A, B or C (and saner() checks again)
+    reweight = saner_jax.saner(alpha, group=group, reuse_mask=config.saner_reuse_mask)
     if config.saner_params == "head":  # the authors' SANERLAST
       # optax masks clean_grads itself with mask_compatible_extra_args.
       reweight = optax.masked(reweight, head_mask, mask_compatible_extra_args=True)
@@ -455,7 +457,8 @@ def make_eval_step(
     if sharding is not None:
       images = jax.lax.with_sharding_constraint(images, sharding)
     x = pipeline.normalize(images, spec.mean, spec.std, config.compute_dtype)
-    logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+    # Without mutable, apply returns the output alone (flax types it as output or (output, variables)).
+    logits = cast(jax.Array, model.apply({"params": params, "batch_stats": batch_stats}, x, train=False))
     return jnp.sum((jnp.argmax(logits, -1) == labels) & valid)
 
   def evaluate(params, batch_stats, images, labels, valid):

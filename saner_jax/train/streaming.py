@@ -34,7 +34,7 @@ import dataclasses
 import itertools
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -80,8 +80,11 @@ class ImageSource:
     """Whether training images get the random-resized crop and flip here rather than the device's padded crop."""
     return self.images is None and self.random_resized_crop
 
-  def shape(self) -> tuple[int, ...]:
-    return tuple(self.images.shape[1:]) if self.images is not None else (self.size, self.size, 3)
+  def shape(self) -> tuple[int, int, int]:
+    if self.images is None:
+      return self.size, self.size, 3
+    height, width, channels = self.images.shape[1:]  # [N, H, W, C], as ArrayDataset checks
+    return height, width, channels
 
   def get(self, i: int, rng: np.random.Generator | None = None) -> np.ndarray:
     """Image ``i``; with ``rng`` (training, on-host augmentation) randomly cropped and flipped."""
@@ -272,7 +275,7 @@ class StreamData:
   val_noise_rate: float | None = None
 
 
-def _split(config: TrainConfig, spec, split: str):
+def _split(config: TrainConfig, spec, split: data_lib.Split):
   """``(source, labels, noisy_label_sets)`` of one split, decoding nothing for folder datasets."""
   if spec.layout is not None:
     index = folders.read_index(spec, split, config.data_dir)
@@ -281,7 +284,9 @@ def _split(config: TrainConfig, spec, split: str):
       flip=spec.flip, layout=spec.layout,
     )  # fmt: skip
     return source, index.labels, {}
-  arrays = data_lib.load_dataset(spec, split, data_dir=config.data_dir, source=config.data_source)
+  # validate() has checked data_source against data.SOURCES.
+  data_source = cast(data_lib.Source, config.data_source)
+  arrays = data_lib.load_dataset(spec, split, data_dir=config.data_dir, source=data_source)
   return ImageSource(images=arrays.images), arrays.labels, arrays.noisy_label_sets
 
 

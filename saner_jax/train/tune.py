@@ -171,9 +171,10 @@ def _complete_by_params(study) -> dict[str, Any]:
 
 def _score(summaries: list[dict[str, Any]]) -> float:
   values = [s.get("best_val_acc") for s in summaries]
-  if any(v is None for v in values):
+  present = [v for v in values if v is not None]
+  if len(present) < len(values):
     raise ConfigError("tune: the runs have no validation accuracy; pass --val_examples N (N > 0)")
-  return float(np.mean(values))
+  return float(np.mean(present))
 
 
 def _mean(values: list[Any]) -> float | None:

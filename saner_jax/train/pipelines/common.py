@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -27,7 +28,7 @@ def sharpen(probs: jax.Array, temperature: float | jax.Array) -> jax.Array:
   return powered / jnp.sum(powered, axis=-1, keepdims=True)
 
 
-def selection_counts(selected: jax.Array, noise_mask: jax.Array) -> dict[str, jax.Array]:
+def selection_counts(selected: jax.Array | np.ndarray, noise_mask: jax.Array | np.ndarray) -> dict[str, jax.Array]:
   """Counts to judge a clean/noisy split against the known noise mask.
 
   ``selected``: True where the pipeline judged the sample clean. Summed over

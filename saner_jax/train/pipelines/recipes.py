@@ -336,7 +336,11 @@ def _dividemix_targets(config, probs, labels, other_prob):
 def dividemix_recipe(run):
   config = run.config
   batch_fn = _batch_fn(run)
-  objective = lambda logits, targets: dividemix.mixed_loss(logits, *targets, config.lambda_u)
+
+  def objective(logits, targets):
+    mixed_targets, labelled = targets  # _dividemix_targets' pair
+    return dividemix.mixed_loss(logits, mixed_targets, labelled, config.lambda_u)
+
   update = _per_network(
     config, step_lib.make_update(run.model, run.optimizer, config, objective=objective, mesh=run.mesh)
   )
