@@ -20,6 +20,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from saner_jax.train import cli, lock
 from saner_jax.train import config as config_lib
@@ -442,7 +443,12 @@ def _half_done(straight: pathlib.Path, run_dir: pathlib.Path) -> pathlib.Path:
 
 
 def _set_in_yaml(path: pathlib.Path, key: str, value: str) -> None:
-  lines = [f"{key}: {value}" if line.startswith(f"{key}:") else line for line in path.read_text().splitlines()]
+  """Edits one key of a config.yaml by hand, as a user would: flat or under its section."""
+  lines = path.read_text().splitlines()
+  lines = [
+    line[: len(line) - len(line.lstrip())] + f"{key}: {value}" if line.strip().startswith(f"{key}:") else line
+    for line in lines
+  ]
   path.write_text("\n".join(lines) + "\n")
 
 
@@ -495,6 +501,9 @@ def test_a_run_of_the_previous_release_without_a_config_in_its_checkpoints_still
   run_dir = _half_done(straight, tmp_path / "run")
   for item in (run_dir / "checkpoints").glob("*/config"):  # what the previous release wrote: no config item
     shutil.rmtree(item)
+  # ... and a flat config.yaml, where this release writes it in sections.
+  flat = config_lib.flatten_sections(yaml.safe_load((run_dir / "config.yaml").read_text()), "config.yaml")
+  (run_dir / "config.yaml").write_text(yaml.safe_dump(flat, sort_keys=False))
   # Its identity is then its config.yaml, as before (an edit to it goes unseen, as it did then).
   assert cli.main(["--config", str(run_dir / "config.yaml"), "--resume", "--lr", "0.05"]) == 2
   assert f"(as {run_dir / 'config.yaml'} records); differing keys: lr (0.1 -> 0.05)" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -90,14 +91,15 @@ def _help(argv, capsys, monkeypatch) -> str:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["compare", "--help"]])
-def test_help_lists_each_flag_under_its_topic_with_default_and_choices(argv, capsys, monkeypatch):
+def test_help_lists_each_flag_under_its_section_with_default_and_choices(argv, capsys, monkeypatch):
   out = _help(argv, capsys, monkeypatch)
-  starts = [out.index(f"\n{title}:\n") for title in config_lib.GROUPS]
+  sections = list(config_lib.SECTIONS)
+  starts = [out.index(f"\n{config_lib.SECTIONS[section]}:\n") for section in sections]
   assert starts == sorted(starts)
   ends = starts[1:] + [len(out)]
   for field in dataclasses.fields(TrainConfig):
-    group = config_lib.GROUPS.index(field.metadata["group"])
-    assert starts[group] < out.index(f"  --{field.name} ") < ends[group], field.name
+    section = sections.index(field.metadata["section"])
+    assert starts[section] < out.index(f"  --{field.name} ") < ends[section], field.name
   flat = " ".join(out.split())  # a long flag's help starts on the next line
   for line in (
     "--lr_schedule NAME the learning-rate schedule (one of: multistep, cosine, constant; default: multistep)",
@@ -116,7 +118,7 @@ def test_help_lists_each_flag_under_its_topic_with_default_and_choices(argv, cap
 
 def test_compare_help_explains_its_own_flags(capsys, monkeypatch):
   out = _help(["compare", "--help"], capsys, monkeypatch)
-  comparison = out[out.index("\ncomparison:\n") : out.index(f"\n{config_lib.GROUPS[0]}:\n")]
+  comparison = out[out.index("\ncomparison:\n") : out.index(f"\n{config_lib.SECTIONS['data']}:\n")]
   assert "(default: sgd sam saner)" in comparison and "OPT+grX" in comparison
   assert "--seeds SEED [SEED ...] one run of each per seed (default: 0)" in " ".join(comparison.split())
   assert "  --resume " not in out
@@ -569,3 +571,42 @@ def test_step_builders_still_take_the_loose_spec_keywords_with_a_deprecation_war
     step.resolve_spec(config, None, {}, "make_train_step")
   with pytest.warns(DeprecationWarning, match=r"make_eval_step\(mean=, std=\)"):
     step.make_eval_step(models.create_model("resnet8", 10), config, mean=(0.5,), std=(0.25,))
+
+
+def test_a_config_file_may_group_its_keys_by_section(tmp_path):
+  flat = TrainConfig(noise_rate=0.6, rho=0.2, alpha=0.25, model="resnet20", epochs=3)
+  (tmp_path / "flat.yaml").write_text(yaml.safe_dump(flat.to_dict()))
+  sections = flat.to_sections()
+  assert list(sections) == list(config_lib.SECTIONS)
+  assert sections["noise"] == {"noise_mode": "symmetric", "noise_rate": 0.6, "noise_label_key": "worse_label"}
+  assert sections["saner"]["alpha"] == 0.25 and sections["optimizer"]["rho"] == 0.2
+  (tmp_path / "sectioned.yaml").write_text(yaml.safe_dump(sections, sort_keys=False))
+  # Mixed: a base in sections, flat keys over it; "model: resnet8" is the field, not the section.
+  (tmp_path / "mixed.yaml").write_text("base: sectioned.yaml\nmodel: resnet8\nnoise:\n  noise_rate: 0.4\n")
+  for name in ("flat", "sectioned"):
+    assert config_lib.from_mapping(config_lib.load_yaml(str(tmp_path / f"{name}.yaml"))) == flat
+  mixed = config_lib.from_mapping(config_lib.load_yaml(str(tmp_path / "mixed.yaml")))
+  assert dataclasses.replace(flat, model="resnet8", noise_rate=0.4) == mixed
+
+
+@pytest.mark.parametrize(
+  "text, message",
+  [
+    ("data:\n  rho: 0.2\n", "rho belongs under optimizer:, not data:; move it there"),
+    ("rho: 0.3\noptimizer:\n  rho: 0.2\n", "gives rho twice, flat and under its section; keep one"),
+    ("noise:\n  rate: 0.2\n", "unknown key 'rate' under noise:; its keys are ['noise_mode', 'noise_rate', "),
+  ],
+)
+def test_a_misplaced_sectioned_key_is_one_line(tmp_path, text, message):
+  (tmp_path / "bad.yaml").write_text(text)
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    config_lib.load_yaml(str(tmp_path / "bad.yaml"))
+
+
+def test_the_sectioned_example_of_the_training_docs_loads(tmp_path):
+  text = (REPO / "docs" / "training.md").read_text()
+  block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+  (tmp_path / "example.yaml").write_text("\n".join(line.strip() for line in block.splitlines()) + "\n")
+  config = config_lib.from_mapping(config_lib.load_yaml(str(tmp_path / "example.yaml")))
+  assert (config.noise_rate, config.optimizer, config.rho, config.alpha) == (0.6, "saner", 0.1, 0.25)
+  assert config.train_examples == 2000  # from the preset it builds on

@@ -77,7 +77,7 @@ def _train_parser() -> argparse.ArgumentParser:
     "Train a Flax ResNet with SGD, SAM-family optimizers and SANER on noisy labels.",
     _TRAIN_EXAMPLES,
   )
-  run_control = config_lib.add_flags(parser)[config_lib.GROUP_OUTPUT]
+  run_control = config_lib.add_flags(parser)["run"]
   run_control.add_argument(
     "--resume", action="store_true", help="continue the run in --out_dir from its last checkpoint"
   )
@@ -123,7 +123,7 @@ def _compare_parser() -> argparse.ArgumentParser:
     "--collect_only", action="store_true", help="only collect finished runs under --out_dir; train none"
   )
   groups = config_lib.add_flags(parser)
-  _add_debug_flag(groups[config_lib.GROUP_OUTPUT])
+  _add_debug_flag(groups["run"])
   return parser
 
 
@@ -157,7 +157,7 @@ def _tune_parser() -> argparse.ArgumentParser:
   )
   tuning.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="seeds per point (default: 0)")
   groups = config_lib.add_flags(parser)
-  _add_debug_flag(groups[config_lib.GROUP_OUTPUT])
+  _add_debug_flag(groups["run"])
   return parser
 
 

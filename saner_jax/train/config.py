@@ -1,7 +1,8 @@
-"""Run configuration: one flat dataclass, YAML presets and flag overrides.
+"""Run configuration: one flat dataclass in sections, YAML presets and flag overrides.
 
 A run is reproduced by its ``config.yaml`` alone: the trainer writes the
-resolved config next to its logs, and ``--config that.yaml`` runs it again.
+resolved config next to its logs, grouped by ``SECTIONS``, and ``--config
+that.yaml`` runs it again. Files may be flat or sectioned.
 Defaults are the authors' (github.com/lhchau/saner, the paper's App. B): lr 0.1, momentum 0.9, weight decay
 5e-4, batch 128, 200 epochs, multistep decay at 50% and 75%, rho 0.1,
 alpha 0.5 warmed up over 50 epochs.
@@ -53,30 +54,28 @@ LOGGER_MODES = ("auto", "true", "false")
 PRESET_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
 
-# The topics of ``--help``, in its order; each field's metadata names one.
-GROUP_DATA = "data and noise"
-GROUP_MODEL = "model"
-GROUP_OPTIMIZER = "optimizer"
-GROUP_SCHEDULE = "schedule"
-GROUP_PIPELINES = "pipelines"
-GROUP_PARALLEL = "parallelism and memory"
-GROUP_DIAGNOSTICS = "mechanism diagnostics"
-GROUP_OUTPUT = "output and run control"
-GROUPS = (
-  GROUP_DATA,
-  GROUP_MODEL,
-  GROUP_OPTIMIZER,
-  GROUP_SCHEDULE,
-  GROUP_PIPELINES,
-  GROUP_PARALLEL,
-  GROUP_DIAGNOSTICS,
-  GROUP_OUTPUT,
-)
+# The config's sections, in the order of config.yaml and of --help, with their --help titles.
+# Each field belongs to one; a YAML file may list its keys under their sections or flat.
+# The dataclass itself stays flat, because its field names are the flags users type.
+SECTIONS = {
+  "data": "data",
+  "noise": "label noise",
+  "model": "model",
+  "optimizer": "optimizer and perturbation",
+  "saner": "SANER",
+  "schedule": "schedule",
+  "pipeline": "noise-robust pipelines",
+  "parallel": "parallelism and memory",
+  "diagnostics": "mechanism diagnostics",
+  "run": "output and run control",
+}
 
 
-def _field(default: Any, group: str, help: str, choices: Sequence[str] | Callable[[], Iterable[str]] = ()) -> Any:
-  """A config field with its ``--help`` line, topic and allowed values: one source for the CLI and validate."""
-  return dataclasses.field(default=default, metadata={"group": group, "help": help, "choices": choices})
+def _field(default: Any, section: str, help: str, choices: Sequence[str] | Callable[[], Iterable[str]] = ()) -> Any:
+  """A config field with its ``--help`` line, section and allowed values: one source for the CLI and validate."""
+  if section not in SECTIONS:
+    raise ValueError(f"unknown config section {section!r}; add it to SECTIONS")
+  return dataclasses.field(default=default, metadata={"section": section, "help": help, "choices": choices})
 
 
 def _owned(module: str, name: str) -> Callable[[], Iterable[str]]:
@@ -128,128 +127,124 @@ def _registered(kind: str) -> Callable[[], Iterable[str]]:
 class TrainConfig:
   """Every knob of a training run. Field names are also the CLI flags.
 
-  Each field's metadata holds its ``help``, its ``group`` (the topic it is
-  listed under in ``--help``) and, where the values are a fixed set, its
+  Each field's metadata holds its ``help``, its ``section`` (one of
+  ``SECTIONS``: where config.yaml and ``--help`` list it) and, where the values are a fixed set, its
   ``choices`` (a callable, so the toolkit modules that own them load late).
   """
 
-  dataset: str = _field("fashion_mnist", GROUP_DATA, "the dataset", _owned("data", "DATASETS"))
+  dataset: str = _field("fashion_mnist", "data", "the dataset", _owned("data", "DATASETS"))
   data_dir: str | None = _field(
     None,
-    GROUP_DATA,
+    "data",
     "the TFDS data directory, or the folder of IDX files; none: $TFDS_DATA_DIR or ~/tensorflow_datasets, "
     "and for IDX files $SANER_JAX_MNIST_DIR or $SANER_JAX_FASHION_MNIST_DIR",
   )
   data_source: str = _field(
-    "auto", GROUP_DATA, "where to read the data; auto: TFDS if prepared, else IDX files", _owned("data", "SOURCES")
+    "auto", "data", "where to read the data; auto: TFDS if prepared, else IDX files", _owned("data", "SOURCES")
   )
   image_size: int | None = _field(
-    None, GROUP_DATA, "folder datasets: the side the images are resized to; none: the dataset's (64 or 224)"
+    None, "data", "folder datasets: the side the images are resized to; none: the dataset's (64 or 224)"
   )
   eval_split: str | None = _field(
     None,
-    GROUP_DATA,
+    "data",
     "folder datasets: the labelled split evaluated on (mini_webvision: webvision or imagenet; image_folder: "
     "test or val); none: the dataset's default",
   )
   input_pipeline: str = _field(
     "auto",
-    GROUP_DATA,
+    "data",
     "device: the whole uint8 dataset on every device; stream: Grain reads, decodes and augments each batch on "
     "the host; auto: device when the decoded images fit (see docs/your_own_data.md)",
     ("auto", "device", "stream"),
   )
   stream_workers: int | None = _field(
-    None, GROUP_DATA, "stream: decoding processes per host (0: threads of this process); none: the CPU count, up to 16"
+    None, "data", "stream: decoding processes per host (0: threads of this process); none: the CPU count, up to 16"
   )
-  train_examples: int | None = _field(None, GROUP_DATA, "train on a seeded subset of this many examples; none: all")
-  test_examples: int | None = _field(None, GROUP_DATA, "evaluate on the first this many test examples; none: all")
+  train_examples: int | None = _field(None, "data", "train on a seeded subset of this many examples; none: all")
+  test_examples: int | None = _field(None, "data", "evaluate on the first this many test examples; none: all")
   val_examples: int = _field(
     0,
-    GROUP_DATA,
+    "data",
     "hold out this many training examples for validation, disjoint from the training subset and the test set; "
     "the run then reports the test accuracy at the epoch of best validation accuracy (0: no validation)",
   )
   val_clean: bool = _field(
     False,
-    GROUP_DATA,
+    "data",
     "validate on the held-out examples' true labels; false: on their noisy labels, which is what a practitioner has",
   )
-  noise_mode: str = _field("symmetric", GROUP_DATA, "how the training labels are corrupted", _owned("noise", "MODES"))
-  noise_rate: float = _field(0.4, GROUP_DATA, "the share of training labels corrupted; unused with real noise")
-  noise_label_key: str = _field("worse_label", GROUP_DATA, "CIFAR-N's human label set, for --noise_mode real")
-  augment: bool = _field(True, GROUP_DATA, "random crops and flips of the training images")
-  model: str = _field("resnet18", GROUP_MODEL, "the network", MODEL_NAMES)
+  noise_mode: str = _field("symmetric", "noise", "how the training labels are corrupted", _owned("noise", "MODES"))
+  noise_rate: float = _field(0.4, "noise", "the share of training labels corrupted; unused with real noise")
+  noise_label_key: str = _field("worse_label", "noise", "CIFAR-N's human label set, for --noise_mode real")
+  augment: bool = _field(True, "data", "random crops and flips of the training images")
+  model: str = _field("resnet18", "model", "the network", MODEL_NAMES)
   model_width: float = _field(
     1.0,
-    GROUP_MODEL,
+    "model",
     "multiply every width of a CIFAR ResNet (resnet8, resnet20, resnet18, resnet34, resnet50) by this, rounded "
     "down: the paper's width ablation, the authors' widen_factor; 1 is the published network",
   )
-  dtype: str = _field(
-    "float32", GROUP_MODEL, "the compute dtype; parameters and BatchNorm statistics stay float32", DTYPES
-  )
+  dtype: str = _field("float32", "model", "the compute dtype; parameters and BatchNorm statistics stay float32", DTYPES)
   # XLA's CPU kernel gradient is slow.
   cpu_conv: str = _field(
     "auto",
-    GROUP_MODEL,
+    "model",
     "oneDNN's convolutions instead of XLA's on CPU; auto: on one CPU device in float32 where they build, "
     "true: insist (an error where they cannot run), false: never",
     CPU_CONV_MODES,
   )
   optimizer: str = _field(
     "saner",
-    GROUP_OPTIMIZER,
+    "optimizer",
     "the ascent family; saner is SAM with SANER's reweighting (the paper's)",
     _registered("perturbations"),
   )
-  saner: bool = _field(False, GROUP_OPTIMIZER, "SANER on top of the chosen SAM-family optimizer")
-  alpha: float = _field(0.5, GROUP_OPTIMIZER, "SANER's weight on the chosen group's gradient components; 1 is SAM")
-  alpha_warmup_epochs: int = _field(50, GROUP_SCHEDULE, "SANER's alpha goes from 1 to --alpha over these epochs")
-  saner_group: str = _field(
-    "B", GROUP_OPTIMIZER, "the gradient group SANER reweights; the paper's is B", ("A", "B", "C")
-  )
+  saner: bool = _field(False, "saner", "SANER on top of the chosen SAM-family optimizer")
+  alpha: float = _field(0.5, "saner", "SANER's weight on the chosen group's gradient components; 1 is SAM")
+  alpha_warmup_epochs: int = _field(50, "saner", "SANER's alpha goes from 1 to --alpha over these epochs")
+  saner_group: str = _field("B", "saner", "the gradient group SANER reweights; the paper's is B", ("A", "B", "C"))
   saner_params: str = _field(
     "all",
-    GROUP_OPTIMIZER,
+    "saner",
     "the parameters SANER reweights; head: the classifier's Dense layer only (the authors' SANERLAST), "
     "the rest keep SAM's gradient",
     SANER_PARAMS,
   )
   substitute_groups: str | None = _field(
     None,
-    GROUP_OPTIMIZER,
+    "saner",
     "the paper's mechanism ablation, instead of SANER: the clean gradient on these groups, letters from ABC "
     "(B: the paper's SGD-GrB)",
   )
   substitute_outside: bool = _field(
-    False, GROUP_OPTIMIZER, "with --substitute_groups: SAM's gradient on those groups only, the clean one elsewhere"
+    False, "saner", "with --substitute_groups: SAM's gradient on those groups only, the clean one elsewhere"
   )
-  rho: float = _field(0.1, GROUP_OPTIMIZER, "the SAM-family perturbation radius")
-  asam_eta: float = _field(0.0, GROUP_OPTIMIZER, "ASAM's eta")
-  fsam_sigma: float = _field(1.0, GROUP_OPTIMIZER, "Friendly SAM's sigma")
-  fsam_lmbda: float = _field(0.9, GROUP_OPTIMIZER, "Friendly SAM's lambda, the EMA decay of its gradient trend")
-  vasso_theta: float = _field(0.2, GROUP_OPTIMIZER, "VaSSO's theta, the weight of the newest gradient in its average")
+  rho: float = _field(0.1, "optimizer", "the SAM-family perturbation radius")
+  asam_eta: float = _field(0.0, "optimizer", "ASAM's eta")
+  fsam_sigma: float = _field(1.0, "optimizer", "Friendly SAM's sigma")
+  fsam_lmbda: float = _field(0.9, "optimizer", "Friendly SAM's lambda, the EMA decay of its gradient trend")
+  vasso_theta: float = _field(0.2, "optimizer", "VaSSO's theta, the weight of the newest gradient in its average")
   gsam_alpha: float = _field(
-    0.01, GROUP_OPTIMIZER, "GSAM's alpha, the share of the clean gradient's part orthogonal to SAM's removed"
+    0.01, "optimizer", "GSAM's alpha, the share of the clean gradient's part orthogonal to SAM's removed"
   )
-  m_sharpness: int = _field(1, GROUP_OPTIMIZER, "perturb each of this many slices of a batch with its own gradient")
+  m_sharpness: int = _field(1, "optimizer", "perturb each of this many slices of a batch with its own gradient")
   sam_policy: str = _field(
     "always",
-    GROUP_OPTIMIZER,
+    "optimizer",
     "which steps take the second pass; the others cost one pass, as SGD's: every (every --sam_every steps), "
     "random (with probability --sam_prob), adaptive (AE-SAM: when |g|^2 > running mean + --sam_c running std)",
     SAM_POLICIES,
   )
-  sam_every: int = _field(2, GROUP_OPTIMIZER, "--sam_policy every: the interval k, >= 1")
-  sam_prob: float = _field(0.5, GROUP_OPTIMIZER, "--sam_policy random: the probability p of a two-pass step")
-  sam_c: float = _field(0.0, GROUP_OPTIMIZER, "--sam_policy adaptive: the threshold c in running std, >= 0")
+  sam_every: int = _field(2, "optimizer", "--sam_policy every: the interval k, >= 1")
+  sam_prob: float = _field(0.5, "optimizer", "--sam_policy random: the probability p of a two-pass step")
+  sam_c: float = _field(0.0, "optimizer", "--sam_policy adaptive: the threshold c in running std, >= 0")
   saner_reuse_mask: bool = _field(
-    False, GROUP_OPTIMIZER, "with SANER and a --sam_policy: apply the last two-pass step's mask on one-pass steps"
+    False, "saner", "with SANER and a --sam_policy: apply the last two-pass step's mask on one-pass steps"
   )
   bn_stats: str = _field(
     "clean",
-    GROUP_OPTIMIZER,
+    "optimizer",
     "the BatchNorm running statistics a two-pass step keeps (they change evaluation only); clean: the clean "
     "pass's, the common convention; perturbed: the SANER authors' order, the perturbed pass's, then those of a "
     "third, forward-only pass at the new weights. SGD has one pass and ignores it",
@@ -257,96 +252,90 @@ class TrainConfig:
   )
   perturbation_mode: str = _field(
     "synced",
-    GROUP_PARALLEL,
+    "parallel",
     "synced: one perturbation from the global-batch gradient, the single-device algorithm on any number of "
     "devices; per_device: each device's shard perturbed with its own gradient (m-sharpness with m = devices x "
     "--m_sharpness). SGD ignores it",
     PERTURBATION_MODES,
   )
   grad_accum_steps: int = _field(
-    1, GROUP_PARALLEL, "micro-batches per step: one perturbation from their summed clean gradient, one's memory"
+    1, "parallel", "micro-batches per step: one perturbation from their summed clean gradient, one's memory"
   )
   pipeline: str = _field(
     "none",
-    GROUP_PIPELINES,
+    "pipeline",
     "a noise-robust training pipeline (docs/pipelines.md); none: plain training. Each pipeline's fields "
     "below default to the authors' values and may only be set with their pipeline",
     _registered("pipelines"),
   )
-  pipeline_warmup_epochs: int = _field(10, GROUP_PIPELINES, "dividemix, plc: epochs of plain training first")
-  bootstrap_beta: float = _field(0.8, GROUP_PIPELINES, "bootstrap: the weight of the given label")
-  forget_rate: float = _field(0.2, GROUP_PIPELINES, "co_teaching: the final share of each batch dropped")
-  num_gradual: int = _field(10, GROUP_PIPELINES, "co_teaching: epochs to reach --forget_rate")
-  forget_exponent: float = _field(1.0, GROUP_PIPELINES, "co_teaching: the shape of that ramp")
-  p_threshold: float = _field(0.5, GROUP_PIPELINES, "dividemix: the clean probability above which a sample is labelled")
-  lambda_u: float = _field(25.0, GROUP_PIPELINES, "dividemix: the weight of the unlabelled loss")
-  sharpen_temperature: float = _field(0.5, GROUP_PIPELINES, "dividemix: the temperature T of the sharpening")
-  mixup_alpha: float = _field(4.0, GROUP_PIPELINES, "dividemix: Beta(alpha, alpha) of the mixup weight")
-  tau_start: float = _field(0.9, GROUP_PIPELINES, "plc: the first correction threshold (a log-probability gap)")
-  tau_end: float = _field(0.5, GROUP_PIPELINES, "plc: the lowest threshold")
-  tau_step: float = _field(0.05, GROUP_PIPELINES, "plc: the decrease after each correction")
-  jo_alpha: float = _field(1.2, GROUP_PIPELINES, "joint_optimization: the weight of the prior term L_p")
-  jo_beta: float = _field(0.8, GROUP_PIPELINES, "joint_optimization: the weight of the entropy term L_e")
-  jo_window: int = _field(10, GROUP_PIPELINES, "joint_optimization: epochs of predictions averaged into a soft label")
-  jo_update_start: int = _field(
-    103, GROUP_PIPELINES, "joint_optimization: the first epoch whose end updates the labels"
-  )
+  pipeline_warmup_epochs: int = _field(10, "pipeline", "dividemix, plc: epochs of plain training first")
+  bootstrap_beta: float = _field(0.8, "pipeline", "bootstrap: the weight of the given label")
+  forget_rate: float = _field(0.2, "pipeline", "co_teaching: the final share of each batch dropped")
+  num_gradual: int = _field(10, "pipeline", "co_teaching: epochs to reach --forget_rate")
+  forget_exponent: float = _field(1.0, "pipeline", "co_teaching: the shape of that ramp")
+  p_threshold: float = _field(0.5, "pipeline", "dividemix: the clean probability above which a sample is labelled")
+  lambda_u: float = _field(25.0, "pipeline", "dividemix: the weight of the unlabelled loss")
+  sharpen_temperature: float = _field(0.5, "pipeline", "dividemix: the temperature T of the sharpening")
+  mixup_alpha: float = _field(4.0, "pipeline", "dividemix: Beta(alpha, alpha) of the mixup weight")
+  tau_start: float = _field(0.9, "pipeline", "plc: the first correction threshold (a log-probability gap)")
+  tau_end: float = _field(0.5, "pipeline", "plc: the lowest threshold")
+  tau_step: float = _field(0.05, "pipeline", "plc: the decrease after each correction")
+  jo_alpha: float = _field(1.2, "pipeline", "joint_optimization: the weight of the prior term L_p")
+  jo_beta: float = _field(0.8, "pipeline", "joint_optimization: the weight of the entropy term L_e")
+  jo_window: int = _field(10, "pipeline", "joint_optimization: epochs of predictions averaged into a soft label")
+  jo_update_start: int = _field(103, "pipeline", "joint_optimization: the first epoch whose end updates the labels")
   jo_stage1_epochs: int | None = _field(
-    None, GROUP_PIPELINES, "joint_optimization: stage-1 epochs, the rest retrain; none: half of --epochs"
+    None, "pipeline", "joint_optimization: stage-1 epochs, the rest retrain; none: half of --epochs"
   )
-  lr: float = _field(0.1, GROUP_OPTIMIZER, "the peak learning rate")
-  lr_schedule: str = _field("multistep", GROUP_SCHEDULE, "the learning-rate schedule", LR_SCHEDULES)
+  lr: float = _field(0.1, "optimizer", "the peak learning rate")
+  lr_schedule: str = _field("multistep", "schedule", "the learning-rate schedule", LR_SCHEDULES)
   lr_milestones: tuple[float, ...] = _field(
-    (0.5, 0.75), GROUP_SCHEDULE, "multistep: the fractions of training at which the lr decays, comma-separated"
+    (0.5, 0.75), "schedule", "multistep: the fractions of training at which the lr decays, comma-separated"
   )
-  lr_decay: float = _field(0.1, GROUP_SCHEDULE, "multistep: the factor of each decay")
-  momentum: float = _field(0.9, GROUP_OPTIMIZER, "SGD's momentum")
-  weight_decay: float = _field(5e-4, GROUP_OPTIMIZER, "L2 weight decay, added after SANER's reweighting")
-  batch_size: int = _field(128, GROUP_SCHEDULE, "the global training batch")
-  eval_batch_size: int = _field(1000, GROUP_SCHEDULE, "the evaluation batch")
-  epochs: int = _field(200, GROUP_SCHEDULE, "training epochs")
-  seed: int = _field(0, GROUP_OUTPUT, "the seed of the noise, the initialisation and the data order, in [0, 2**32)")
-  distributed: bool = _field(False, GROUP_PARALLEL, "call jax.distributed.initialize() first, for multi-host runs")
+  lr_decay: float = _field(0.1, "schedule", "multistep: the factor of each decay")
+  momentum: float = _field(0.9, "optimizer", "SGD's momentum")
+  weight_decay: float = _field(5e-4, "optimizer", "L2 weight decay, added after SANER's reweighting")
+  batch_size: int = _field(128, "schedule", "the global training batch")
+  eval_batch_size: int = _field(1000, "schedule", "the evaluation batch")
+  epochs: int = _field(200, "schedule", "training epochs")
+  seed: int = _field(0, "run", "the seed of the noise, the initialisation and the data order, in [0, 2**32)")
+  distributed: bool = _field(False, "parallel", "call jax.distributed.initialize() first, for multi-host runs")
   # Reruns, resumed runs and a comparison's later runs load compiled steps instead of compiling them.
   compilation_cache: bool = _field(
     True,
-    GROUP_OUTPUT,
+    "run",
     "JAX's persistent compilation cache, under $SANER_JAX_CACHE_DIR or ~/.cache/saner_jax",
   )
-  out_dir: str = _field(
-    "runs/default", GROUP_OUTPUT, "where the run writes its config, metrics, figures and checkpoints"
-  )
-  checkpoint: bool = _field(
-    True, GROUP_OUTPUT, "save an orbax checkpoint at the end of every epoch (needed for --resume)"
-  )
+  out_dir: str = _field("runs/default", "run", "where the run writes its config, metrics, figures and checkpoints")
+  checkpoint: bool = _field(True, "run", "save an orbax checkpoint at the end of every epoch (needed for --resume)")
   log_decomposition: bool = _field(
-    False, GROUP_DIAGNOSTICS, "log the clean/noisy gradient decomposition of a fixed probe batch every epoch"
+    False, "diagnostics", "log the clean/noisy gradient decomposition of a fixed probe batch every epoch"
   )
   sharpness_every: int = _field(
     0,
-    GROUP_DIAGNOSTICS,
+    "diagnostics",
     "log the Hessian's top eigenvalue and trace on the probe batch every N epochs and at the last; 0: never",
   )
-  probe_examples: int = _field(256, GROUP_DIAGNOSTICS, "training examples in the probe batch, at most the training set")
-  sharpness_iterations: int = _field(20, GROUP_DIAGNOSTICS, "power iterations for the top eigenvalue")
-  hutchinson_samples: int = _field(10, GROUP_DIAGNOSTICS, "Hutchinson samples for the trace")
+  probe_examples: int = _field(256, "diagnostics", "training examples in the probe batch, at most the training set")
+  sharpness_iterations: int = _field(20, "diagnostics", "power iterations for the top eigenvalue")
+  hutchinson_samples: int = _field(10, "diagnostics", "Hutchinson samples for the trace")
   tensorboard: str = _field(
     "auto",
-    GROUP_OUTPUT,
+    "run",
     "the epoch metrics as TensorBoard events in OUT_DIR/tensorboard; auto: where tensorboardX is installed, "
     "true: insist (the tensorboard extra), false: never",
     LOGGER_MODES,
   )
   wandb: bool = _field(
     False,
-    GROUP_OUTPUT,
+    "run",
     "log the config and the epoch metrics to Weights & Biases (the wandb extra); with WANDB_MODE=offline "
     "the run is written under OUT_DIR/wandb, for `wandb sync` later",
   )
-  wandb_project: str = _field("saner_jax", GROUP_OUTPUT, "the Weights & Biases project of --wandb")
+  wandb_project: str = _field("saner_jax", "run", "the Weights & Biases project of --wandb")
   progress: str = _field(
     "auto",
-    GROUP_OUTPUT,
+    "run",
     "progress output; auto: a bar on a terminal, plain lines otherwise",
     ("auto", "bar", "lines", "none"),
   )
@@ -663,6 +652,13 @@ class TrainConfig:
     out["lr_milestones"] = list(self.lr_milestones)
     return out
 
+  def to_sections(self) -> dict[str, dict[str, Any]]:
+    """The fields grouped by section, in ``SECTIONS``' order: what config.yaml holds."""
+    out: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for name, value in self.to_dict().items():
+      out[_FIELDS[name].metadata["section"]][name] = value
+    return out
+
 
 # The longest path a run writes under its out_dir, with room to spare: orbax's
 # temporary checkpoint folders, e.g. "/checkpoints/12.orbax-checkpoint-tmp-
@@ -852,6 +848,7 @@ def _load_with_bases(path: pathlib.Path, children: tuple[pathlib.Path, ...]) -> 
     raise ConfigError(f"--config: {where} is not valid YAML: {_yaml_problem(e)}") from None
   if not isinstance(values, dict):
     raise ConfigError(f"--config: {where} must hold a mapping of config keys (`key: value` lines)")
+  values = flatten_sections(values, where)
   if "base" not in values:
     return values
   base = values.pop("base")
@@ -868,6 +865,37 @@ def _load_with_bases(path: pathlib.Path, children: tuple[pathlib.Path, ...]) -> 
     cycle = " -> ".join(str(p) for p in (*chain, base_path))
     raise ConfigError(f"--config: the base: keys form a cycle ({cycle}); remove the base: key that closes it")
   return {**_load_with_bases(base_path, chain), **values}
+
+
+def flatten_sections(values: dict[str, Any], where: str) -> dict[str, Any]:
+  """A config file's keys made flat: those under a section (``noise: {noise_rate: 0.6}``) lifted out.
+
+  A section is a top-level key named in ``SECTIONS`` whose value is a mapping;
+  ``model: resnet8`` stays the field it names. Flat and sectioned keys may mix,
+  but a key under the wrong section, or given twice, is a one-line ConfigError.
+  """
+  flat: dict[str, Any] = {}
+
+  def put(name: str, value: Any) -> None:
+    if name in flat:
+      raise ConfigError(f"--config: {where} gives {name} twice, flat and under its section; keep one")
+    flat[name] = value
+
+  for key, value in values.items():
+    if key not in SECTIONS or not isinstance(value, dict):
+      put(key, value)
+      continue
+    for name, item in value.items():
+      field = _FIELDS.get(name)
+      if field is None:
+        known = [n for n, f in _FIELDS.items() if f.metadata["section"] == key]
+        raise ConfigError(f"--config: {where}: unknown key {name!r} under {key}:; its keys are {known}")
+      if field.metadata["section"] != key:
+        raise ConfigError(
+          f"--config: {where}: {name} belongs under {field.metadata['section']}:, not {key}:; move it there"
+        )
+      put(name, item)
+  return flat
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
@@ -904,19 +932,19 @@ def _metavar(name: str) -> str:
 
 
 def add_flags(parser: argparse.ArgumentParser) -> dict[str, Any]:
-  """``--config`` and one ``--field`` flag per config field, listed by topic and all defaulting to "not given".
+  """``--config`` and one ``--field`` flag per config field, listed by section and all defaulting to "not given".
 
-  Returns the argument groups by title, for a command's own flags to join.
+  Returns the argument groups by section (``"run"``, ...), for a command's own flags to join.
   """
-  groups = {title: parser.add_argument_group(title) for title in GROUPS}
-  groups[GROUP_OUTPUT].add_argument(
+  groups = {section: parser.add_argument_group(title) for section, title in SECTIONS.items()}
+  groups["run"].add_argument(
     "--config",
     metavar="FILE|PRESET",
     help="a YAML config file, or a preset of saner_jax/train/configs such as fashion_mnist_quick or "
     "paper/cifar10_sym25_resnet18; the flags override its values",
   )
   for name, field in _FIELDS.items():
-    groups[field.metadata["group"]].add_argument(
+    groups[field.metadata["section"]].add_argument(
       f"--{name}", dest=name, default=argparse.SUPPRESS, metavar=_metavar(name), help=_flag_help(field)
     )
   return groups

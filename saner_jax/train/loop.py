@@ -151,7 +151,10 @@ def run_identity(out_dir: pathlib.Path) -> tuple[dict[str, Any], str] | None:
   if saved is not None:
     return saved, "its checkpoint"
   values = files.read_config()
-  return None if values is None else (values, str(files.config))
+  if values is None:
+    return None
+  # Written sectioned now and flat by earlier releases: both read back as the flat keys.
+  return config_lib.flatten_sections(values, str(files.config)), str(files.config)
 
 
 def _unreadable(path: pathlib.Path, error: OSError) -> ConfigError:
@@ -203,7 +206,7 @@ def _claim_out_dir(config: TrainConfig, resume: bool) -> pathlib.Path:
   out_dir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     try:
-      RunDir(out_dir).write_config(config.to_dict())
+      RunDir(out_dir).write_config(config.to_sections())
     except OSError as e:  # a full disk
       raise lock.unusable(out_dir, e) from e
   return out_dir

@@ -307,7 +307,7 @@ def write_outputs(
     (out_dir / f"{run}.yaml").write_text(
       f"# Chosen by `tune` for {run}: {point.name} (mean best validation accuracy {_pct(best.value)}%).\n"
       f"# It retrains seed {seeds[0]}; pass --seed and --out_dir for others.\n"
-      + yaml.safe_dump(config.to_dict(), sort_keys=False)
+      + yaml.safe_dump(config.to_sections(), sort_keys=False)
     )
     chosen[run] = {"point": point.params(), "score": best.value, "config": str(out_dir / f"{run}.yaml")}
   (out_dir / TABLE).write_text("\n".join(lines) + "\n")
