@@ -1,4 +1,4 @@
-"""The toolkit's extension points: a perturbation and a pipeline added through their registries alone.
+"""The toolkit's extension points: a perturbation, a pipeline and a noise mode added through their registries alone.
 
 Each toy is checked against the built-in it reduces to, so the test pins
 that the registry entry, not a hard-wired list, drives the config, the
@@ -12,10 +12,11 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
-from saner_jax.train import cli, loop, registry, reporting
+from saner_jax.train import cli, loop, noise, registry, reporting
 from saner_jax.train import config as config_lib
 from saner_jax.train.config import ConfigError, TrainConfig, fail
 from saner_jax.train.engine import supervised
@@ -114,6 +115,52 @@ def test_a_toy_pipeline_trains_and_reports_through_its_entry_alone(toy_pipeline,
   assert "toy share" not in reporting.markdown_table({"plain": [json.loads((plain_dir / "summary.json").read_text())]})
 
 
+def _next_class(request: noise.NoiseRequest) -> np.ndarray:
+  """Each chosen label moves to the next class: pair_flip, written as a user would, from the request alone."""
+  labels = request.true.copy()
+  for c in range(request.num_classes):
+    members = np.flatnonzero(request.true == c)
+    order = request.rng.permutation(members.size)
+    labels[members[order[: round(request.rate * members.size)]]] = (c + 1) % request.num_classes
+  return labels
+
+
+def _ten_classes_only(config: TrainConfig, spec) -> None:
+  if spec.num_classes != 10:
+    fail("noise_mode", f"next_class is written for 10 classes, {config.dataset} has {spec.num_classes}")
+
+
+@pytest.fixture
+def toy_noise_mode():
+  entry = registry.register_noise_mode(
+    registry.NoiseMode("next_class", _next_class, max_rate=lambda num_classes: 0.3, check=_ten_classes_only)
+  )
+  yield entry
+  registry.unregister("noise_mode", entry.name)
+
+
+def test_a_toy_noise_mode_trains_through_its_entry_alone(toy_noise_mode, idx_dir, tmp_path):
+  assert "next_class" in config_lib.choices("noise_mode") and "next_class" in noise.modes()
+  # Its own bound, not pair_flip's 0.5, and its own check.
+  with pytest.raises(
+    ConfigError, match=r"^--noise_rate: next_class noise on 10 classes is defined up to 0.3, got 0.4$"
+  ):
+    TrainConfig(noise_mode="next_class", noise_rate=0.4, data_dir=str(idx_dir), **ONE_EPOCH).validate()
+  with pytest.raises(ValueError, match="rate 0.4 is too high for mode 'next_class'"):
+    noise.inject_noise(np.arange(20) % 10, num_classes=10, mode="next_class", rate=0.4)
+  with pytest.raises(ConfigError, match=r"^--noise_mode: next_class is written for 10 classes, cifar100 has 100$"):
+    TrainConfig(dataset="cifar100", noise_mode="next_class", noise_rate=0.2, **ONE_EPOCH).validate()
+  runs = {}
+  for mode in ("next_class", "pair_flip"):
+    cfg = TrainConfig(noise_mode=mode, noise_rate=0.3, data_dir=str(idx_dir), out_dir=str(tmp_path / mode), **ONE_EPOCH)
+    loop.train(cfg.validate())
+    runs[mode] = _metrics(tmp_path / mode)[-1]
+  # The same draws from the same generator: the same labels, so the same run.
+  for key in COMPARED:
+    assert runs["next_class"][key] == runs["pair_flip"][key], key
+  assert runs["next_class"]["noisy_memorised"] is not None
+
+
 def test_a_name_is_registered_once():
   with pytest.raises(ValueError, match="perturbation 'sam' is already registered"):
     registry.register_perturbation(registry.Perturbation("sam", build=_zero_ascent))
@@ -121,6 +168,9 @@ def test_a_name_is_registered_once():
     registry.register_pipeline(registry.Pipeline("none", _toy_recipe))
   with pytest.raises(ValueError, match="must be an identifier"):
     registry.register_pipeline(registry.Pipeline("my pipeline", _toy_recipe))
+  for name in ("symmetric", "real", "none"):
+    with pytest.raises(ValueError, match=f"noise mode '{name}' is already registered"):
+      registry.register_noise_mode(registry.NoiseMode(name, _next_class))
 
 
 def test_an_entrys_fields_may_be_set_only_with_it():
@@ -134,7 +184,7 @@ def test_an_entrys_fields_may_be_set_only_with_it():
 def test_the_docs_example_registers_a_working_perturbation():
   """docs/training.md's example, up to its training line: sign_sam's ascent has length rho."""
   text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
-  section = text.split("## Adding a perturbation or a pipeline")[1]
+  section = text.split("## Adding a perturbation, a pipeline or a noise mode")[1]
   code = section.split("```python\n")[1].split("```")[0]
   assert 'train(TrainConfig(optimizer="sign_sam"' in code
   exec(code.split("\ntrain(")[0], {})  # the docs' own example

@@ -18,13 +18,18 @@ import os
 import pathlib
 import typing
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
 
 from saner_jax._modes import PERTURBATION_MODES
 from saner_jax.cpu_conv import MODES as CPU_CONV_MODES
-from saner_jax.train.errors import ConfigError as ConfigError  # re-exported: imported from here
+
+# Re-exported: the toolkit imports the error and the checks registry entries run from here.
+from saner_jax.train.errors import ConfigError as ConfigError
+from saner_jax.train.errors import at_least as at_least
+from saner_jax.train.errors import fail as fail
+from saner_jax.train.errors import in_unit_interval as in_unit_interval
 
 LR_SCHEDULES = ("multistep", "cosine", "constant")
 # When a SAM-family step takes its second pass (saner_jax.policies); each policy's own flag.
@@ -83,30 +88,16 @@ def _owned(module: str, name: str) -> Callable[[], Iterable[str]]:
   return lambda: getattr(importlib.import_module(f"saner_jax.train.{module}"), name)
 
 
+def _noise_modes() -> Iterable[str]:
+  from saner_jax.train import noise
+
+  return noise.modes()
+
+
 def choices(field: str) -> tuple[str, ...]:
   """The allowed values of a config field, or () where any value of its type goes."""
   values = _FIELDS[field].metadata["choices"]
   return tuple(values() if callable(values) else values)
-
-
-# The checks a registry entry (saner_jax.train.registry) runs on its own fields.
-def fail(field: str, message: str) -> NoReturn:
-  """Raises the one-line ConfigError ``--field: message``."""
-  raise ConfigError(f"--{field}: {message}")
-
-
-def at_least(config: TrainConfig, low: int, *fields: str) -> None:
-  """Fails on the first of ``fields`` below ``low``."""
-  for field in fields:
-    if getattr(config, field) < low:
-      fail(field, f"must be >= {low}, got {getattr(config, field)}")
-
-
-def in_unit_interval(config: TrainConfig, *fields: str) -> None:
-  """Fails on the first of ``fields`` outside [0, 1]."""
-  for field in fields:
-    if not 0.0 <= getattr(config, field) <= 1.0:
-      fail(field, f"must be in [0, 1], got {getattr(config, field)}")
 
 
 def _registered(kind: str) -> Callable[[], Iterable[str]]:
@@ -174,7 +165,7 @@ class TrainConfig:
     "data",
     "validate on the held-out examples' true labels; false: on their noisy labels, which is what a practitioner has",
   )
-  noise_mode: str = _field("symmetric", "noise", "how the training labels are corrupted", _owned("noise", "MODES"))
+  noise_mode: str = _field("symmetric", "noise", "how the training labels are corrupted", _noise_modes)
   noise_rate: float = _field(0.4, "noise", "the share of training labels corrupted; unused with real noise")
   noise_label_key: str = _field("worse_label", "noise", "CIFAR-N's human label set, for --noise_mode real")
   augment: bool = _field(True, "data", "random crops and flips of the training images")
@@ -492,24 +483,7 @@ class TrainConfig:
   def _check_noise(self, spec) -> None:
     from saner_jax.train import noise
 
-    in_unit_interval(self, "noise_rate")
-    if self.noise_mode not in ("none", "real"):
-      highest = noise.max_rate(self.noise_mode, spec.num_classes)
-      if self.noise_rate > highest:
-        fail(
-          "noise_rate",
-          f"{self.noise_mode} noise on {spec.num_classes} classes is defined up to {highest:.3g}, got {self.noise_rate}",
-        )
-    if self.noise_mode == "asymmetric":
-      try:
-        noise.asymmetric_map(self.dataset)
-      except ValueError as e:
-        fail("noise_mode", str(e))
-    if self.noise_mode == "real":
-      if not spec.noisy_label_keys:
-        fail("noise_mode", f"'real' needs human labels; {self.dataset} has none (use cifar10_n or cifar100_n)")
-      if self.noise_label_key not in spec.noisy_label_keys:
-        fail("noise_label_key", f"{self.dataset} has {list(spec.noisy_label_keys)}, got {self.noise_label_key!r}")
+    noise.check_config(self, spec)
 
   def _check_optimizer(self) -> None:
     if self.saner_group == "B" and not 0.0 <= self.alpha <= 1.0:

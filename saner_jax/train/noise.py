@@ -35,16 +35,47 @@ import math
 import statistics
 import types
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from saner_jax.train import data
+from saner_jax.train import data, registry
+from saner_jax.train.errors import fail, in_unit_interval
+
+if TYPE_CHECKING:
+  from saner_jax.train.config import TrainConfig
 
 _log = logging.getLogger(__name__)
 
-MODES: tuple[str, ...] = (
-    "none", "symmetric", "uniform", "asymmetric", "pair_flip", "instance", "real",
-)  # fmt: skip
+# The modes built into inject_noise; the synthetic ones between them are registry entries
+# (saner_jax.train.registry.NoiseMode), registered at the end of this module.
+NO_NOISE, REAL_NOISE = "none", "real"
+
+
+def modes() -> tuple[str, ...]:
+  """Every noise mode: ``none``, the registered synthetic modes in registration order, ``real``."""
+  return (NO_NOISE, *registry.noise_modes(), REAL_NOISE)
+
+
+class NoiseRequest(NamedTuple):
+  """What a synthetic mode's ``draw`` gets (:class:`saner_jax.train.registry.NoiseMode`).
+
+  Attributes:
+    true: int32 ``[N]``, the true labels.
+    num_classes: K.
+    rate: the nominal rate, already checked against the mode's ``max_rate``.
+    rng: the seeded generator every draw comes from.
+    dataset: the dataset's name, or None (the class-map modes need it).
+    images: ``[N, ...]`` images, or None (instance noise needs them).
+  """
+
+  true: np.ndarray
+  num_classes: int
+  rate: float
+  rng: np.random.Generator
+  dataset: str | None
+  images: np.ndarray | None
+
 
 # Standard deviation of the per-sample flip rates of instance noise (Xia et
 # al., 2020, use 0.1).
@@ -150,7 +181,7 @@ class NoisyLabels:
       A sample that ``uniform`` noise redrew to its own class is not in the
       mask: the mask says "this label is wrong", not "this sample was drawn".
     rate: realised noise rate, ``noise_mask.mean()``.
-    mode: the noise mode, one of ``MODES``.
+    mode: the noise mode, one of :func:`modes`.
     nominal_rate: the requested rate; 0.0 for ``none``, None for ``real``.
   """
 
@@ -176,8 +207,8 @@ class NoisyLabels:
     realised = float(self.noise_mask.mean()) if self.noise_mask.size else 0.0
     if not math.isclose(self.rate, realised, abs_tol=1e-12):
       raise ValueError(f"rate {self.rate} is not the realised rate {realised}")
-    if self.mode not in MODES:
-      raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+    if self.mode not in modes():
+      raise ValueError(f"mode must be one of {modes()}, got {self.mode!r}")
 
   def subset(self, indices: np.ndarray | Sequence[int]) -> NoisyLabels:
     """The samples at ``indices``, with their own realised rate."""
@@ -214,11 +245,8 @@ def max_rate(mode: str, num_classes: int) -> float:
   instance modes) or the true class is the least likely label (symmetric):
   the noise stops being noise. At the bound itself the true label ties.
   """
-  if mode == "symmetric":
-    return (num_classes - 1) / num_classes
-  if mode in ("asymmetric", "pair_flip", "instance"):
-    return 0.5
-  return 1.0
+  entry = registry.noise_modes().get(mode)
+  return 1.0 if entry is None else entry.max_rate(num_classes)
 
 
 def _as_labels(name: str, values, n: int | None, num_classes: int) -> np.ndarray:
@@ -328,35 +356,30 @@ def _instance(true, images, num_classes, rate, rng):
   return labels
 
 
-def _synthetic(
-  true: np.ndarray,
-  num_classes: int,
-  mode: str,
-  rate: float,
-  rng: np.random.Generator,
-  dataset: str | None,
-  images: np.ndarray | None,
-) -> np.ndarray:
-  """The noisy labels of a synthetic ``mode`` (any but ``none`` and ``real``), checking the input it needs."""
-  if mode == "symmetric":
-    return _symmetric(true, num_classes, rate, rng)
-  if mode == "uniform":
-    return _uniform(true, num_classes, rate, rng)
-  if mode == "pair_flip":
-    return _class_map(true, (np.arange(num_classes, dtype=np.int32) + 1) % num_classes, rate, rng)
-  if mode == "asymmetric":
-    if dataset is None:
-      raise ValueError("mode 'asymmetric' needs dataset= to choose its class map")
-    target = asymmetric_map(dataset)
-    if target.shape[0] != num_classes:
-      raise ValueError(f"the asymmetric map of {dataset!r} has {target.shape[0]} classes, num_classes is {num_classes}")
-    return _class_map(true, target, rate, rng)
+def _asymmetric(request: NoiseRequest) -> np.ndarray:
+  if request.dataset is None:
+    raise ValueError("mode 'asymmetric' needs dataset= to choose its class map")
+  target = asymmetric_map(request.dataset)
+  if target.shape[0] != request.num_classes:
+    raise ValueError(
+      f"the asymmetric map of {request.dataset!r} has {target.shape[0]} classes, num_classes is {request.num_classes}"
+    )
+  return _class_map(request.true, target, request.rate, request.rng)
+
+
+def _pair_flip(request: NoiseRequest) -> np.ndarray:
+  target = (np.arange(request.num_classes, dtype=np.int32) + 1) % request.num_classes
+  return _class_map(request.true, target, request.rate, request.rng)
+
+
+def _instance_request(request: NoiseRequest) -> np.ndarray:
+  true, images = request.true, request.images
   if images is None:
     raise ValueError("mode 'instance' needs images")
   images = np.asarray(images)
   if images.shape[0] != true.shape[0] or images.ndim < 2:
     raise ValueError(f"images must have shape [{true.shape[0]}, ...] like labels, got {images.shape}")
-  return _instance(true, images, num_classes, rate, rng)
+  return _instance(true, images, request.num_classes, request.rate, request.rng)
 
 
 def inject_noise(
@@ -375,7 +398,7 @@ def inject_noise(
   Args:
     labels: the true labels, integers in ``[0, num_classes)``, shape ``[N]``.
     num_classes: K, at least 2.
-    mode: one of ``MODES`` (see the module docstring).
+    mode: one of :func:`modes` (see the module docstring).
     rate: the nominal noise rate in ``[0, 1]``, required by the synthetic
       modes, and at most ``max_rate(mode, num_classes)``; ignored by
       ``none`` and ``real``.
@@ -395,8 +418,8 @@ def inject_noise(
       labels out of range, a missing input the mode needs, or
       ``asymmetric`` for a dataset without a map.
   """
-  if mode not in MODES:
-    raise ValueError(f"unknown noise mode {mode!r}; modes: {', '.join(MODES)}")
+  if mode not in modes():
+    raise ValueError(f"unknown noise mode {mode!r}; modes: {', '.join(modes())}")
   if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
     raise TypeError(f"num_classes must be an int, got {num_classes!r}")
   if num_classes < 2:
@@ -406,15 +429,16 @@ def inject_noise(
     raise ValueError("labels is empty")
   n = true.shape[0]
 
-  if mode == "none":
+  if mode == NO_NOISE:
     result = _make(true.copy(), true, mode, 0.0)
-  elif mode == "real":
+  elif mode == REAL_NOISE:
     if real_labels is None:
       raise ValueError("mode 'real' needs real_labels (e.g. CIFAR-N's worse_label)")
     result = _make(_as_labels("real_labels", real_labels, n, num_classes), true, mode, None)
   else:
     value = _check_rate(mode, rate, num_classes)
-    noisy = _synthetic(true, num_classes, mode, value, np.random.default_rng(seed), dataset, images)
+    request = NoiseRequest(true, num_classes, value, np.random.default_rng(seed), dataset, images)
+    noisy = registry.noise_modes()[mode].draw(request)
     result = _make(noisy.astype(np.int32), true, mode, value)
   _log.info(result.summary())
   return result
@@ -449,3 +473,56 @@ def transition_matrix(
     return counts
   totals = counts.sum(axis=1, keepdims=True)
   return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+
+
+def check_config(config: TrainConfig, spec: data.DatasetSpec) -> None:
+  """The noise flags' checks, for the trainer's config: the rate, then the mode's own check.
+
+  Raises:
+    ConfigError: a one-line error naming the flag and the fix.
+  """
+  in_unit_interval(config, "noise_rate")
+  entry = registry.noise_modes().get(config.noise_mode)
+  if entry is not None:
+    highest = entry.max_rate(spec.num_classes)
+    if config.noise_rate > highest:
+      fail(
+        "noise_rate",
+        f"{config.noise_mode} noise on {spec.num_classes} classes is defined up to {highest:.3g}, "
+        f"got {config.noise_rate}",
+      )
+    if entry.check is not None:
+      entry.check(config, spec)
+  if config.noise_mode == REAL_NOISE:
+    if not spec.noisy_label_keys:
+      fail("noise_mode", f"'real' needs human labels; {config.dataset} has none (use cifar10_n or cifar100_n)")
+    if config.noise_label_key not in spec.noisy_label_keys:
+      fail("noise_label_key", f"{config.dataset} has {list(spec.noisy_label_keys)}, got {config.noise_label_key!r}")
+
+
+def _needs_a_class_map(config: TrainConfig, spec: data.DatasetSpec) -> None:
+  try:
+    asymmetric_map(config.dataset)
+  except ValueError as e:
+    fail("noise_mode", str(e))
+
+
+def _half(num_classes: int) -> float:
+  """Class-map and instance noise: above 1/2 a class's labels are mostly one wrong class."""
+  return 0.5
+
+
+# The built-in synthetic modes, in the order --help lists them.
+for _entry in (
+  registry.NoiseMode(
+    "symmetric",
+    lambda request: _symmetric(request.true, request.num_classes, request.rate, request.rng),
+    # Above (K - 1) / K the true class becomes the least likely label.
+    max_rate=lambda num_classes: (num_classes - 1) / num_classes,
+  ),
+  registry.NoiseMode("uniform", lambda request: _uniform(request.true, request.num_classes, request.rate, request.rng)),
+  registry.NoiseMode("asymmetric", _asymmetric, max_rate=_half, check=_needs_a_class_map),
+  registry.NoiseMode("pair_flip", _pair_flip, max_rate=_half),
+  registry.NoiseMode("instance", _instance_request, max_rate=_half),
+):
+  registry.register_noise_mode(_entry)

@@ -1,4 +1,4 @@
-"""The toolkit's extension points: one registry of perturbations, one of noise-robust pipelines.
+"""The toolkit's extension points: registries of perturbations, noise-robust pipelines and noise modes.
 
 An entry owns everything the trainer knows about it: how to build it, the
 config fields only it reads (which may then be set only with it), the checks
@@ -27,10 +27,13 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+  import numpy as np
   import optax
 
   from saner_jax.train.config import TrainConfig
+  from saner_jax.train.data import DatasetSpec
   from saner_jax.train.engine import Recipe, Run
+  from saner_jax.train.noise import NoiseRequest
 
 Check = Callable[["TrainConfig"], None]
 # (metric key, title): a panel of the run's figure, or a column of compare's table.
@@ -82,10 +85,43 @@ class Pipeline:
   columns: Report = ()
 
 
+def _any_rate(num_classes: int) -> float:
+  return 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseMode:
+  """A synthetic label-noise mode, ``--noise_mode NAME`` and ``noise.inject_noise(mode=NAME)``.
+
+  ``none`` and ``real`` (given human labels) are built into ``inject_noise``
+  and reserved.
+
+  Attributes:
+    name: the ``--noise_mode`` value.
+    draw: the noisy labels, int ``[N]``, of a :class:`saner_jax.train.noise.NoiseRequest`
+      (the true labels, the class count, the rate, a seeded numpy generator, and the dataset
+      name and images for the modes that need them); every random draw from its generator.
+    max_rate: ``max_rate(K)``, the highest rate at which the true class stays the most
+      likely label with ``K`` classes; a higher ``--noise_rate`` is refused.
+    check: raises :class:`~saner_jax.train.config.ConfigError` for a run this mode cannot
+      make, called with the config and the dataset's spec (a dataset without a class map).
+  """
+
+  name: str
+  draw: Callable[[NoiseRequest], np.ndarray]
+  max_rate: Callable[[int], float] = _any_rate
+  check: Callable[[TrainConfig, DatasetSpec], None] | None = None
+
+
 _PERTURBATIONS: dict[str, Perturbation] = {}
 _PIPELINES: dict[str, Pipeline] = {}
-# The modules whose import registers the built-in entries.
-_BUILT_IN = ("saner_jax.train.optimizers", "saner_jax.train.pipelines")
+_NOISE_MODES: dict[str, NoiseMode] = {}
+# The module whose import registers each kind's built-in entries; each is loaded on its kind's first use.
+_BUILT_IN = {
+  "perturbation": "saner_jax.train.optimizers",
+  "pipeline": "saner_jax.train.pipelines",
+  "noise_mode": "saner_jax.train.noise",
+}
 
 
 def _register(table: dict[str, Any], entry: Any, kind: str, reserved: Iterable[str], replace: bool) -> None:
@@ -100,45 +136,60 @@ def _register(table: dict[str, Any], entry: Any, kind: str, reserved: Iterable[s
 
 def register_perturbation(entry: Perturbation, *, replace: bool = False) -> Perturbation:
   """Adds ``entry`` under ``--optimizer entry.name``; returns it. ``saner`` is reserved (SAM with SANER)."""
-  _load_built_ins()
+  _load_built_ins("perturbation")
   _register(_PERTURBATIONS, entry, "perturbation", ("saner",), replace)
   return entry
 
 
 def register_pipeline(entry: Pipeline, *, replace: bool = False) -> Pipeline:
   """Adds ``entry`` under ``--pipeline entry.name``; returns it. ``none`` is reserved (plain training)."""
-  _load_built_ins()
+  _load_built_ins("pipeline")
   _register(_PIPELINES, entry, "pipeline", ("none",), replace)
   return entry
 
 
+def register_noise_mode(entry: NoiseMode, *, replace: bool = False) -> NoiseMode:
+  """Adds ``entry`` under ``--noise_mode entry.name``; returns it. ``none`` and ``real`` are reserved."""
+  _load_built_ins("noise_mode")
+  _register(_NOISE_MODES, entry, "noise mode", ("none", "real"), replace)
+  return entry
+
+
 def unregister(kind: str, name: str) -> None:
-  """Removes a perturbation or pipeline registered earlier (a test's or a notebook's)."""
-  registries: dict[str, dict[str, Any]] = {"perturbation": _PERTURBATIONS, "pipeline": _PIPELINES}
+  """Removes an entry registered earlier (a test's or a notebook's); ``kind``: perturbation, pipeline or noise_mode."""
+  registries: dict[str, dict[str, Any]] = {
+    "perturbation": _PERTURBATIONS,
+    "pipeline": _PIPELINES,
+    "noise_mode": _NOISE_MODES,
+  }
   registries[kind].pop(name, None)
 
 
-_loaded = False
+_loaded: set[str] = set()
 
 
-def _load_built_ins() -> None:
-  global _loaded
-  if not _loaded:
-    _loaded = True
-    for module in _BUILT_IN:
-      importlib.import_module(module)
+def _load_built_ins(kind: str) -> None:
+  if kind not in _loaded:
+    _loaded.add(kind)
+    importlib.import_module(_BUILT_IN[kind])
 
 
 def perturbations() -> dict[str, Perturbation]:
   """Every registered perturbation by name, the built-ins first."""
-  _load_built_ins()
+  _load_built_ins("perturbation")
   return dict(_PERTURBATIONS)
 
 
 def pipelines() -> dict[str, Pipeline]:
   """Every registered pipeline by name, the built-ins first (``none``, plain training, is not one)."""
-  _load_built_ins()
+  _load_built_ins("pipeline")
   return dict(_PIPELINES)
+
+
+def noise_modes() -> dict[str, NoiseMode]:
+  """Every registered synthetic noise mode by name, the built-ins first (not ``none`` nor ``real``)."""
+  _load_built_ins("noise_mode")
+  return dict(_NOISE_MODES)
 
 
 def owned_fields(kind: str) -> dict[str, tuple[str, ...]]:
