@@ -22,7 +22,7 @@ import pytest
 import yaml
 from conftest import read_metrics as _metrics
 
-from saner_jax.train import cli, loop
+from saner_jax.train import cli, loop, reporting
 from saner_jax.train import config as config_lib
 from saner_jax.train import step as step_lib
 from saner_jax.train.config import ConfigError, TrainConfig
@@ -425,6 +425,7 @@ def test_cpu_conv_trains_like_xla_convolutions(tmp_path, idx_dir, onednn, capsys
     finals[mode] = summary["final"]
     lines[mode] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("convolutions:")]
     assert summary["convolutions"] == ("xla" if mode == "false" else "onednn")
+    assert summary["cpu"] == reporting.cpu_model() and summary["cpu"] not in ("", "unknown")
   assert lines == {
     "false": ["convolutions: XLA's (oneDNN's switched off)"],
     "auto": ["convolutions: oneDNN's (saner_jax.cpu_conv)"],

@@ -366,6 +366,7 @@ def summarise(run: Run, progress: checkpointing.Progress) -> dict[str, Any]:
     "jax_backend": jax.default_backend(),
     "devices": run.mesh.size,
     "convolutions": run.convolutions.path,
+    "cpu": reporting.cpu_model(),
   }
   if run.primary:
     with checkpointing.refused_writes("the summary", run.out_dir):

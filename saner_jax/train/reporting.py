@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import platform
 import secrets
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -55,6 +56,24 @@ def git_revision() -> str | None:
     return rev + ("+dirty" if dirty else "")
   except (OSError, subprocess.CalledProcessError):
     return None
+
+
+@functools.cache
+def cpu_model() -> str:
+  """The host CPU's model name (``/proc/cpuinfo``'s, else the platform's), recorded with each run.
+
+  The same seed and code give the same data, noise and initialisation on any
+  machine, but the floating-point kernels (oneDNN's and XLA's) pick their
+  instructions by CPU, so runs made on different CPUs differ in the last bits
+  and then in their trajectories.
+  """
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine() or "unknown"
 
 
 def _replace_text(path: pathlib.Path, text: str) -> None:
