@@ -495,15 +495,19 @@ def test_a_moved_run_and_a_relative_out_dir_resume_where_they_are(straight, comp
   assert list(elsewhere.iterdir()) == []
 
 
-def test_a_run_of_the_previous_release_without_a_config_in_its_checkpoints_still_resumes(
-  straight, cli_run, tmp_path, capsys
+@pytest.mark.parametrize("layout", ["flat", "sectioned"])
+def test_a_run_without_a_config_in_its_checkpoints_resumes_from_its_config_yaml(
+  layout, straight, cli_run, tmp_path, capsys
 ):
+  """Earlier releases' runs: no config in the checkpoints, a flat config.yaml; this release's is sectioned."""
   run_dir = _half_done(straight, tmp_path / "run")
-  for item in (run_dir / "checkpoints").glob("*/config"):  # what the previous release wrote: no config item
+  for item in (run_dir / "checkpoints").glob("*/config"):
     shutil.rmtree(item)
-  # ... and a flat config.yaml, where this release writes it in sections.
-  flat = config_lib.flatten_sections(yaml.safe_load((run_dir / "config.yaml").read_text()), "config.yaml")
-  (run_dir / "config.yaml").write_text(yaml.safe_dump(flat, sort_keys=False))
+  written = yaml.safe_load((run_dir / "config.yaml").read_text())
+  assert written["optimizer"]["lr"] == 0.1 and "lr" not in written  # this release writes sections
+  if layout == "flat":
+    flat = config_lib.flatten_sections(written, "config.yaml")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(flat, sort_keys=False))
   # Its identity is then its config.yaml, as before (an edit to it goes unseen, as it did then).
   assert cli.main(["--config", str(run_dir / "config.yaml"), "--resume", "--lr", "0.05"]) == 2
   assert f"(as {run_dir / 'config.yaml'} records); differing keys: lr (0.1 -> 0.05)" in capsys.readouterr().err

@@ -588,6 +588,9 @@ def test_a_config_file_may_group_its_keys_by_section(tmp_path):
     assert config_lib.from_mapping(config_lib.load_yaml(str(tmp_path / f"{name}.yaml"))) == flat
   mixed = config_lib.from_mapping(config_lib.load_yaml(str(tmp_path / "mixed.yaml")))
   assert dataclasses.replace(flat, model="resnet8", noise_rate=0.4) == mixed
+  # A section whose keys are all commented out is empty, not an unknown key.
+  (tmp_path / "empty.yaml").write_text("base: flat.yaml\nnoise:\n#  noise_rate: 0.1\n")
+  assert config_lib.from_mapping(config_lib.load_yaml(str(tmp_path / "empty.yaml"))) == flat
 
 
 @pytest.mark.parametrize(
@@ -596,6 +599,10 @@ def test_a_config_file_may_group_its_keys_by_section(tmp_path):
     ("data:\n  rho: 0.2\n", "rho belongs under optimizer:, not data:; move it there"),
     ("rho: 0.3\noptimizer:\n  rho: 0.2\n", "gives rho twice, flat and under its section; keep one"),
     ("noise:\n  rate: 0.2\n", "unknown key 'rate' under noise:; its keys are ['noise_mode', 'noise_rate', "),
+    ("noise: 0.2\n", "noise: is a section; give it a mapping of its keys, e.g. noise: {...}"),
+    ("run:\n  base: fashion_mnist_quick\n", "base: goes at the top level of the file, not under run:"),
+    # PyYAML would keep the last "optimizer" and drop the section above it without a word.
+    ("optimizer:\n  rho: 0.2\n  lr: 0.05\noptimizer: sam\n", "key 'optimizer' is given twice in one mapping"),
   ],
 )
 def test_a_misplaced_sectioned_key_is_one_line(tmp_path, text, message):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from conftest import read_metrics
 from test_train import TINY
 
@@ -58,6 +59,8 @@ def test_tune_picks_the_best_validation_point_resumes_and_writes_a_config_that_r
   assert len(calls) == 2
 
   # The chosen config retrains the tuned run exactly.
+  chosen = yaml.safe_load((out / "sgd.yaml").read_text())
+  assert chosen["optimizer"]["lr"] == best and "lr" not in chosen  # written in sections
   again = config_lib.from_mapping(config_lib.load_yaml(str(out / "sgd.yaml")))
   assert again.lr == best and again.out_dir == str(out / "sgd_chosen")
   loop.train(again)

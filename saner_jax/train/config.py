@@ -24,6 +24,7 @@ import yaml
 
 from saner_jax._modes import PERTURBATION_MODES
 from saner_jax.cpu_conv import MODES as CPU_CONV_MODES
+from saner_jax.train import yaml_files
 
 # Re-exported: the toolkit imports the error and the checks registry entries run from here.
 from saner_jax.train.errors import ConfigError as ConfigError
@@ -412,7 +413,7 @@ class TrainConfig:
     return f"@{value[self.sam_policy]}" + ("-reuse" if self.saner_reuse_mask else "")
 
   def validate(self) -> TrainConfig:
-    """Checks each field, topic by topic; raises ConfigError naming the flag."""
+    """Checks each field, section by section; raises ConfigError naming the flag."""
     self._check_choices_and_numbers()
     spec = self.spec
     self._check_noise(spec)
@@ -813,7 +814,7 @@ def load_yaml(path_or_name: str) -> dict[str, Any]:
 def _load_with_bases(path: pathlib.Path, children: tuple[pathlib.Path, ...]) -> dict[str, Any]:
   where = f"{path} (the base of {children[-1]})" if children else str(path)
   try:
-    values = yaml.safe_load(path.read_text()) or {}
+    values = yaml_files.load(path.read_text()) or {}
   except OSError as e:
     raise ConfigError(f"--config: cannot read {where}: {e.strerror or e}") from None
   except UnicodeDecodeError as e:
@@ -841,32 +842,42 @@ def _load_with_bases(path: pathlib.Path, children: tuple[pathlib.Path, ...]) -> 
   return {**_load_with_bases(base_path, chain), **values}
 
 
-def flatten_sections(values: dict[str, Any], where: str) -> dict[str, Any]:
+def flatten_sections(values: dict[str, Any], where: str, flag: str = "--config") -> dict[str, Any]:
   """A config file's keys made flat: those under a section (``noise: {noise_rate: 0.6}``) lifted out.
 
-  A section is a top-level key named in ``SECTIONS`` whose value is a mapping;
-  ``model: resnet8`` stays the field it names. Flat and sectioned keys may mix,
-  but a key under the wrong section, or given twice, is a one-line ConfigError.
+  A section is a top-level key named in ``SECTIONS`` whose value is a mapping
+  (or empty); ``model: resnet8`` stays the field it names. Flat and sectioned
+  keys may mix, but a key under the wrong section, or given twice, is a
+  one-line ConfigError starting with ``flag``.
   """
   flat: dict[str, Any] = {}
 
   def put(name: str, value: Any) -> None:
     if name in flat:
-      raise ConfigError(f"--config: {where} gives {name} twice, flat and under its section; keep one")
+      raise ConfigError(f"{flag}: {where} gives {name} twice, flat and under its section; keep one")
     flat[name] = value
 
   for key, value in values.items():
-    if key not in SECTIONS or not isinstance(value, dict):
+    if key in SECTIONS and value is None:
+      continue  # a section whose keys are all commented out
+    if key in SECTIONS and not isinstance(value, dict):
+      if key not in _FIELDS:
+        raise ConfigError(f"{flag}: {where}: {key}: is a section; give it a mapping of its keys, e.g. {key}: {{...}}")
+      put(key, value)  # the field of that name: model: resnet8
+      continue
+    if key not in SECTIONS:
       put(key, value)
       continue
     for name, item in value.items():
+      if name == "base":
+        raise ConfigError(f"{flag}: {where}: base: goes at the top level of the file, not under {key}:")
       field = _FIELDS.get(name)
       if field is None:
         known = [n for n, f in _FIELDS.items() if f.metadata["section"] == key]
-        raise ConfigError(f"--config: {where}: unknown key {name!r} under {key}:; its keys are {known}")
+        raise ConfigError(f"{flag}: {where}: unknown key {name!r} under {key}:; its keys are {known}")
       if field.metadata["section"] != key:
         raise ConfigError(
-          f"--config: {where}: {name} belongs under {field.metadata['section']}:, not {key}:; move it there"
+          f"{flag}: {where}: {name} belongs under {field.metadata['section']}:, not {key}:; move it there"
         )
       put(name, item)
   return flat

@@ -154,7 +154,7 @@ def run_identity(out_dir: pathlib.Path) -> tuple[dict[str, Any], str] | None:
   if values is None:
     return None
   # Written sectioned now and flat by earlier releases: both read back as the flat keys.
-  return config_lib.flatten_sections(values, str(files.config)), str(files.config)
+  return config_lib.flatten_sections(values, str(files.config), flag="--resume"), str(files.config)
 
 
 def _unreadable(path: pathlib.Path, error: OSError) -> ConfigError:

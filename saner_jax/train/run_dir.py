@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from saner_jax.train import yaml_files
 from saner_jax.train.errors import ConfigError
 
 
@@ -120,13 +121,18 @@ class RunDir:
   def read_config(self) -> dict[str, Any] | None:
     """The keys of ``config.yaml``, None where there is none; an unreadable one is a one-line ConfigError."""
     try:
-      return yaml.safe_load(self.config.read_text()) or {}
+      values = yaml_files.load(self.config.read_text()) or {}
     except FileNotFoundError:
       return None
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
       raise ConfigError(
         f"--resume: cannot read {self.config}: {problem(e)}; restore the file or start a new --out_dir"
       ) from e
+    if not isinstance(values, dict):
+      raise ConfigError(
+        f"--resume: {self.config} holds no mapping of config keys; restore the file or start a new --out_dir"
+      )
+    return values
 
   def write_config(self, values: dict[str, Any]) -> None:
     self.config.write_text(yaml.safe_dump(values, sort_keys=False))
