@@ -7,6 +7,7 @@
 # final.wall_time_s) for planning the next scale. Finished runs are skipped, interrupted ones
 # resumed.
 #   bash benchmarks/reproduce_scale.sh [OUT_DIR]      SEEDS="10 11" for fewer
+#   EPOCHS=2 SEEDS=10 bash benchmarks/reproduce_scale.sh OUT   times an epoch of each method only
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 tuned=benchmarks/results/fashion_mnist/tuned/sym40/tune
@@ -17,7 +18,7 @@ for seed in ${SEEDS:-10 11 12 13 14}; do
     [ -e "$run_dir/summary.json" ] && continue
     [ -e "$run_dir/config.yaml" ] && resume=(--resume)
     python -m saner_jax.train --config "$tuned/$run.yaml" --train_examples 10000 --augment true \
-      --model resnet20 --epochs 40 --seed "$seed" --progress none --out_dir "$run_dir" "${resume[@]}"
+      --model resnet20 --epochs "${EPOCHS:-40}" --seed "$seed" --progress none --out_dir "$run_dir" "${resume[@]}"
   done
 done
 python benchmarks/seed_statistics.py "$out" --pairs sam:saner sgd:sam sgd:saner | tee "$out/statistics.md"
