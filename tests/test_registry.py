@@ -148,6 +148,12 @@ def test_a_toy_noise_mode_trains_through_its_entry_alone(toy_noise_mode, idx_dir
     TrainConfig(noise_mode="next_class", noise_rate=0.4, data_dir=str(idx_dir), **ONE_EPOCH).validate()
   with pytest.raises(ValueError, match="rate 0.4 is too high for mode 'next_class'"):
     noise.inject_noise(np.arange(20) % 10, num_classes=10, mode="next_class", rate=0.4)
+  broken = registry.register_noise_mode(registry.NoiseMode("off_by_ten", lambda request: request.true + 10))
+  try:
+    with pytest.raises(ValueError, match=r"the labels mode 'off_by_ten' drew must lie in \[0, 10\)"):
+      noise.inject_noise(np.arange(20) % 10, num_classes=10, mode="off_by_ten", rate=0.1)
+  finally:
+    registry.unregister("noise_mode", broken.name)
   with pytest.raises(ConfigError, match=r"^--noise_mode: next_class is written for 10 classes, cifar100 has 100$"):
     TrainConfig(dataset="cifar100", noise_mode="next_class", noise_rate=0.2, **ONE_EPOCH).validate()
   runs = {}

@@ -438,8 +438,9 @@ def inject_noise(
   else:
     value = _check_rate(mode, rate, num_classes)
     request = NoiseRequest(true, num_classes, value, np.random.default_rng(seed), dataset, images)
-    noisy = registry.noise_modes()[mode].draw(request)
-    result = _make(noisy.astype(np.int32), true, mode, value)
+    # A registered draw is a user's code: its labels are checked like the caller's.
+    noisy = _as_labels(f"the labels mode {mode!r} drew", registry.noise_modes()[mode].draw(request), n, num_classes)
+    result = _make(noisy, true, mode, value)
   _log.info(result.summary())
   return result
 
