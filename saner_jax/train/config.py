@@ -715,7 +715,33 @@ _TYPES = typing.get_type_hints(TrainConfig)
 _FLOAT_FIELDS = tuple(name for name, hint in _TYPES.items() if hint is float)
 
 
-def _coerce(name: str, value: Any) -> Any:  # noqa: C901 (split in the config/engine redesign)
+def _floats(value: Any) -> tuple[float, ...]:
+  """A comma-separated flag, a YAML list, or one number (``lr_milestones: 0.5``)."""
+  if isinstance(value, str):
+    items: Sequence[Any] = value.split(",")
+  else:
+    items = value if isinstance(value, (list, tuple)) else [value]
+  return tuple(float(v) for v in items)
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _bool(value: Any) -> bool:
+  if isinstance(value, bool):
+    return value
+  if str(value).lower() in _TRUE + _FALSE:
+    return str(value).lower() in _TRUE
+  raise ValueError(value)
+
+
+def _int(value: Any) -> int:
+  if isinstance(value, float) and not value.is_integer():
+    raise ValueError(value)
+  return int(value)
+
+
+def _coerce(name: str, value: Any) -> Any:
   """Converts a YAML or flag value to the field's type, naming the field."""
   hint = _TYPES[name]
   args = typing.get_args(hint)
@@ -727,27 +753,11 @@ def _coerce(name: str, value: Any) -> Any:  # noqa: C901 (split in the config/en
     raise ConfigError(f"--{name}: may not be empty")
   try:
     if typing.get_origin(hint) is tuple or typing.get_origin(base) is tuple:
-      items: Sequence[Any]
-      if isinstance(value, str):
-        items = value.split(",")
-      else:  # a YAML list, or one number (`lr_milestones: 0.5`)
-        items = value if isinstance(value, (list, tuple)) else [value]
-      return tuple(float(v) for v in items)
-    if base is bool:
-      if isinstance(value, bool):
-        return value
-      if str(value).lower() in ("1", "true", "yes", "on"):
-        return True
-      if str(value).lower() in ("0", "false", "no", "off"):
-        return False
-      raise ValueError(value)
+      return _floats(value)
     if base is str and isinstance(value, bool):  # YAML reads `cpu_conv: true` as a bool
       return str(value).lower()
-    if base is int:
-      if isinstance(value, float) and not value.is_integer():
-        raise ValueError(value)
-      return int(value)
-    return base(value)
+    converter = {bool: _bool, int: _int}.get(base, base)
+    return converter(value)
   except (TypeError, ValueError):
     raise ConfigError(f"--{name}: expected {getattr(base, '__name__', base)}, got {value!r}") from None
 
