@@ -13,7 +13,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import gzip
 import json
 import pathlib
+import signal
 import struct
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -97,6 +100,25 @@ def onednn() -> pathlib.Path:
 def read_metrics(run_dir: pathlib.Path) -> list[dict]:
   """A run's ``metrics.jsonl`` as a list of records."""
   return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def kill_after_first_epoch(proc: subprocess.Popen, run_dir: pathlib.Path, timeout_s: float = 600) -> None:
+  """Waits until ``proc``'s run in ``run_dir`` has logged an epoch, then kills it with SIGKILL.
+
+  The interruption every kill-and-resume test makes: mid-training, with no
+  chance to clean up. Fails if the run ends, or logs nothing in ``timeout_s``.
+  """
+  try:
+    deadline = time.time() + timeout_s
+    while not ((run_dir / "metrics.jsonl").exists() and read_metrics(run_dir)):
+      assert proc.poll() is None, proc.stdout.read() if proc.stdout else "the run ended"
+      assert time.time() < deadline, f"{run_dir} logged no epoch in {timeout_s} s"
+      time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  finally:
+    proc.kill()
 
 
 # Metrics that count something: coordinates of the gradient (the group

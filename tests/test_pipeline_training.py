@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-from conftest import assert_same_run_metrics, parameter_count
+from conftest import assert_same_run_metrics, kill_after_first_epoch, parameter_count
 from conftest import read_metrics as _metrics
 from test_train import REPO, TINY, _finish, _outputs, _without_times
 
@@ -162,17 +160,7 @@ def test_pipeline_runs_and_kill_resume_loses_nothing(pipeline, tmp_path, idx_dir
   assert (straight / "curves.png").stat().st_size > 0
 
   proc = _cli(idx_dir, killed, pipeline)
-  try:
-    deadline = time.time() + 600
-    while not ((killed / "metrics.jsonl").exists() and _metrics(killed)):
-      assert proc.poll() is None, proc.stdout.read()
-      assert time.time() < deadline
-      time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-  finally:
-    proc.kill()
+  kill_after_first_epoch(proc, killed)
   assert 1 <= len(_metrics(killed)) < 4
   output = _finish(_cli(idx_dir, killed, pipeline, "--resume"))
   assert "resumed" in output

@@ -12,14 +12,13 @@ import json
 import os
 import pathlib
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import yaml
+from conftest import kill_after_first_epoch
 from conftest import read_metrics as _metrics
 
 from saner_jax.train import cli, loop, reporting
@@ -513,17 +512,7 @@ def test_same_seed_same_run_and_kill_resume_loses_nothing(tmp_path, idx_dir):
   assert _outputs(straight) == _outputs(again)
 
   proc = _cli(idx_dir, killed)
-  try:
-    deadline = time.time() + 600
-    while not ((killed / "metrics.jsonl").exists() and _metrics(killed)):
-      assert proc.poll() is None, proc.stdout.read()
-      assert time.time() < deadline
-      time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-  finally:
-    proc.kill()
+  kill_after_first_epoch(proc, killed)
   assert 1 <= len(_metrics(killed)) < 4
 
   output = _finish(_cli(idx_dir, killed, "--resume"))
