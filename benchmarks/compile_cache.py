@@ -34,7 +34,7 @@ def _compile_all() -> dict[str, float]:
   import jax.numpy as jnp
 
   from saner_jax import cpu_conv
-  from saner_jax.train import compilation, config, models, pipeline
+  from saner_jax.train import compilation, config, device_input, models
   from saner_jax.train import step as step_lib
 
   compilation.enable_compilation_cache()
@@ -44,7 +44,7 @@ def _compile_all() -> dict[str, float]:
   start = time.perf_counter()
   models.init_model(model, jax.random.key(0), (28, 28, 1))
   times["init"] = time.perf_counter() - start
-  data = pipeline.to_device(jnp.zeros((2000, 28, 28, 1), jnp.uint8), jnp.zeros(2000, jnp.int32))
+  data = device_input.to_device(jnp.zeros((2000, 28, 28, 1), jnp.uint8), jnp.zeros(2000, jnp.int32))
   for optimizer in ("sgd", "sam", "saner"):
     cfg = config.from_mapping({"optimizer": optimizer}, base)
     opt = step_lib.build_optimizer(cfg, 15)

@@ -47,7 +47,7 @@ if ROOT not in sys.path:  # run from a checkout without installing the package
   sys.path.insert(0, ROOT)
 
 from saner_jax.train import data as data_lib
-from saner_jax.train import models, pipeline, reporting
+from saner_jax.train import device_input, models, reporting
 from saner_jax.train import step as step_lib
 from saner_jax.train.config import TrainConfig
 
@@ -84,8 +84,8 @@ def build(method: str, args) -> tuple[Any, Any, tuple]:
   )
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (args.dataset_size, args.image_size, args.image_size, 3), np.uint8)
-  data = pipeline.to_device(images, rng.integers(0, 10, args.dataset_size))
-  permutation = pipeline.epoch_permutation(jax.random.key(1), 1, args.dataset_size)
+  data = device_input.to_device(images, rng.integers(0, 10, args.dataset_size))
+  permutation = device_input.epoch_permutation(jax.random.key(1), 1, args.dataset_size)
   first = (state, step_lib.zero_metrics(), data, permutation, 0, jax.random.key(2))
   start = time.perf_counter()
   compiled = step.lower(*first).compile()

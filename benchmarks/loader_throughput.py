@@ -82,7 +82,7 @@ def grain_rate(paths: list[str], size: int, batch: int, workers: int, epochs: in
 def step_rate(model: str, size: int, batch: int, optimizer: str, steps: int) -> float:
   import jax
 
-  from saner_jax.train import pipeline
+  from saner_jax.train import device_input
   from saner_jax.train import step as step_lib
   from saner_jax.train.config import TrainConfig
   from saner_jax.train.data import DATASETS
@@ -95,7 +95,7 @@ def step_rate(model: str, size: int, batch: int, optimizer: str, steps: int) -> 
   state = step_lib.init_state(net, opt, jax.random.key(0), (size, size, 3))
   update = jax.jit(step_lib.make_update(net, opt, config), donate_argnums=0)
   rng = np.random.default_rng(0)
-  images = pipeline.normalize(jax.device_put(rng.integers(0, 255, (batch, size, size, 3), dtype=np.uint8)),
+  images = device_input.normalize(jax.device_put(rng.integers(0, 255, (batch, size, size, 3), dtype=np.uint8)),
                               spec.mean, spec.std)  # fmt: skip
   labels = jax.device_put(rng.integers(0, 200, batch).astype(np.int32))
   state, loss, *_ = update(state, images, labels)

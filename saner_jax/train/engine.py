@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from saner_jax import _cli_signals
-from saner_jax.train import pipeline, probe
+from saner_jax.train import device_input, probe
 from saner_jax.train import step as step_lib
 from saner_jax.train.config import ConfigError, TrainConfig
 from saner_jax.train.run_dir import RunDir
@@ -34,15 +34,15 @@ from saner_jax.train.run_dir import RunDir
 class EvalSet(NamedTuple):
   """A held-out set on the devices, padded to whole evaluation batches."""
 
-  data: pipeline.DeviceData
+  data: device_input.DeviceData
   valid: jax.Array  # False on the padding
   examples: int  # without the padding
 
 
 @dataclasses.dataclass
 class PreparedData:
-  train: pipeline.DeviceData
-  test: pipeline.DeviceData
+  train: device_input.DeviceData
+  test: device_input.DeviceData
   test_valid: jax.Array
   test_examples: int  # without the padding
   num_classes: int
@@ -67,7 +67,7 @@ def _eval_set(images: np.ndarray, labels: np.ndarray, batch: int, sharding: Name
   images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
   labels = np.concatenate([labels, np.zeros(pad, np.int32)])
   return EvalSet(
-    pipeline.to_device(images, labels, sharding=sharding), pipeline.place(valid, sharding), len(valid) - pad
+    device_input.to_device(images, labels, sharding=sharding), device_input.place(valid, sharding), len(valid) - pad
   )
 
 
@@ -147,7 +147,7 @@ def prepare_data(config: TrainConfig, sharding: NamedSharding | None = None) -> 
 
   test_set = _eval_set(test.images[test_idx], test.labels[test_idx], config.eval_batch_size, sharding)
   return PreparedData(
-    train=pipeline.to_device(
+    train=device_input.to_device(
       train.images[train_idx], noisy.labels, noisy.true_labels, noisy.noise_mask, sharding=sharding
     ),
     test=test_set.data,
@@ -256,7 +256,7 @@ def compile_steps(run: Run, objective: step_lib.Objective = step_lib.label_cross
 @functools.cache
 def _permuter(sharding: NamedSharding) -> Callable:
   """The jitted epoch permutation, its output placed by ``sharding``."""
-  return jax.jit(pipeline.epoch_permutation, static_argnums=2, out_shardings=sharding)
+  return jax.jit(device_input.epoch_permutation, static_argnums=2, out_shardings=sharding)
 
 
 def run_epoch(run: Run, train_step: Callable, state: Any, epoch: int, metrics: dict) -> tuple[Any, dict[str, float]]:
@@ -316,7 +316,7 @@ def supervised(run: Run, objective: step_lib.Objective = step_lib.label_cross_en
 
   def init():
     state = step_lib.init_state(run.model, run.optimizer, run.keys.init, run.data.image_shape)
-    return pipeline.place(state, run.replicated)
+    return device_input.place(state, run.replicated)
 
   return Recipe(
     init=init,

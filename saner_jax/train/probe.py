@@ -39,7 +39,7 @@ import optax
 
 import saner_jax
 from saner_jax import analysis
-from saner_jax.train import pipeline
+from saner_jax.train import device_input
 from saner_jax.train.config import TrainConfig
 from saner_jax.train.data import DatasetSpec
 
@@ -65,7 +65,7 @@ def make_probe(
   config: TrainConfig,
   optimizer: Any,
   num_classes: int,
-  data: pipeline.DeviceData,
+  data: device_input.DeviceData,
   spec: DatasetSpec | None = None,
   **loose: Any,
 ) -> Callable[[Any, int], dict[str, float | None]]:
@@ -81,8 +81,8 @@ def make_probe(
   if not (config.log_decomposition or config.sharpness_every):
     return lambda state, epoch: {}
   model = models.create_model(config.model, num_classes, width=config.model_width, dtype=config.compute_dtype)
-  batch = pipeline.gather(data, jnp.asarray(probe_indices(config, data.size)))
-  images = pipeline.normalize(batch.images, spec.mean, spec.std, config.compute_dtype)
+  batch = device_input.gather(data, jnp.asarray(probe_indices(config, data.size)))
+  images = device_input.normalize(batch.images, spec.mean, spec.std, config.compute_dtype)
   perturbation = optimizer.perturbation or saner_jax.sam(config.rho)
 
   def per_example(params: Any, batch_stats: Any) -> jax.Array:

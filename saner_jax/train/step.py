@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 import saner_jax
 from saner_jax import diagnostics, parallel
 from saner_jax.saner import Group
-from saner_jax.train import pipeline
+from saner_jax.train import device_input
 from saner_jax.train.config import TrainConfig
 from saner_jax.train.data import DatasetSpec
 
@@ -241,13 +241,13 @@ def make_batch_fn(config: TrainConfig, spec: DatasetSpec | None = None, *, mesh:
   mesh = parallel.data_mesh() if mesh is None else mesh
   batch_sharding = NamedSharding(mesh, P("data"))
 
-  def batch_fn(data: pipeline.DeviceData, permutation, batch_index, key, step):
+  def batch_fn(data: device_input.DeviceData, permutation, batch_index, key, step):
     indices = jax.lax.dynamic_slice(permutation, (batch_index * config.batch_size,), (config.batch_size,))
-    batch = jax.lax.with_sharding_constraint(pipeline.gather(data, indices), batch_sharding)
+    batch = jax.lax.with_sharding_constraint(device_input.gather(data, indices), batch_sharding)
     images = batch.images
     if config.augment:
-      images = pipeline.random_crop_flip(jax.random.fold_in(key, step), images, spec.crop_padding, spec.flip)
-    return indices, batch, pipeline.normalize(images, spec.mean, spec.std, config.compute_dtype)
+      images = device_input.random_crop_flip(jax.random.fold_in(key, step), images, spec.crop_padding, spec.flip)
+    return indices, batch, device_input.normalize(images, spec.mean, spec.std, config.compute_dtype)
 
   return batch_fn
 
@@ -392,7 +392,7 @@ def make_update(
   return update
 
 
-def add_step_metrics(metrics, loss, logits, batch: pipeline.DeviceData, extra) -> dict[str, jax.Array]:
+def add_step_metrics(metrics, loss, logits, batch: device_input.DeviceData, extra) -> dict[str, jax.Array]:
   """``metrics`` plus one step's: loss, fit counts against the given labels, and ``extra`` counts."""
   predictions = jnp.argmax(logits, axis=-1)
   size = batch.labels.shape[0]
@@ -428,7 +428,7 @@ def make_train_step(
   batch_fn = make_batch_fn(config, spec, mesh=mesh)
   update = make_update(model, optimizer, config, objective=objective, mesh=mesh)
 
-  def step(state: TrainState, metrics, data: pipeline.DeviceData, permutation, batch_index, key):
+  def step(state: TrainState, metrics, data: device_input.DeviceData, permutation, batch_index, key):
     _, batch, images = batch_fn(data, permutation, batch_index, key, state.step)
     new_state, loss, logits, gradient_stats = update(state, images, batch.labels)
     return new_state, add_step_metrics(metrics, loss, logits, batch, gradient_stats)
@@ -456,7 +456,7 @@ def make_eval_step(
     images, labels, valid = batch
     if sharding is not None:
       images = jax.lax.with_sharding_constraint(images, sharding)
-    x = pipeline.normalize(images, spec.mean, spec.std, config.compute_dtype)
+    x = device_input.normalize(images, spec.mean, spec.std, config.compute_dtype)
     # Without mutable, apply returns the output alone (flax types it as output or (output, variables)).
     logits = cast(jax.Array, model.apply({"params": params, "batch_stats": batch_stats}, x, train=False))
     return jnp.sum((jnp.argmax(logits, -1) == labels) & valid)

@@ -2,7 +2,7 @@
 
 For datasets whose decoded images do not fit on the device (Mini-WebVision's
 66k images at 224 px take 10 GB, Clothing1M's million 150 GB). The on-device
-path (:mod:`saner_jax.train.pipeline`) stays the default for those that fit;
+path (:mod:`saner_jax.train.device_input`) stays the default for those that fit;
 :func:`choose` decides and says why.
 
 One Grain iterator covers the whole run. Its elements are the run's
@@ -43,7 +43,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from saner_jax.train import data as data_lib
-from saner_jax.train import engine, folders, pipeline
+from saner_jax.train import device_input, engine, folders
 from saner_jax.train import step as step_lib
 from saner_jax.train.config import ConfigError, TrainConfig
 
@@ -198,13 +198,13 @@ def eval_batches(source: ImageSource, labels: np.ndarray, batch: int, workers_: 
   return iter(iter_dataset)
 
 
-def to_devices(batches: Iterator[dict], sharding: NamedSharding, ahead: int = 2) -> Iterator[pipeline.DeviceData]:
+def to_devices(batches: Iterator[dict], sharding: NamedSharding, ahead: int = 2) -> Iterator[device_input.DeviceData]:
   """Host batches (this process's part) as global arrays split by ``sharding``, ``ahead`` of them in flight."""
   queue: collections.deque = collections.deque()
 
-  def put(host: dict) -> pipeline.DeviceData:
+  def put(host: dict) -> device_input.DeviceData:
     fields = (host["images"], host["labels"], host["true_labels"], host["noise_mask"])
-    return pipeline.DeviceData(*(jax.make_array_from_process_local_data(sharding, np.asarray(x)) for x in fields))
+    return device_input.DeviceData(*(jax.make_array_from_process_local_data(sharding, np.asarray(x)) for x in fields))
 
   for host in batches:
     queue.append(put(host))
@@ -344,11 +344,11 @@ def make_step(run, host_augmented: bool):
   config, spec = run.config, run.data.info
   update = step_lib.make_update(run.model, run.optimizer, config, mesh=run.mesh)
 
-  def step(state, metrics, batch: pipeline.DeviceData, key):
+  def step(state, metrics, batch: device_input.DeviceData, key):
     images = batch.images
     if config.augment and not host_augmented:
-      images = pipeline.random_crop_flip(jax.random.fold_in(key, state.step), images, spec.crop_padding, spec.flip)
-    x = pipeline.normalize(images, spec.mean, spec.std, config.compute_dtype)
+      images = device_input.random_crop_flip(jax.random.fold_in(key, state.step), images, spec.crop_padding, spec.flip)
+    x = device_input.normalize(images, spec.mean, spec.std, config.compute_dtype)
     new_state, loss, logits, gradient_stats = update(state, x, batch.labels)
     return new_state, step_lib.add_step_metrics(metrics, loss, logits, batch, gradient_stats)
 
@@ -375,7 +375,7 @@ def _predictor(run):
     spec, config = run.data.info, run.config
 
     def predict(params, batch_stats, images):
-      x = pipeline.normalize(images, spec.mean, spec.std, config.compute_dtype)
+      x = device_input.normalize(images, spec.mean, spec.std, config.compute_dtype)
       return jnp.argmax(run.model.apply({"params": params, "batch_stats": batch_stats}, x, train=False), -1)
 
     _PREDICTORS.clear()
@@ -411,7 +411,7 @@ def supervised(run):
 
   def init():
     state = step_lib.init_state(run.model, run.optimizer, run.keys.init, run.data.image_shape)
-    return pipeline.place(state, run.replicated)
+    return device_input.place(state, run.replicated)
 
   def evaluate(state, split="test"):
     if split != "test":
