@@ -44,10 +44,10 @@ _NAMES = {
   "gsam": "saner",
   "saner": "saner",
   "substitute_groups": "saner",
-  "SharpnessAwareGrads": "sharpness",
-  "accumulated_value_and_grad": "sharpness",
-  "aux_layout": "sharpness",
-  "sharpness_aware_grad": "sharpness",
+  "SharpnessAwareGrads": "two_pass",
+  "accumulated_value_and_grad": "two_pass",
+  "aux_layout": "two_pass",
+  "sharpness_aware_grad": "two_pass",
 }
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
   from saner_jax.perturbations import asam, friendly_sam, sam, vasso
   from saner_jax.policies import SharpnessPolicy, adaptive_steps, every_k_steps, random_steps, with_policy
   from saner_jax.saner import alpha_warmup, group_mask, gsam, saner, substitute_groups
-  from saner_jax.sharpness import SharpnessAwareGrads, accumulated_value_and_grad, aux_layout, sharpness_aware_grad
+  from saner_jax.two_pass import SharpnessAwareGrads, accumulated_value_and_grad, aux_layout, sharpness_aware_grad
 
 # Written out, not computed, so that type checkers see what the package exports.
 __all__ = [
@@ -97,7 +97,7 @@ def _deprecated(name: str) -> Any:
       DeprecationWarning,
       stacklevel=3,
     )
-    from saner_jax.sharpness import _AuxLayout
+    from saner_jax.two_pass import _AuxLayout
 
     return _AuxLayout
   raise AttributeError(f"module 'saner_jax' has no attribute {name!r}")

@@ -69,7 +69,7 @@ import optax
 from jax.sharding import Mesh
 
 from saner_jax._modes import PERTURBATION_MODES
-from saner_jax.sharpness import SharpnessAwareGrads, _AuxLayout, sharpness_aware_grad
+from saner_jax.two_pass import SharpnessAwareGrads, _AuxLayout, sharpness_aware_grad
 
 __all__ = ["PERTURBATION_MODES", "data_mesh", "sharded_aux_layout", "sharded_sharpness_aware_grad"]
 

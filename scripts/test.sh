@@ -19,7 +19,7 @@ step mypy
 step bash scripts/docs.sh
 # The examples in the core's docstrings, and the registry's.
 step python -m pytest -q -p no:xdist --doctest-modules \
-  saner_jax/{perturbations,saner,sharpness,parallel,policies,diagnostics,analysis}.py saner_jax/train/registry.py saner_jax/train/run_dir.py
+  saner_jax/{perturbations,saner,two_pass,parallel,policies,diagnostics,analysis}.py saner_jax/train/registry.py saner_jax/train/run_dir.py
 # Everything runs, the cases marked slow included; pass -m "not slow" for
 # a quicker local run.
 step python -m pytest -n 2 "$@"

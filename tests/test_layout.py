@@ -28,7 +28,7 @@ def test_core_imports_without_the_toolkit_dependencies():
       sys.meta_path.insert(0, Block())
       import jax, optax
       import saner_jax
-      from saner_jax import analysis, diagnostics, parallel, perturbations, saner, sharpness
+      from saner_jax import analysis, diagnostics, parallel, perturbations, saner, two_pass
       params = {{"w": jax.numpy.ones(3)}}
       tx = optax.chain(saner_jax.saner(0.5), optax.sgd(0.1))
       tx.update(params, tx.init(params), params, clean_grads=params)
@@ -154,7 +154,7 @@ def test_the_engine_is_below_the_trainer_and_the_pipelines():
 
 def test_the_core_imports_nothing_of_the_toolkit_or_the_kernels():
   core = [name for name in MODULES if not name.startswith(("saner_jax.train", "saner_jax.cpu_conv"))]
-  assert "saner_jax.sharpness" in core
+  assert "saner_jax.two_pass" in core
   for name in core:
     reached = {
       target for target in _imports(name, deferred=True) if target.startswith(("saner_jax.train", "saner_jax.cpu_conv"))

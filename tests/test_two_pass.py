@@ -357,3 +357,13 @@ def test_the_sharded_name_is_a_deprecated_alias_with_the_stacked_aux(mode):
   np.testing.assert_array_equal(np.asarray(layout.examples(got.aux[0]))[:, 0], np.arange(8))
   with pytest.warns(DeprecationWarning, match=r"AuxLayout is deprecated"):
     assert saner_jax.AuxLayout is type(layout)
+
+
+def test_the_old_module_name_is_a_deprecated_alias():
+  import importlib
+  import sys
+
+  sys.modules.pop("saner_jax.sharpness", None)
+  with pytest.warns(DeprecationWarning, match=r"saner_jax\.sharpness is deprecated .* import saner_jax\.two_pass"):
+    old = importlib.import_module("saner_jax.sharpness")
+  assert old.sharpness_aware_grad is saner_jax.two_pass.sharpness_aware_grad is saner_jax.sharpness_aware_grad
