@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from saner_jax.train import engine, pipeline
+from saner_jax.train import device_input, engine
 from saner_jax.train import step as step_lib
 from saner_jax.train.pipelines import bootstrap, co_teaching, common, dividemix, joint_optimization, plc
 
@@ -89,7 +89,7 @@ def _train_set_logits(run, networks: int):
 
   @jax.jit
   def chunk(params, batch_stats, all_images, indices):
-    images = pipeline.normalize(all_images[indices], info.mean, info.std, config.compute_dtype)
+    images = device_input.normalize(all_images[indices], info.mean, info.std, config.compute_dtype)
     apply = lambda p, s: model.apply({"params": p, "batch_stats": s}, images, train=False).astype(jnp.float32)
     return jax.vmap(apply)(params, batch_stats) if networks == 2 else apply(params, batch_stats)
 
@@ -191,7 +191,9 @@ def plc_recipe(run):
     fields.update(_optimizer_fields(run.optimizer, int(state.nets.step) - 1))
     return state, {**fields, "tau": tau, "label_flips": flips, "label_accuracy": label_accuracy}
 
-  init = lambda: pipeline.place(LabelsState(_init_nets(run, run.optimizer, 1), run.data.train.labels), run.replicated)
+  init = lambda: device_input.place(
+    LabelsState(_init_nets(run, run.optimizer, 1), run.data.train.labels), run.replicated
+  )
   return engine.Recipe(init=init, epoch=epoch, evaluate=_on_nets(_evaluate(run, 1)))
 
 
@@ -240,7 +242,7 @@ def joint_optimization_recipe(run):
     stage = int(epoch > stage1)
     if epoch == stage1 + 1:  # stage 2 starts from a fresh network and optimizer, on the final soft labels
       fresh = _init_nets(run, optimizers[1], 1, key=jax.random.fold_in(run.keys.init, 2))
-      state = state._replace(nets=pipeline.place(fresh._replace(step=state.nets.step), run.replicated))
+      state = state._replace(nets=device_input.place(fresh._replace(step=state.nets.step), run.replicated))
     state = state._replace(epoch=jnp.asarray(epoch, jnp.int32))
     state, _, fields = _epoch(run, steps[stage], state, epoch)
     if stage == 0:
@@ -256,7 +258,7 @@ def joint_optimization_recipe(run):
     soft = jax.nn.one_hot(run.data.train.labels, c)
     history = jnp.zeros((config.jo_window, n, c), jnp.float32)
     state = SoftLabelsState(_init_nets(run, optimizers[0], 1), soft, history, jnp.zeros([], jnp.int32))
-    return pipeline.place(state, run.replicated)
+    return device_input.place(state, run.replicated)
 
   return engine.Recipe(init=init, epoch=epoch, evaluate=_on_nets(_evaluate(run, 1)))
 
@@ -308,7 +310,7 @@ def co_teaching_recipe(run):
     fields.update(_optimizer_fields(run.optimizer, int(state.nets.step[0]) - 1))
     return state, {**fields, "forget_rate": rate, **_selection_fields(sums)}
 
-  init = lambda: pipeline.place(
+  init = lambda: device_input.place(
     CoTeachingState(_init_nets(run, run.optimizer, 2), jnp.asarray(config.batch_size, jnp.int32)), run.replicated
   )
   return engine.Recipe(init=init, epoch=epoch, evaluate=_on_nets(_evaluate(run, 2)))
@@ -384,7 +386,7 @@ def dividemix_recipe(run):
     seeds = np.random.SeedSequence([config.seed, epoch]).generate_state(2)
     prob = np.stack([dividemix.clean_probability(host_losses[k], seed=int(seeds[k])) for k in (0, 1)])
     return state._replace(
-      losses=pipeline.place(losses, run.replicated), clean_prob=pipeline.place(prob, run.replicated)
+      losses=device_input.place(losses, run.replicated), clean_prob=device_input.place(prob, run.replicated)
     )
 
   def epoch(state: DivideMixState, epoch: int):
@@ -403,7 +405,7 @@ def dividemix_recipe(run):
   def init():
     n = run.data.train.size
     state = DivideMixState(_init_nets(run, run.optimizer, 2), jnp.zeros((2, n)), jnp.ones((2, n)))
-    return pipeline.place(state, run.replicated)
+    return device_input.place(state, run.replicated)
 
   return engine.Recipe(init=init, epoch=epoch, evaluate=_on_nets(_evaluate(run, 2)))
 
