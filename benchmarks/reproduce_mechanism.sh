@@ -13,9 +13,15 @@
 #        bn_stats   SANER with the default BatchNorm statistics (the clean pass's) against the
 #                   authors' order (--bn_stats perturbed), seeds 0-4, 40%, 500 validation
 #                   examples; the paired table goes to OUT_DIR/bn_stats/seed_statistics.md
+#        validated  groups, decomposition and ablations again with the validation protocol
+#                   (500 noisy validation examples), fresh seeds 10-14 (SEEDS="..." for
+#                   others), 40% symmetric, all at one revision: SGD, SAM, SAM-GrA, SAM-GrB and
+#                   SANER with the decomposition logged (the probe draws from its own random
+#                   stream, so logging does not move training), then SANER's warm-up and
+#                   head-only ablations beside a plain SANER run; tables under OUT_DIR/mechanism_val
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-stage=${1:?give a stage: headline, asymmetric, groups, ablations, decomposition or bn_stats}
+stage=${1:?give a stage: headline, asymmetric, groups, ablations, decomposition, bn_stats or validated}
 out=${2:-benchmarks/results/fashion_mnist}
 run() { python -m saner_jax.train compare --config fashion_mnist_quick --progress lines --cpu_conv true "$@"; }
 case "$stage" in
@@ -63,6 +69,29 @@ case "$stage" in
     done
     python benchmarks/seed_statistics.py clean="$out/bn_stats/clean" perturbed="$out/bn_stats/perturbed" \
       --pairs clean/saner:perturbed/saner | tee "$out/bn_stats/seed_statistics.md" ;;
-  *) echo "error: unknown stage $stage; use headline, asymmetric, groups, ablations, decomposition or bn_stats" >&2
+  validated)
+    seeds=(${SEEDS:-10 11 12 13 14})
+    base=(--noise_mode symmetric --noise_rate 0.4 --val_examples 500)
+    val="$out/mechanism_val"
+    for seed in "${seeds[@]}"; do
+      run "${base[@]}" --seeds "$seed" --runs sgd sam sam+grA sam+grB saner --log_decomposition true \
+        --sharpness_every 30 --sharpness_iterations 20 --hutchinson_samples 10 --out_dir "$val/sym40"
+    done
+    python benchmarks/seed_statistics.py "$val/sym40" --pairs sgd:sam sam:saner sgd:sam+grA sgd:sam+grB \
+      sam+grB:sam | tee "$val/sym40/statistics.md"
+    python benchmarks/decomposition_table.py "$val/sym40" --epochs 1 10 20 30 --mean | tee "$val/sym40/decomposition.md"
+    for seed in "${seeds[@]}"; do
+      run "${base[@]}" --seeds "$seed" --runs saner --out_dir "$val/ablations/preset"
+      for k in 0 8 15 22; do
+        run "${base[@]}" --seeds "$seed" --runs saner --alpha_warmup_epochs "$k" --out_dir "$val/ablations/warmup$k"
+      done
+      run "${base[@]}" --seeds "$seed" --runs saner_head --out_dir "$val/ablations/head"
+    done
+    a="$val/ablations"
+    python benchmarks/seed_statistics.py preset="$a/preset" warmup0="$a/warmup0" warmup8="$a/warmup8" \
+      warmup15="$a/warmup15" warmup22="$a/warmup22" head="$a/head" --pairs preset/saner:warmup0/saner \
+      preset/saner:warmup8/saner preset/saner:warmup15/saner preset/saner:warmup22/saner \
+      preset/saner:head/saner_head | tee "$a/statistics.md" ;;
+  *) echo "error: unknown stage $stage; use headline, asymmetric, groups, ablations, decomposition, bn_stats or validated" >&2
      exit 2 ;;
 esac
