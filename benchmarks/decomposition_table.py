@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
   if finals:
     print(f"\n| {label} | top Hessian eigenvalue (final) | Hessian trace (final) |\n|---|---|---|")
     for name, last in finals.items():
-      lam = _fmt_seeds([r["sharpness_lambda_max"] for r in last], 1, digits=1)
+      lam = _fmt_seeds([r["sharpness_lambda_max"] for r in last], 1, digits=2)
       trace = _fmt_seeds([r["sharpness_trace"] for r in last], 1, digits=1)
       shown = f"{name} ({len(last)})" if args.mean else name
       print(f"| {shown} | {lam} | {trace} |")

@@ -206,12 +206,6 @@ def test_saner_names_the_transform_after_its_module_is_imported():
   assert _loaded_by(code) == ["jax"]
 
 
-def test_the_help_lists_exactly_the_models_there_are():
-  from saner_jax.train import config, models
-
-  assert tuple(models.MODELS) == config.MODEL_NAMES
-
-
 def test_the_lazy_packages_export_exactly_what_they_load():
   import saner_jax
   import saner_jax.cpu_conv

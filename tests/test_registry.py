@@ -1,4 +1,4 @@
-"""The toolkit's extension points: a perturbation, a pipeline and a noise mode added through their registries alone.
+"""The toolkit's extension points: a perturbation, a pipeline, a noise mode, a model and a dataset added through their registries alone.
 
 Each toy is checked against the built-in it reduces to, so the test pins
 that the registry entry, not a hard-wired list, drives the config, the
@@ -7,6 +7,7 @@ optimizer, the trainer and the reports.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -16,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from saner_jax.train import cli, loop, noise, registry, reporting
+from saner_jax.train import cli, data, loop, models, noise, registry, reporting
 from saner_jax.train import config as config_lib
 from saner_jax.train.config import ConfigError, TrainConfig, fail
 from saner_jax.train.engine import supervised
@@ -167,6 +168,60 @@ def test_a_toy_noise_mode_trains_through_its_entry_alone(toy_noise_mode, idx_dir
   assert runs["next_class"]["noisy_memorised"] is not None
 
 
+def _tiny_mlp(num_classes, dtype=jnp.float32, conv_general_dilated=None):
+  """A one-hidden-layer network with BatchNorm: the smallest model the trainer takes."""
+  from flax import linen as nn
+
+  class TinyMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      x = nn.Dense(8, dtype=dtype)(x.reshape(x.shape[0], -1))
+      x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+      return nn.Dense(num_classes, dtype=dtype)(x).astype(jnp.float32)
+
+  return TinyMLP()
+
+
+@pytest.fixture
+def toy_model():
+  entry = registry.register_model(registry.Model("tiny_mlp", build=_tiny_mlp))
+  yield entry
+  registry.unregister("model", entry.name)
+
+
+def test_a_toy_model_trains_through_its_entry_alone(toy_model, idx_dir, tmp_path):
+  assert "tiny_mlp" in config_lib.choices("model") and "tiny_mlp" in models.MODELS
+  cfg = TrainConfig(data_dir=str(idx_dir), out_dir=str(tmp_path), **{**ONE_EPOCH, "model": "tiny_mlp"})
+  loop.train(cfg.validate())
+  (last,) = _metrics(tmp_path)
+  assert last["epoch"] == 1 and 0.0 <= last["test_acc"] <= 1.0
+  # Its parameters, not a built-in's: 784 * 8 + 8 Dense, 2 * 8 BatchNorm, 8 * 10 + 10 Dense.
+  params, stats = models.init_model(models.create_model("tiny_mlp", 10), jax.random.key(0), (28, 28, 1))
+  assert sum(x.size for x in jax.tree.leaves(params)) == 784 * 8 + 8 + 16 + 90
+  assert sum(x.size for x in jax.tree.leaves(stats)) == 16
+  with pytest.raises(ConfigError, match=r"^--model_width: "):
+    TrainConfig(model_width=2.0, data_dir=str(idx_dir), **{**ONE_EPOCH, "model": "tiny_mlp"}).validate()
+
+
+@pytest.fixture
+def toy_dataset():
+  spec = registry.register_dataset(dataclasses.replace(data.DATASETS["fashion_mnist"], name="my_fashion"))
+  yield spec
+  registry.unregister("dataset", spec.name)
+
+
+def test_a_toy_dataset_trains_through_its_entry_alone(toy_dataset, idx_dir, tmp_path):
+  assert "my_fashion" in config_lib.choices("dataset") and data.DATASETS["my_fashion"] is toy_dataset
+  runs = {}
+  for name in ("my_fashion", "fashion_mnist"):
+    cfg = TrainConfig(dataset=name, noise_rate=0.4, data_dir=str(idx_dir), out_dir=str(tmp_path / name), **ONE_EPOCH)
+    loop.train(cfg.validate())
+    runs[name] = _metrics(tmp_path / name)[-1]
+  # The same spec under another name reads the same files, draws the same noise and trains the same run.
+  for key in COMPARED:
+    assert runs["my_fashion"][key] == runs["fashion_mnist"][key], key
+
+
 def test_a_name_is_registered_once():
   with pytest.raises(ValueError, match="perturbation 'sam' is already registered"):
     registry.register_perturbation(registry.Perturbation("sam", build=_zero_ascent))
@@ -177,6 +232,10 @@ def test_a_name_is_registered_once():
   for name in ("symmetric", "real", "none"):
     with pytest.raises(ValueError, match=f"noise mode '{name}' is already registered"):
       registry.register_noise_mode(registry.NoiseMode(name, _next_class))
+  with pytest.raises(ValueError, match="model 'resnet8' is already registered"):
+    registry.register_model(registry.Model("resnet8", build=_tiny_mlp))
+  with pytest.raises(ValueError, match="dataset 'mnist' is already registered"):
+    registry.register_dataset(data.DATASETS["mnist"])
 
 
 def test_an_entrys_fields_may_be_set_only_with_it():
@@ -190,7 +249,7 @@ def test_an_entrys_fields_may_be_set_only_with_it():
 def test_the_docs_example_registers_a_working_perturbation():
   """docs/training.md's example, up to its training line: sign_sam's ascent has length rho."""
   text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
-  section = text.split("## Adding a perturbation, a pipeline or a noise mode")[1]
+  section = text.split("## Adding a perturbation, a pipeline, a noise mode, a model or a dataset")[1]
   code = section.split("```python\n")[1].split("```")[0]
   assert 'train(TrainConfig(optimizer="sign_sam"' in code
   exec(code.split("\ntrain(")[0], {})  # the docs' own example

@@ -39,23 +39,6 @@ SAM_POLICY_FIELDS = {"sam_every": "every", "sam_prob": "random", "sam_c": "adapt
 SANER_PARAMS = ("all", "head")
 BN_STATS = ("clean", "perturbed")
 DTYPES = ("float32", "bfloat16")
-# The names of saner_jax.train.models.MODELS, which tests/test_layout.py keeps equal:
-# listed here so that --help names them without loading flax.
-MODEL_NAMES = (
-  "resnet8",
-  "resnet20",
-  "resnet18",
-  "resnet34",
-  "resnet50",
-  "preact_resnet18",
-  "wrn28_10",
-  "wrn40_2",
-  "densenet121",
-  "densenet121_imagenet",
-  "resnet18_imagenet",
-  "resnet50_imagenet",
-  "inception_resnet_v2",
-)
 LOGGER_MODES = ("auto", "true", "false")
 PRESET_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
@@ -110,7 +93,9 @@ def _registered(kind: str) -> Callable[[], Iterable[str]]:
     if kind == "perturbations":
       # "saner" alone is shorthand for SAM with SANER on, the paper's default.
       return (*registry.perturbations(), "saner")
-    return ("none", *registry.pipelines())  # none: plain training
+    if kind == "pipelines":
+      return ("none", *registry.pipelines())  # none: plain training
+    return registry.models() if kind == "models" else registry.datasets()
 
   return names
 
@@ -124,7 +109,7 @@ class TrainConfig:
   ``choices`` (a callable, so the toolkit modules that own them load late).
   """
 
-  dataset: str = _field("fashion_mnist", "data", "the dataset", _owned("data", "DATASETS"))
+  dataset: str = _field("fashion_mnist", "data", "the dataset", _registered("datasets"))
   data_dir: str | None = _field(
     None,
     "data",
@@ -170,7 +155,7 @@ class TrainConfig:
   noise_rate: float = _field(0.4, "noise", "the share of training labels corrupted; unused with real noise")
   noise_label_key: str = _field("worse_label", "noise", "CIFAR-N's human label set, for --noise_mode real")
   augment: bool = _field(True, "data", "random crops and flips of the training images")
-  model: str = _field("resnet18", "model", "the network", MODEL_NAMES)
+  model: str = _field("resnet18", "model", "the network", _registered("models"))
   model_width: float = _field(
     1.0,
     "model",

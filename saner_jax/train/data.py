@@ -27,6 +27,8 @@ from typing import Literal
 
 import numpy as np
 
+from saner_jax.train import registry
+
 _log = logging.getLogger(__name__)
 
 Split = Literal["train", "test"]
@@ -175,9 +177,8 @@ def _cifar_n_manual(tfds_name: str, size: int, short: str) -> str:
   )
 
 
-DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType({
-    spec.name: spec
-    for spec in (
+# The built-in datasets; one's own is one registry.register_dataset(DatasetSpec(...)) call.
+_BUILT_IN = (
         DatasetSpec(
             name="cifar10", tfds_name="cifar10", num_classes=10,
             image_shape=(32, 32, 3), flip=True, crop_padding=4,
@@ -275,8 +276,12 @@ DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType({
             class_names=tuple(f"class{c:03d}" for c in range(200)),
             sizes={"train": 100_000, "test": 10_000}, layout="tiny_imagenet",
         ),
-    )
-})  # fmt: skip
+)  # fmt: skip
+for _spec in _BUILT_IN:
+  registry.register_dataset(_spec)
+
+DATASETS: Mapping[str, DatasetSpec] = registry.View("dataset")
+"""Dataset name -> :class:`DatasetSpec`: a live view of :func:`saner_jax.train.registry.datasets`."""
 
 
 def get_spec(name: str) -> DatasetSpec:

@@ -18,7 +18,8 @@ BatchNorm running statistics live in their own ``batch_stats`` collection, so
 a sharpness-aware step keeps the clean pass's ``updates`` and drops the
 perturbed pass's: nothing is mutated in place.
 
-The registry, :data:`MODELS` (parameter counts for 10 classes, 3 channels;
+The built-in entries of :data:`MODELS` (registered in
+:mod:`saner_jax.train.model_entries`; parameter counts for 10 classes, 3 channels;
 PyTorch's convention: BatchNorm scales and biases are parameters, running
 statistics are not):
 
@@ -80,7 +81,6 @@ from __future__ import annotations
 
 import functools
 import math
-import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -88,6 +88,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+
+from saner_jax.train import registry
 
 ModuleDef = Any
 ConvFn = Callable[..., jax.Array]
@@ -418,7 +420,7 @@ class PreActResNet(_Network):
     return self._head(x)
 
 
-def _wide_resnet(depth: int, widen_factor: int, **kwargs) -> PreActResNet:
+def wide_resnet(depth: int, widen_factor: int, **kwargs: Any) -> PreActResNet:
   """WideResNet-depth-k: (depth - 4) / 6 blocks per stage, widths 16k, 32k, 64k."""
   return PreActResNet(
     stem_width=16,
@@ -737,48 +739,71 @@ class InceptionResNetV2(_Network):
 
 # He et al.'s CIFAR ResNets as in resnetv2.py: option-A shortcuts and
 # kaiming_normal_ (fan_in) for convolutions and the classifier alike.
-_CIFAR_RESNET = functools.partial(
-  ResNet,
-  stage_widths=(16, 32, 64),
-  shortcut="pad",
-  conv_init=HE_FAN_IN,
-  dense_init=HE_FAN_IN,
-)
 _WIDTHS_64_512 = (64, 128, 256, 512)
 
-# torchvision's ImageNet ResNets (resnet18, resnet50; the authors'
-# resnet18_webvision and resnet50_webvision): kaiming_normal_(mode="fan_out")
-# convolutions, BatchNorm scales 1, PyTorch's default Linear kernel.
-_IMAGENET_RESNET = functools.partial(ResNet, stage_widths=_WIDTHS_64_512, stem="imagenet")
-DENSENET121_BLOCKS = (6, 12, 24, 16)
 
-MODELS: Mapping[str, Callable[..., nn.Module]] = types.MappingProxyType(
-  {
-    "resnet8": functools.partial(_CIFAR_RESNET, stage_sizes=(1, 1, 1)),
-    "resnet20": functools.partial(_CIFAR_RESNET, stage_sizes=(3, 3, 3)),
-    # resnet.py: projection shortcuts, kaiming_normal_(mode="fan_out")
-    # convolutions and PyTorch's default Linear kernel: ResNet's defaults.
-    "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), stage_widths=_WIDTHS_64_512),
-    "resnet34": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), stage_widths=_WIDTHS_64_512),
-    "resnet50": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), stage_widths=_WIDTHS_64_512, block="bottleneck"),
-    "preact_resnet18": functools.partial(
-      PreActResNet, stem_width=64, stage_sizes=(2, 2, 2, 2), stage_widths=_WIDTHS_64_512
-    ),
-    "wrn28_10": functools.partial(_wide_resnet, 28, 10),
-    "wrn40_2": functools.partial(_wide_resnet, 40, 2),
-    # densenet.py: a 3x3 stem without BatchNorm, transitions without ReLU,
-    # PyTorch's default initialisation everywhere: DenseNet's defaults.
-    "densenet121": functools.partial(DenseNet, stage_sizes=DENSENET121_BLOCKS),
-    # torchvision's densenet121: kaiming_normal_ (fan_in) convolutions.
-    "densenet121_imagenet": functools.partial(
-      DenseNet, stage_sizes=DENSENET121_BLOCKS, stem="imagenet", transition_relu=True, conv_init=HE_FAN_IN
-    ),
-    "resnet18_imagenet": functools.partial(_IMAGENET_RESNET, stage_sizes=(2, 2, 2, 2)),
-    "resnet50_imagenet": functools.partial(_IMAGENET_RESNET, stage_sizes=(3, 4, 6, 3), block="bottleneck"),
-    "inception_resnet_v2": InceptionResNetV2,
-  }
-)
-"""Model name -> factory taking ``num_classes``, ``dtype`` and ``conv_general_dilated``."""
+# The families the --model entries of saner_jax.train.model_entries build from.
+def cifar_resnet(stage_sizes: Sequence[int], **kwargs: Any) -> ResNet:
+  """He et al.'s CIFAR ResNet (6n+2 layers): widths 16, 32, 64, zero-padded shortcuts.
+
+  The authors' ``resnetv2.py``: kaiming_normal_ (fan_in) convolutions and Dense kernel.
+  """
+  return ResNet(
+    stage_sizes=tuple(stage_sizes),
+    stage_widths=(16, 32, 64),
+    shortcut="pad",
+    conv_init=HE_FAN_IN,
+    dense_init=HE_FAN_IN,
+    **kwargs,
+  )
+
+
+def resnet(stage_sizes: Sequence[int], **kwargs: Any) -> ResNet:
+  """The authors' CIFAR ``resnet.py`` (3x3 stem, no max-pool): widths 64 to 512.
+
+  Projection shortcuts, kaiming_normal_(mode="fan_out") convolutions and
+  PyTorch's default Linear kernel: :class:`ResNet`'s defaults.
+  """
+  return ResNet(stage_sizes=tuple(stage_sizes), stage_widths=_WIDTHS_64_512, **kwargs)
+
+
+def imagenet_resnet(stage_sizes: Sequence[int], **kwargs: Any) -> ResNet:
+  """torchvision's ImageNet ResNet (7x7 stem and max-pool; the authors' ``resnet*_webvision``).
+
+  kaiming_normal_(mode="fan_out") convolutions, BatchNorm scales 1, PyTorch's default Linear kernel.
+  """
+  return ResNet(stage_sizes=tuple(stage_sizes), stage_widths=_WIDTHS_64_512, stem="imagenet", **kwargs)
+
+
+def preact_resnet(stage_sizes: Sequence[int], **kwargs: Any) -> PreActResNet:
+  """He et al.'s (2016) pre-activation ResNet, widths 64 to 512, initialised like :func:`resnet`."""
+  return PreActResNet(stem_width=64, stage_sizes=tuple(stage_sizes), stage_widths=_WIDTHS_64_512, **kwargs)
+
+
+def densenet(stage_sizes: Sequence[int], *, imagenet: bool = False, **kwargs: Any) -> DenseNet:
+  """DenseNet-BC: the authors' CIFAR ``densenet.py``, or torchvision's with ``imagenet``.
+
+  The CIFAR form has a 3x3 stem without BatchNorm, transitions without ReLU
+  and PyTorch's default initialisation everywhere (:class:`DenseNet`'s
+  defaults); torchvision's has the ImageNet stem, ReLU in the transitions
+  and kaiming_normal_ (fan_in) convolutions.
+  """
+  if imagenet:
+    kwargs = dict(stem="imagenet", transition_relu=True, conv_init=HE_FAN_IN, **kwargs)
+  return DenseNet(stage_sizes=tuple(stage_sizes), **kwargs)
+
+
+def inception_resnet_v2(**kwargs: Any) -> InceptionResNetV2:
+  """Inception-ResNet-v2, the authors' port (timm's)."""
+  return InceptionResNetV2(**kwargs)
+
+
+MODELS: Mapping[str, Callable[..., nn.Module]] = registry.View("model", lambda entry: entry.build)
+"""Model name -> builder taking ``num_classes``, ``dtype`` and ``conv_general_dilated``.
+
+A live view of :func:`saner_jax.train.registry.models`: a model registered
+with :func:`saner_jax.train.registry.register_model` shows up here and in
+``--model``."""
 
 
 def width_models() -> tuple[str, ...]:
@@ -859,7 +884,7 @@ def check_input(name: str, input_shape: Sequence[int]) -> None:
       names the model and the shape.
   """
   model = create_model(name, 1)
-  _check_shape(f"model {name!r}", input_shape, model.min_input_size)
+  _check_shape(f"model {name!r}", input_shape, getattr(model, "min_input_size", 1))
 
 
 def init_model(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> tuple[Any, Any]:
@@ -877,7 +902,7 @@ def init_model(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> 
   Raises:
     ValueError: the model cannot take images of ``input_shape``.
   """
-  _check_shape(type(model).__name__, input_shape, model.min_input_size)
+  _check_shape(type(model).__name__, input_shape, getattr(model, "min_input_size", 1))
   dummy = jnp.zeros((1, *tuple(input_shape)[-3:]), jnp.float32)
   init = jax.jit(functools.partial(model.init, train=False)).lower(rng, dummy)
   # It runs once: on the CPU, LLVM's optimisation of its random-number kernels

@@ -1,4 +1,4 @@
-"""The toolkit's extension points: registries of perturbations, noise-robust pipelines and noise modes.
+"""The toolkit's extension points: registries of perturbations, pipelines, noise modes, models and datasets.
 
 An entry owns everything the trainer knows about it: how to build it, the
 config fields only it reads (which may then be set only with it), the checks
@@ -15,15 +15,16 @@ Adding one is one call, in your own code or next to a built-in's::
   )
   # python -m saner_jax.train --optimizer my_sam --saner true ...
 
-Reading a registry loads no JAX: builders and recipes are called only when a
-run is built.
+Reading a registry loads no flax: builders and recipes are called only when a
+run is built. ``data.DATASETS`` and ``models.MODELS`` are live, read-only
+views of the dataset and model registries.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -113,14 +114,44 @@ class NoiseMode:
   check: Callable[[TrainConfig, DatasetSpec], None] | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A network, ``--model NAME``.
+
+  Attributes:
+    name: the ``--model`` value.
+    build: ``build(num_classes=, dtype=, conv_general_dilated=)`` returning a flax linen module
+      applied as ``model.apply(variables, images, train=...)`` to NHWC images, with its BatchNorm
+      statistics in the ``batch_stats`` collection, every convolution through
+      ``conv_general_dilated`` (None: XLA's), computing in ``dtype`` and returning float32
+      logits. A ``min_input_size`` attribute on the module, where it has one, is the smallest
+      image side it takes. Called only when a run is built: a builder that imports flax inside
+      keeps ``--help`` and reading a config free of it.
+  """
+
+  name: str
+  build: Callable[..., Any]
+
+
 _PERTURBATIONS: dict[str, Perturbation] = {}
 _PIPELINES: dict[str, Pipeline] = {}
 _NOISE_MODES: dict[str, NoiseMode] = {}
+_MODELS: dict[str, Model] = {}
+_DATASETS: dict[str, DatasetSpec] = {}
+_TABLES: dict[str, dict[str, Any]] = {
+  "perturbation": _PERTURBATIONS,
+  "pipeline": _PIPELINES,
+  "noise_mode": _NOISE_MODES,
+  "model": _MODELS,
+  "dataset": _DATASETS,
+}
 # The module whose import registers each kind's built-in entries; each is loaded on its kind's first use.
 _BUILT_IN = {
   "perturbation": "saner_jax.train.optimizers",
   "pipeline": "saner_jax.train.pipelines",
   "noise_mode": "saner_jax.train.noise",
+  "model": "saner_jax.train.model_entries",
+  "dataset": "saner_jax.train.data",
 }
 
 
@@ -155,14 +186,29 @@ def register_noise_mode(entry: NoiseMode, *, replace: bool = False) -> NoiseMode
   return entry
 
 
+def register_model(entry: Model, *, replace: bool = False) -> Model:
+  """Adds ``entry`` under ``--model entry.name``; returns it."""
+  _load_built_ins("model")
+  _register(_MODELS, entry, "model", (), replace)
+  return entry
+
+
+def register_dataset(spec: DatasetSpec, *, replace: bool = False) -> DatasetSpec:
+  """Adds a dataset under ``--dataset spec.name``; returns it.
+
+  The spec says where the examples come from (a TFDS name, IDX files or a
+  folder layout), their classes, image shape, normalisation and
+  augmentation (:class:`saner_jax.train.data.DatasetSpec`).
+  """
+  _load_built_ins("dataset")
+  _register(_DATASETS, spec, "dataset", (), replace)
+  return spec
+
+
 def unregister(kind: str, name: str) -> None:
-  """Removes an entry registered earlier (a test's or a notebook's); ``kind``: perturbation, pipeline or noise_mode."""
-  registries: dict[str, dict[str, Any]] = {
-    "perturbation": _PERTURBATIONS,
-    "pipeline": _PIPELINES,
-    "noise_mode": _NOISE_MODES,
-  }
-  registries[kind].pop(name, None)
+  """Removes an entry registered earlier (a test's or a notebook's); ``kind``: one of perturbation,
+  pipeline, noise_mode, model or dataset."""
+  _TABLES[kind].pop(name, None)
 
 
 _loaded: set[str] = set()
@@ -190,6 +236,45 @@ def noise_modes() -> dict[str, NoiseMode]:
   """Every registered synthetic noise mode by name, the built-ins first (not ``none`` nor ``real``)."""
   _load_built_ins("noise_mode")
   return dict(_NOISE_MODES)
+
+
+def models() -> dict[str, Model]:
+  """Every registered model by name, the built-ins first."""
+  _load_built_ins("model")
+  return dict(_MODELS)
+
+
+def datasets() -> dict[str, DatasetSpec]:
+  """Every registered dataset by name, the built-ins first."""
+  _load_built_ins("dataset")
+  return dict(_DATASETS)
+
+
+class View(Mapping[str, Any]):
+  """A live, read-only mapping over one registry: entries added later show up in it.
+
+  ``value`` turns an entry into what the mapping holds (``models.MODELS``
+  holds the builders).
+  """
+
+  def __init__(self, kind: str, value: Callable[[Any], Any] = lambda entry: entry) -> None:
+    self._kind, self._value = kind, value
+
+  def _table(self) -> dict[str, Any]:
+    _load_built_ins(self._kind)
+    return _TABLES[self._kind]
+
+  def __getitem__(self, name: str) -> Any:
+    return self._value(self._table()[name])
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(list(self._table()))
+
+  def __len__(self) -> int:
+    return len(self._table())
+
+  def __repr__(self) -> str:
+    return f"<registry view of the {self._kind}s: {', '.join(self._table())}>"
 
 
 def owned_fields(kind: str) -> dict[str, tuple[str, ...]]:
