@@ -75,7 +75,11 @@ def idx_dir(tmp_path_factory) -> pathlib.Path:
   Trainer tests pass it as ``data_dir``, so no TFDS copy or Debian package on
   the machine can stand in for it.
   """
-  directory = tmp_path_factory.mktemp("idx")
+  return write_banded_idx(tmp_path_factory.mktemp("idx"))
+
+
+def write_banded_idx(directory: pathlib.Path) -> pathlib.Path:
+  """The files of :func:`idx_dir`, written into ``directory``: the same bytes on every machine."""
   rng = np.random.default_rng(0)
   for prefix, n in (("train", 256), ("t10k", 64)):
     labels = rng.integers(0, 10, n)

@@ -661,3 +661,48 @@ def test_the_reliability_probe_holds_every_case():
   last = proc.stdout.strip().splitlines()[-1]
   match = re.fullmatch(r"(\d+) cases, (\d+) hold", last)
   assert match and match[1] == match[2] and proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_run_directory_of_the_previous_release_resumes(tmp_path, idx_dir, monkeypatch, capsys):
+  """tests/data/run_0.2.0 was written by saner_jax 0.2.0 and killed after epoch 1 of 4
+  (tests/data/make_release_run.py): today's trainer continues it from its checkpoint."""
+  data = pathlib.Path(__file__).resolve().parent / "data"
+  sys.path.insert(0, str(data))
+  try:
+    from make_release_run import FLAGS
+  finally:
+    sys.path.remove(str(data))
+  run = shutil.copytree(data / "run_0.2.0", tmp_path / "run")
+  logged = (run / "metrics.jsonl").read_text()
+  monkeypatch.setenv("SANER_JAX_FASHION_MNIST_DIR", str(idx_dir))  # the same bytes the run was made from
+  assert cli.main([*FLAGS, "--out_dir", str(run), "--resume"]) == 0
+  lines = (run / "metrics.jsonl").read_text().splitlines()
+  # Continued, not restarted: epoch 1 is 0.2.0's own record, and epochs 2-4 follow it once each.
+  assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+  assert lines[0] == logged.splitlines()[0]
+  assert "resumed" in capsys.readouterr().out.lower()
+  assert json.loads(RunDir(run).summary.read_text())["last_test_acc"] is not None
+
+
+def test_an_older_state_is_placed_by_path_and_nothing_else_is():
+  from typing import NamedTuple
+
+  import jax.numpy as jnp
+  import numpy as np
+
+  from saner_jax.train import checkpointing
+
+  class State(NamedTuple):  # today's: a field added since, None in this run
+    count: object
+    mask: object
+    trace: object
+
+  like = {"opt": State(jnp.zeros((), jnp.int32), None, jnp.zeros(3))}
+  saved = {"opt": {"trace": np.arange(3.0, dtype=np.float32), "count": np.int32(7)}}  # orbax's dict, keys sorted
+  placed = checkpointing._by_path(saved, like)
+  assert isinstance(placed["opt"], State) and placed["opt"].mask is None
+  assert int(placed["opt"].count) == 7 and placed["opt"].trace.tolist() == [0.0, 1.0, 2.0]
+  with pytest.raises(checkpointing._Unusable, match="holds arrays today's has not: opt/extra"):
+    checkpointing._by_path({"opt": {**saved["opt"], "extra": np.zeros(1)}}, like)
+  with pytest.raises(checkpointing._Unusable, match=r"no array like \['opt'\]\.trace of today's"):
+    checkpointing._by_path({"opt": {**saved["opt"], "trace": np.zeros(4, np.float32)}}, like)

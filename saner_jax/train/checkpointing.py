@@ -6,7 +6,10 @@ two networks, corrected labels); ``meta``, the run's :class:`Progress` as
 JSON; ``digest``, a SHA-256 of both; and ``config``, the run's resolved
 config with its own SHA-256, the run's identity (:func:`stored_config`): a
 resume compares against it, never against the editable ``config.yaml``.
-Checkpoints of earlier releases have no ``config`` and still restore. The progress carries the whole
+Checkpoints of earlier releases have no ``config`` and still restore, as do
+states saved before a field was added to one of today's NamedTuples that
+is None in the run (0.2.0's SANER state had no ``mask``): their arrays are
+matched to today's state by their tree paths. The progress carries the whole
 metrics history, so a resumed run rewrites complete, unduplicated logs from
 the checkpoint alone. Checkpoints are numbered by epoch; the latest two are
 kept.
@@ -281,6 +284,38 @@ class _Unusable(Exception):
   """A checkpoint that cannot be read or fails its digest; the message says why."""
 
 
+def _key_name(key: Any) -> str:
+  """A tree-path entry as orbax names it on disk: a field or dict key by name, a sequence index by number."""
+  for attribute in ("name", "key", "idx"):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def _by_path(saved: Any, like: Any) -> Any:
+  """``saved`` (a state restored without a target, NamedTuples as dicts) in ``like``'s structure.
+
+  Every array of ``like`` must be in ``saved`` under the same path, shape and
+  dtype, and ``saved`` may hold no other array: only fields that are None
+  today (and so hold no array) may be missing from an older checkpoint.
+  """
+  found = {
+    tuple(_key_name(k) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]
+  }
+  paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+  leaves = []
+  for path, target in paths:
+    name = tuple(_key_name(k) for k in path)
+    leaf = found.pop(name, None)
+    if leaf is None or np.shape(leaf) != np.shape(target) or np.dtype(leaf.dtype) != np.dtype(target.dtype):
+      raise _Unusable(f"its state has no array like {jax.tree_util.keystr(path)} of today's")
+    sharding = getattr(target, "sharding", None)
+    leaves.append(jax.device_put(leaf, sharding) if sharding is not None else jnp.asarray(leaf))
+  if found:
+    raise _Unusable(f"its state holds arrays today's has not: {', '.join('/'.join(k) for k in sorted(found)[:3])}")
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 def _restore_verified(
   checkpoints: ocp.CheckpointManager, epoch: int, like: Any, iterator: Any = None
 ) -> tuple[Any, Progress]:
@@ -294,17 +329,27 @@ def _restore_verified(
     if not (pathlib.Path(checkpoints.directory) / str(epoch) / "input").is_dir():
       raise _Unusable("it holds no input-pipeline position (saved by the on-device input path?)")
     items["input"] = _grain_args(iterator, save=False)
+  extra = {"digest": ocp.args.JsonRestore()} if verified else {}
   try:
-    restored = checkpoints.restore(
-      epoch, args=ocp.args.Composite(**items, **({"digest": ocp.args.JsonRestore()} if verified else {}))
-    )
+    restored = checkpoints.restore(epoch, args=ocp.args.Composite(**items, **extra))
+    state = restored.state
+  except ValueError as e:
+    if "tree structures do not match" not in str(e):
+      raise _Unusable(f"cannot be read: {type(e).__name__}: {_first_sentence(e)}") from e
+    # An earlier release's layout: read the arrays as saved and place them by path.
+    items["state"] = ocp.args.StandardRestore()
+    try:
+      restored = checkpoints.restore(epoch, args=ocp.args.Composite(**items, **extra))
+    except Exception as e:  # as below
+      raise _Unusable(f"cannot be read: {type(e).__name__}: {_first_sentence(e)}") from e
+    state = _by_path(restored.state, like)
   except Exception as e:  # orbax reports damaged files as JSON, TensorStore or plain errors, among others
     raise _Unusable(f"cannot be read: {type(e).__name__}: {_first_sentence(e)}") from e
   meta = restored.meta
   recorded = restored.digest.get("sha256") if verified and isinstance(restored.digest, dict) else None
-  if verified and recorded != digest(restored.state, meta):
+  if verified and recorded != digest(state, meta):
     raise _Unusable("its arrays or progress differ from those saved: digest mismatch")
-  return restored.state, Progress(meta["epoch"], meta["best_test_acc"], meta["wall_time_s"], tuple(meta["history"]))
+  return state, Progress(meta["epoch"], meta["best_test_acc"], meta["wall_time_s"], tuple(meta["history"]))
 
 
 def _move_aside(checkpoints: ocp.CheckpointManager, epoch: int) -> pathlib.Path:

@@ -165,7 +165,9 @@ class MetricsLog:
     if history:
       tmp = self.csv.with_suffix(".csv.tmp")
       with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        # Every key of every record, in order of first appearance: a run resumed from an
+        # earlier release logs keys its first epochs lack (those cells stay empty).
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
         writer.writeheader()
         writer.writerows(history)
       os.replace(tmp, self.csv)
