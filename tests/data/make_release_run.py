@@ -28,18 +28,49 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from conftest import write_banded_idx  # noqa: E402
 
-FLAGS = (
-  "--dataset fashion_mnist --data_source idx --model resnet8 --epochs 4 --batch_size 32 --train_examples 96 "
-  "--test_examples 64 --eval_batch_size 32 --noise_mode symmetric --noise_rate 0.4 --optimizer sam --saner true "
-  "--alpha_warmup_epochs 1 --progress none --seed 3"
-).split()
+FLAGS = [
+  "--dataset",
+  "fashion_mnist",
+  "--data_source",
+  "idx",
+  "--model",
+  "resnet8",
+  "--epochs",
+  "4",
+  "--batch_size",
+  "32",
+  "--train_examples",
+  "96",
+  "--test_examples",
+  "64",
+  "--eval_batch_size",
+  "32",
+  "--noise_mode",
+  "symmetric",
+  "--noise_rate",
+  "0.4",
+  "--optimizer",
+  "sam",
+  "--saner",
+  "true",
+  "--alpha_warmup_epochs",
+  "1",
+  "--progress",
+  "none",
+  "--seed",
+  "3",
+]
 
 
 def main(release_checkout: str) -> int:
   out = HERE / "run_0.2.0"
   shutil.rmtree(out, ignore_errors=True)
   with tempfile.TemporaryDirectory() as idx:
-    env = {**os.environ, "SANER_JAX_FASHION_MNIST_DIR": str(write_banded_idx(pathlib.Path(idx))), "JAX_PLATFORMS": "cpu"}
+    env = {
+      **os.environ,
+      "SANER_JAX_FASHION_MNIST_DIR": str(write_banded_idx(pathlib.Path(idx))),
+      "JAX_PLATFORMS": "cpu",
+    }
     command = [sys.executable, "-m", "saner_jax.train", *FLAGS, "--out_dir", str(out)]
     process = subprocess.Popen(command, cwd=release_checkout, env=env)
     metrics = out / "metrics.jsonl"
