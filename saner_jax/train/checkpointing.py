@@ -299,9 +299,7 @@ def _by_path(saved: Any, like: Any) -> Any:
   dtype, and ``saved`` may hold no other array: only fields that are None
   today (and so hold no array) may be missing from an older checkpoint.
   """
-  found = {
-    tuple(_key_name(k) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]
-  }
+  found = {tuple(_key_name(k) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
   paths, treedef = jax.tree_util.tree_flatten_with_path(like)
   leaves = []
   for path, target in paths:
