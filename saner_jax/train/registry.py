@@ -220,34 +220,35 @@ def _load_built_ins(kind: str) -> None:
     importlib.import_module(_BUILT_IN[kind])
 
 
+def _entries(kind: str) -> dict[str, Any]:
+  """A copy of one registry, its built-ins loaded first."""
+  _load_built_ins(kind)
+  return dict(_TABLES[kind])
+
+
 def perturbations() -> dict[str, Perturbation]:
   """Every registered perturbation by name, the built-ins first."""
-  _load_built_ins("perturbation")
-  return dict(_PERTURBATIONS)
+  return _entries("perturbation")
 
 
 def pipelines() -> dict[str, Pipeline]:
   """Every registered pipeline by name, the built-ins first (``none``, plain training, is not one)."""
-  _load_built_ins("pipeline")
-  return dict(_PIPELINES)
+  return _entries("pipeline")
 
 
 def noise_modes() -> dict[str, NoiseMode]:
   """Every registered synthetic noise mode by name, the built-ins first (not ``none`` nor ``real``)."""
-  _load_built_ins("noise_mode")
-  return dict(_NOISE_MODES)
+  return _entries("noise_mode")
 
 
 def models() -> dict[str, Model]:
   """Every registered model by name, the built-ins first."""
-  _load_built_ins("model")
-  return dict(_MODELS)
+  return _entries("model")
 
 
 def datasets() -> dict[str, DatasetSpec]:
   """Every registered dataset by name, the built-ins first."""
-  _load_built_ins("dataset")
-  return dict(_DATASETS)
+  return _entries("dataset")
 
 
 class View(Mapping[str, Any]):
