@@ -5,8 +5,9 @@ noise setting, model and pipeline trains for one epoch of a tiny batch on
 TFDS mock data; the others are shown to be one of those with another model
 or setting, so their runs would repeat these. Only what must shrink for CI
 is overridden (batch sizes, example counts, epochs, and no checkpoints or
-progress output); the model, dataset, noise and optimizer are the preset's
-own; the pipeline presets alone train a smaller network (see PIPELINE_CI).
+progress output); the dataset, noise and optimizer are the preset's own, and
+so is the model, except where a run pins what does not depend on it (see
+TRAINED and PIPELINE_CI_MODEL), which trains ResNet-8.
 Presets with the same model and class count compile the same train step,
 so JAX's persistent compilation cache, in a temporary directory for this
 module, turns their compiles into one each."""
@@ -119,16 +120,21 @@ def test_cifar100_asymmetric_preset_draws_the_authors_map(mock_tfds):
   assert np.mean(superclass[true[wrong]] != labels[wrong]) > 0.8
 
 
-# Every ResNet-18 preset trains, which covers each dataset and noise setting;
-# of the costlier models (on a 2-core CPU each is a cold compile of 30 s or
-# more, and a WRN-28-10 step takes seconds) one preset each trains, one per
-# class count. The others are their setting's ResNet-18 preset with another
-# model (test_preset_is_its_settings_resnet18_preset_with_another_model), so
+# Every setting's ResNet-18 preset trains, which covers each dataset and
+# noise setting. What a setting pins (its data, labels and noise reaching the
+# run) does not depend on the network, so the settings train ResNet-8, except
+# one per class count, which trains the preset's own ResNet-18. Of the costlier
+# models (on a 2-core CPU each is a cold compile of 30 s or more, and a
+# WRN-28-10 step takes seconds) one preset each trains, one per class count.
+# The others are their setting's ResNet-18 preset with another model
+# (test_preset_is_its_settings_resnet18_preset_with_another_model), so
 # training them would repeat a run above with a model that has run.
+OWN_MODEL = ["paper/cifar10_sym50_resnet18", "paper/cifar100_sym50_resnet18"]
 TRAINED = [p for p in PRESETS if p.endswith("resnet18")] + [
   "paper/cifar10_sym50_resnet34",
   "paper/cifar100_sym50_wrn28_10",
 ]
+CI_MODEL = "resnet8"
 
 
 @pytest.mark.parametrize("preset", [p for p in PRESETS if not p.endswith("resnet18")])
@@ -141,6 +147,8 @@ def test_preset_is_its_settings_resnet18_preset_with_another_model(preset):
 @pytest.mark.parametrize("preset", TRAINED)
 def test_preset_trains_on_mock_data(preset, tmp_path, mock_tfds, monkeypatch):
   values = config_lib.load_yaml(preset)
+  if values["model"] == "resnet18" and preset not in OWN_MODEL:
+    values = {**values, "model": CI_MODEL}
   cfg = config_lib.from_mapping({**values, **CI_SIZES, **CI_OUTPUT, "out_dir": str(tmp_path / "run")})
   create = models.create_model
   built = []
@@ -153,8 +161,8 @@ def test_preset_trains_on_mock_data(preset, tmp_path, mock_tfds, monkeypatch):
   with mock_tfds(num_examples=CI_SIZES["train_examples"]):
     summary = loop.train(cfg)
   # The run trained (built last: validation builds one to check the input
-  # size) the preset's model for its dataset's classes; a preset key the loop
-  # ignored, or a dataset read as another, would build another.
+  # size) the model asked for, for its dataset's classes; a preset key the
+  # loop ignored, or a dataset read as another, would build another.
   assert built[-1] == (values["model"], data.DATASETS[values["dataset"]].num_classes), built
   final = summary["final"]
   assert np.isfinite(final["train_loss"])
@@ -175,7 +183,7 @@ PIPELINE_NAMES = ("bootstrap", "co_teaching", "dividemix", "plc", "joint_optimiz
 # ResNet-18 (test_pipeline_preset_sets_its_pipeline_setting_and_out_dir)
 # trains in the paper presets' runs above, and in each pipeline's
 # two-network step it would be ten more cold compiles of a minute each.
-PIPELINE_CI_MODEL = {"model": "resnet8"}
+PIPELINE_CI_MODEL = {"model": CI_MODEL}
 PIPELINE_CI = {
   "dividemix": {"pipeline_warmup_epochs": 0},
   "plc": {"pipeline_warmup_epochs": 1},

@@ -130,14 +130,21 @@ def init_state(model: nn.Module, optimizer: Optimizer, key: jax.Array, image_sha
   from saner_jax.train import models
 
   params, batch_stats = models.init_model(model, key, image_shape)
-  perturbation_state = optimizer.perturbation.init(params) if optimizer.perturbation else ()
-  return TrainState(
-    step=jnp.zeros([], jnp.int32),
-    params=params,
-    batch_stats=batch_stats,
-    opt_state=optimizer.tx.init(params),
-    perturbation_state=perturbation_state,
-  )
+
+  # One compiled program: op by op, each zeros_like of the optimizer's state
+  # would compile on its own (a dozen programs for ResNet-8). The states are
+  # zeros and copies, so compiling them together changes no value.
+  @jax.jit
+  def assemble(params, batch_stats) -> TrainState:
+    return TrainState(
+      step=jnp.zeros([], jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=optimizer.tx.init(params),
+      perturbation_state=optimizer.perturbation.init(params) if optimizer.perturbation else (),
+    )
+
+  return assemble(params, batch_stats)
 
 
 METRIC_KEYS = (

@@ -73,7 +73,9 @@ def _init_nets(run, optimizer, networks: int, key=None):
   init = lambda k: step_lib.init_state(run.model, optimizer, k, run.data.image_shape)
   if networks == 1:
     return init(key)
-  return jax.tree.map(lambda *xs: jnp.stack(xs), init(key), init(jax.random.fold_in(key, 1)))
+  # Stacked in one compiled program, not one per leaf shape.
+  stack = jax.jit(lambda *nets: jax.tree.map(lambda *xs: jnp.stack(xs), *nets))
+  return stack(init(key), init(jax.random.fold_in(key, 1)))
 
 
 def _train_logits(model, params, batch_stats, images):
@@ -135,7 +137,7 @@ def _epoch(run, step, state, epoch, keys=()):
 def _evaluate(run, networks: int):
   """``evaluate(nets, split) -> accuracy`` of network 0 on ``split``."""
   eval_step = jax.jit(step_lib.make_eval_step(run.model, run.config, run.data.info, mesh=run.mesh))
-  pick = _first if networks == 2 else (lambda tree: tree)
+  pick = jax.jit(_first) if networks == 2 else (lambda tree: tree)  # one program, not two per leaf
   return lambda nets, split: engine.evaluate(run, eval_step, pick(nets.params), pick(nets.batch_stats), split)
 
 
