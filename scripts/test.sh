@@ -12,13 +12,6 @@ bash scripts/ensure_system_packages.sh ||
 SANER_JAX_EXTRAS=dev  # the lint, type and docs tools too
 . scripts/setup_env.sh
 export JAX_PLATFORMS=cpu
-# The suite is compile-bound (tiny models, a few steps each), so XLA's CPU
-# backend skips LLVM's optimisation passes here: the same programs, compiled
-# faster and run slower (on 2 cores, 22% less CPU time for test_analysis.py
-# and test_two_pass.py). SANER_JAX_TEST_XLA_OPT=default tests at XLA's default.
-if [ "${SANER_JAX_TEST_XLA_OPT:-0}" != default ]; then
-  export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_backend_optimization_level=0"
-fi
 step() { echo "== $*" >&2; "$@"; }
 step ruff check .
 step ruff format --check .
