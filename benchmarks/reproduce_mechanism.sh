@@ -77,8 +77,8 @@ case "$stage" in
       run "${base[@]}" --seeds "$seed" --runs sgd sam sam+grA sam+grB saner --log_decomposition true \
         --sharpness_every 30 --sharpness_iterations 20 --hutchinson_samples 10 --out_dir "$val/sym40"
     done
-    python benchmarks/seed_statistics.py "$val/sym40" --pairs sgd:sam sam:saner sam:sam+grA sam:sam+grB \
-      sam+grB:sam+grA | tee "$val/sym40/statistics.md"
+    python benchmarks/seed_statistics.py "$val/sym40" --pairs sgd:sam sam:saner sgd:sam+grA sgd:sam+grB \
+      sam+grB:sam sam+grA:sam+grB | tee "$val/sym40/statistics.md"
     python benchmarks/decomposition_table.py "$val/sym40" --epochs 1 10 20 30 --mean | tee "$val/sym40/decomposition.md"
     for seed in "${seeds[@]}"; do
       run "${base[@]}" --seeds "$seed" --runs saner --out_dir "$val/ablations/preset"
@@ -88,10 +88,11 @@ case "$stage" in
       run "${base[@]}" --seeds "$seed" --runs saner_head --out_dir "$val/ablations/head"
     done
     a="$val/ablations"
+    # Head-only SANER also against SAM (the group runs' SAM: same seeds, flags and revision).
     python benchmarks/seed_statistics.py preset="$a/preset" warmup0="$a/warmup0" warmup8="$a/warmup8" \
-      warmup15="$a/warmup15" warmup22="$a/warmup22" head="$a/head" --pairs preset/saner:warmup0/saner \
-      preset/saner:warmup8/saner preset/saner:warmup15/saner preset/saner:warmup22/saner \
-      preset/saner:head/saner_head | tee "$a/statistics.md" ;;
+      warmup15="$a/warmup15" warmup22="$a/warmup22" head="$a/head" sym40="$val/sym40" \
+      --pairs preset/saner:warmup0/saner preset/saner:warmup8/saner preset/saner:warmup15/saner \
+      preset/saner:warmup22/saner preset/saner:head/saner_head sym40/sam:head/saner_head | tee "$a/statistics.md" ;;
   *) echo "error: unknown stage $stage; use headline, asymmetric, groups, ablations, decomposition, bn_stats or validated" >&2
      exit 2 ;;
 esac
