@@ -219,12 +219,16 @@ def resnet8():
 
 
 # One real forward and backward pass per family, at batch 2: the full
-# CIFAR ResNets, and the large models with fewer blocks (each kind of block
+# CIFAR ResNets (the paper presets' ResNet-18, ResNet-34 and WRN-28-10, whose
+# training runs in test_paper_configs.py use ResNet-8, among them), and the large models with fewer blocks (each kind of block
 # and stem kept) at the smallest size they take, so that compiling stays
 # cheap. The ImageNet stem and the bottleneck block are resnet50_imagenet's.
 FORWARD_BACKWARD = {
   "resnet8": ("resnet8", {}, 32),
   "resnet20": ("resnet20", {}, 32),
+  "resnet18": ("resnet18", {}, 32),
+  "resnet34": ("resnet34", {}, 32),
+  "wrn28_10": ("wrn28_10", {}, 32),
   "resnet50_imagenet_short": ("resnet50_imagenet", {"stage_sizes": (1, 1, 1, 1), "width_factor": 0.25}, 32),
   "densenet121_short": ("densenet121", {"stage_sizes": (2, 1, 1, 1), "growth_rate": 8}, 32),
   "inception_resnet_v2_short": ("inception_resnet_v2", {"block_repeats": (1, 1, 1)}, 75),

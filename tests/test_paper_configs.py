@@ -1,13 +1,13 @@
 """The paper-scale presets in saner_jax/train/configs/paper and pipelines: complete, valid, runnable.
 
 Each preset is checked against the paper's values. One preset per dataset,
-noise setting, model and pipeline trains for one epoch of a tiny batch on
+noise setting and pipeline trains for one epoch of a tiny batch on
 TFDS mock data; the others are shown to be one of those with another model
 or setting, so their runs would repeat these. Only what must shrink for CI
 is overridden (batch sizes, example counts, epochs, and no checkpoints or
 progress output); the dataset, noise and optimizer are the preset's own, and
-so is the model, except where a run pins what does not depend on it (see
-TRAINED and PIPELINE_CI_MODEL), which trains ResNet-8.
+the model is ResNet-8, since what the runs pin does not depend on it (see
+TRAINED and PIPELINE_CI_MODEL); the presets' own models run in test_models.py.
 Presets with the same model and class count compile the same train step,
 so JAX's persistent compilation cache, in a temporary directory for this
 module, turns their compiles into one each."""
@@ -122,18 +122,14 @@ def test_cifar100_asymmetric_preset_draws_the_authors_map(mock_tfds):
 
 # Every setting's ResNet-18 preset trains, which covers each dataset and
 # noise setting. What a setting pins (its data, labels and noise reaching the
-# run) does not depend on the network, so the settings train ResNet-8, except
-# one per class count, which trains the preset's own ResNet-18. Of the costlier
-# models (on a 2-core CPU each is a cold compile of 30 s or more, and a
-# WRN-28-10 step takes seconds) one preset each trains, one per class count.
-# The others are their setting's ResNet-18 preset with another model
+# run, the model the loop asks for) does not depend on the network, so they
+# train ResNet-8. The presets' own networks (ResNet-18, ResNet-34, WRN-28-10)
+# each run a forward and backward pass in test_models.py, where a compile
+# without LLVM's optimisations costs a third of a training run's. The other
+# presets are their setting's ResNet-18 preset with another model
 # (test_preset_is_its_settings_resnet18_preset_with_another_model), so
-# training them would repeat a run above with a model that has run.
-OWN_MODEL = ["paper/cifar10_sym50_resnet18", "paper/cifar100_sym50_resnet18"]
-TRAINED = [p for p in PRESETS if p.endswith("resnet18")] + [
-  "paper/cifar10_sym50_resnet34",
-  "paper/cifar100_sym50_wrn28_10",
-]
+# training them would repeat a run above.
+TRAINED = [p for p in PRESETS if p.endswith("resnet18")]
 CI_MODEL = "resnet8"
 
 
@@ -147,8 +143,7 @@ def test_preset_is_its_settings_resnet18_preset_with_another_model(preset):
 @pytest.mark.parametrize("preset", TRAINED)
 def test_preset_trains_on_mock_data(preset, tmp_path, mock_tfds, monkeypatch):
   values = config_lib.load_yaml(preset)
-  if values["model"] == "resnet18" and preset not in OWN_MODEL:
-    values = {**values, "model": CI_MODEL}
+  values = {**values, "model": CI_MODEL}
   cfg = config_lib.from_mapping({**values, **CI_SIZES, **CI_OUTPUT, "out_dir": str(tmp_path / "run")})
   create = models.create_model
   built = []
@@ -181,8 +176,8 @@ PIPELINE_NAMES = ("bootstrap", "co_teaching", "dividemix", "plc", "joint_optimiz
 # What these runs pin (the pipeline's keys and schedules at work in a run)
 # does not depend on the network, so they train ResNet-8: the presets' own
 # ResNet-18 (test_pipeline_preset_sets_its_pipeline_setting_and_out_dir)
-# trains in the paper presets' runs above, and in each pipeline's
-# two-network step it would be ten more cold compiles of a minute each.
+# runs in test_models.py, and in each pipeline's two-network step it would
+# be ten more cold compiles of a minute each.
 PIPELINE_CI_MODEL = {"model": CI_MODEL}
 PIPELINE_CI = {
   "dividemix": {"pipeline_warmup_epochs": 0},

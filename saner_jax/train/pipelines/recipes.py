@@ -245,7 +245,7 @@ def joint_optimization_recipe(run):
     if epoch == stage1 + 1:  # stage 2 starts from a fresh network and optimizer, on the final soft labels
       fresh = _init_nets(run, optimizers[1], 1, key=jax.random.fold_in(run.keys.init, 2))
       state = state._replace(nets=device_input.place(fresh._replace(step=state.nets.step), run.replicated))
-    state = state._replace(epoch=jnp.asarray(epoch, jnp.int32))
+    state = state._replace(epoch=device_input.place(np.int32(epoch), run.replicated))  # as keep in co_teaching
     state, _, fields = _epoch(run, steps[stage], state, epoch)
     if stage == 0:
       soft = joint_optimization.update_soft_labels(state.history, state.soft_labels, epoch, config.jo_update_start)
@@ -307,7 +307,8 @@ def co_teaching_recipe(run):
   def epoch(state: CoTeachingState, epoch: int):
     rate = co_teaching.forget_rate(epoch, config.forget_rate, config.num_gradual, config.forget_exponent)
     keep = co_teaching.num_remembered(config.batch_size, rate)
-    state = state._replace(keep=jnp.asarray(keep, jnp.int32))
+    # Placed like the state the step returns: an unplaced array would retrace and recompile it.
+    state = state._replace(keep=device_input.place(np.int32(keep), run.replicated))
     state, sums, fields = _epoch(run, step, state, epoch, SELECTION_KEYS)
     fields.update(_optimizer_fields(run.optimizer, int(state.nets.step[0]) - 1))
     return state, {**fields, "forget_rate": rate, **_selection_fields(sums)}
