@@ -9,11 +9,12 @@
 #        smoke  one epoch of each run name on 256 examples, seed 0: checks the names and flags
 #        plot   the figure and the paired table from the finished runs (benchmarks/plot_cheap_sam.py)
 #        tuned  the reduced run this CPU affords: 40% symmetric noise, the tuned comparison's SANER config
-#               (benchmarks/reproduce_tuned.sh) with the policies that cost <= 1.3x SGD (every2, every4,
-#               every4 with mask reuse) and the tuned SGD for twice the epochs, its fresh seeds (default
-#               10-14; SEEDS="10 11" for fewer), then the paired table and the cost figure; SGD,
-#               SAM and full SANER are that comparison's runs, and a rerun of its SANER seed 10 checks
-#               that the revision still gives the identical run, so that pairing with them is sound
+#               (benchmarks/reproduce_tuned.sh) with the policies that cost about 1.3x SGD or less (every2,
+#               every4, every4 with mask reuse, random p 0.5 and adaptive c 0 with and without it) and the
+#               tuned SGD for twice the epochs, its fresh seeds (default 10-14; SEEDS="10 11" for fewer),
+#               then the paired table and the cost figure; SGD, SAM and full SANER are that comparison's
+#               runs, and a rerun of its SANER seed 10 at the checkout's revision must give the identical
+#               run (reruns/), so that pairing with them is sound
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 stage=${1:?give a stage: runs, smoke, plot or tuned}
@@ -50,18 +51,27 @@ case "$stage" in
         --out_dir "$run_dir" "${resume[@]}" "$@"
     }
     saner="$tuned/tune/saner.yaml"
-    train "$saner" saner_rerun 10
+    rerun="reruns/saner_$(git rev-parse --short HEAD)"
+    train "$saner" "$rerun" 10
+    python benchmarks/same_run.py "$tuned/final/saner_seed10" "$dir/${rerun}_seed10"
     for seed in ${SEEDS:-$(seq 10 14)}; do
       train "$saner" saner@every2 "$seed" --sam_policy every --sam_every 2
       train "$saner" saner@every4 "$seed" --sam_policy every --sam_every 4
       train "$saner" saner@every4-reuse "$seed" --sam_policy every --sam_every 4 --saner_reuse_mask true
+      train "$saner" saner@p0.5 "$seed" --sam_policy random --sam_prob 0.5
+      train "$saner" saner@p0.5-reuse "$seed" --sam_policy random --sam_prob 0.5 --saner_reuse_mask true
+      train "$saner" saner@ae0 "$seed" --sam_policy adaptive --sam_c 0
+      train "$saner" saner@ae0-reuse "$seed" --sam_policy adaptive --sam_c 0 --saner_reuse_mask true
       # The tuned SGD for twice the epochs: as many gradient evaluations as SAM's run.
       train "$tuned/tune/sgd.yaml" sgd_2x/sgd "$seed" --epochs 60
     done
     python benchmarks/seed_statistics.py tuned="$tuned/final" cheap="$dir" sgd_2x="$dir/sgd_2x" \
       --pairs tuned/saner:cheap/saner@every2 tuned/saner:cheap/saner@every4 tuned/sgd:cheap/saner@every2 \
       tuned/saner:cheap/saner@every4-reuse tuned/sam:cheap/saner@every2 cheap/saner@every4:cheap/saner@every4-reuse \
-      tuned/saner:sgd_2x/sgd tuned/sgd:sgd_2x/sgd | tee "$dir/statistics.md"
+      tuned/saner:sgd_2x/sgd tuned/sgd:sgd_2x/sgd tuned/saner:cheap/saner@p0.5 tuned/saner:cheap/saner@ae0 \
+      tuned/saner:cheap/saner@p0.5-reuse tuned/saner:cheap/saner@ae0-reuse cheap/saner@p0.5:cheap/saner@p0.5-reuse \
+      cheap/saner@ae0:cheap/saner@ae0-reuse tuned/sam:cheap/saner@ae0-reuse tuned/sgd:cheap/saner@ae0-reuse |
+      tee "$dir/statistics.md"
     python benchmarks/plot_cheap_sam.py "$tuned/final" "$dir" --exclude saner_rerun --sgd_2x "$dir/sgd_2x" \
       --out "$dir" --title "Fashion-MNIST, 40% symmetric noise, ResNet-8, tuned settings" ;;
   plot)

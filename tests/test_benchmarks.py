@@ -130,3 +130,21 @@ def test_the_cost_plot_reads_several_directories_and_counts_passes_by_hand(tmp_p
   _fake_run(clash / "sgd_seed12", [None], [0.5], [0.7], 0.2)
   with pytest.raises(SystemExit, match="sgd are in two of the directories"):
     plot.collect([tuned, clash], None)
+
+
+def test_same_run_ignores_wall_times_and_names_the_first_difference(tmp_path, capsys):
+  same_run = _script("same_run")
+  committed = REPO / "benchmarks" / "results" / "fashion_mnist" / "tuned" / "sym40" / "final" / "saner_seed10"
+  lines = [json.loads(line) for line in (committed / "metrics.jsonl").read_text().splitlines()]
+  rerun, changed = tmp_path / "rerun", tmp_path / "changed"
+  for run_dir, edit in ((rerun, {"epoch_time_s": 1.0, "wall_time_s": 2.0}), (changed, {"cosine": 0.5})):
+    run_dir.mkdir()
+    edited = [{**r, **edit} if r["epoch"] == 7 else r for r in lines]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in edited))
+  assert same_run.main([str(committed), str(rerun)]) == 0
+  assert capsys.readouterr().out == f"same run: {len(lines)} epochs\n"
+  assert same_run.main([str(committed), str(changed)]) == 1
+  assert capsys.readouterr().out.startswith(f"not the same run: epoch 7: cosine is {lines[6]['cosine']!r} against 0.5")
+  (changed / "metrics.jsonl").write_text("{")
+  with pytest.raises(SystemExit, match=r"line 1 is not JSON; the run's log is damaged"):
+    same_run.main([str(committed), str(changed)])
