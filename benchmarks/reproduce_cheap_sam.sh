@@ -9,15 +9,19 @@
 #        smoke  one epoch of each run name on 256 examples, seed 0: checks the names and flags
 #        plot   the figure and the paired table from the finished runs (benchmarks/plot_cheap_sam.py)
 #        tuned  the reduced run this CPU affords: 40% symmetric noise, the tuned comparison's SANER config
-#               (benchmarks/reproduce_tuned.sh) with the policies that cost about 1.3x SGD or less (every2,
-#               every4, every4 with mask reuse, random p 0.5 and adaptive c 0 with and without it) and the
-#               tuned SGD for twice the epochs, its fresh seeds (default 10-14; SEEDS="10 11" for fewer),
-#               then the paired table and the cost figure; SGD, SAM and full SANER are that comparison's
-#               runs, and a rerun of its SANER seed 10 at the checkout's revision must give the identical
-#               run (reruns/), so that pairing with them is sound
+#               (benchmarks/reproduce_tuned.sh) with the policies that cost <= 1.3x SGD (every2, every4,
+#               every4 with mask reuse) and the tuned SGD for twice the epochs, its fresh seeds (default
+#               10-14; SEEDS="10 11" for fewer), then the paired table and the cost figure; SGD, SAM and
+#               full SANER are that comparison's runs, and a rerun of its SANER seed 10 at the checkout's
+#               revision must give the identical run (reruns/), or pairing with them would not be sound
+#        here   the same question made whole on this machine at this revision, for when that rerun
+#               differs (another CPU rounds oneDNN's kernels differently): SGD, SAM and SANER at the tuned
+#               settings and SANER with each policy in POLICIES (default: every2, every4 with mask reuse,
+#               random p 0.5 and adaptive c 0 with and without it), seeds SEEDS (default 10-14), into
+#               OUT_DIR/sym40_<revision>, then the paired table and the cost figure
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-stage=${1:?give a stage: runs, smoke, plot or tuned}
+stage=${1:?give a stage: runs, smoke, plot, tuned or here}
 out=${2:-benchmarks/results/fashion_mnist/cheap_sam}
 # A 500-example validation set held out of the train split (noisy labels, as a practitioner has)
 # selects each run's epoch; the test accuracy reported is that epoch's.
@@ -58,26 +62,58 @@ case "$stage" in
       train "$saner" saner@every2 "$seed" --sam_policy every --sam_every 2
       train "$saner" saner@every4 "$seed" --sam_policy every --sam_every 4
       train "$saner" saner@every4-reuse "$seed" --sam_policy every --sam_every 4 --saner_reuse_mask true
-      train "$saner" saner@p0.5 "$seed" --sam_policy random --sam_prob 0.5
-      train "$saner" saner@p0.5-reuse "$seed" --sam_policy random --sam_prob 0.5 --saner_reuse_mask true
-      train "$saner" saner@ae0 "$seed" --sam_policy adaptive --sam_c 0
-      train "$saner" saner@ae0-reuse "$seed" --sam_policy adaptive --sam_c 0 --saner_reuse_mask true
       # The tuned SGD for twice the epochs: as many gradient evaluations as SAM's run.
       train "$tuned/tune/sgd.yaml" sgd_2x/sgd "$seed" --epochs 60
     done
     python benchmarks/seed_statistics.py tuned="$tuned/final" cheap="$dir" sgd_2x="$dir/sgd_2x" \
       --pairs tuned/saner:cheap/saner@every2 tuned/saner:cheap/saner@every4 tuned/sgd:cheap/saner@every2 \
       tuned/saner:cheap/saner@every4-reuse tuned/sam:cheap/saner@every2 cheap/saner@every4:cheap/saner@every4-reuse \
-      tuned/saner:sgd_2x/sgd tuned/sgd:sgd_2x/sgd tuned/saner:cheap/saner@p0.5 tuned/saner:cheap/saner@ae0 \
-      tuned/saner:cheap/saner@p0.5-reuse tuned/saner:cheap/saner@ae0-reuse cheap/saner@p0.5:cheap/saner@p0.5-reuse \
-      cheap/saner@ae0:cheap/saner@ae0-reuse tuned/sam:cheap/saner@ae0-reuse tuned/sgd:cheap/saner@ae0-reuse |
-      tee "$dir/statistics.md"
+      tuned/saner:sgd_2x/sgd tuned/sgd:sgd_2x/sgd | tee "$dir/statistics.md"
     python benchmarks/plot_cheap_sam.py "$tuned/final" "$dir" --exclude saner_rerun --sgd_2x "$dir/sgd_2x" \
       --out "$dir" --title "Fashion-MNIST, 40% symmetric noise, ResNet-8, tuned settings" ;;
+  here)
+    tuned=benchmarks/results/fashion_mnist/tuned/sym40/tune
+    dir="$out/sym40_$(git rev-parse --short HEAD)"
+    policy_flags() {  # every2, p0.5 or ae0, with an optional -reuse: the trainer's flags
+      local name=${1%-reuse} flags=()
+      case "$name" in
+        every*) flags=(--sam_policy every --sam_every "${name#every}") ;;
+        p*) flags=(--sam_policy random --sam_prob "${name#p}") ;;
+        ae*) flags=(--sam_policy adaptive --sam_c "${name#ae}") ;;
+        *) echo "error: POLICIES: $1 is not everyK, pP or aeC (with an optional -reuse)" >&2; exit 2 ;;
+      esac
+      if [ "$name" != "$1" ]; then flags+=(--saner_reuse_mask true); fi
+      echo "${flags[@]}"
+    }
+    policies=(${POLICIES:-every2 every4-reuse p0.5 p0.5-reuse ae0 ae0-reuse})
+    for policy in "${policies[@]}"; do policy_flags "$policy" >/dev/null; done  # a bad name fails before any run
+    pairs=(sgd:sam sam:saner sgd:saner)
+    for seed in ${SEEDS:-$(seq 10 14)}; do
+      for method in saner sam sgd; do
+        run_dir="$dir/${method}_seed$seed"
+        [ -e "$run_dir/summary.json" ] || python -m saner_jax.train --config "$tuned/$method.yaml" --seed "$seed" \
+          --progress none --out_dir "$run_dir" $([ -e "$run_dir/config.yaml" ] && echo --resume)
+      done
+      for policy in "${policies[@]}"; do
+        run_dir="$dir/saner@${policy}_seed$seed"
+        [ -e "$run_dir/summary.json" ] || python -m saner_jax.train --config "$tuned/saner.yaml" --seed "$seed" \
+          --progress none --out_dir "$run_dir" $(policy_flags "$policy") $([ -e "$run_dir/config.yaml" ] && echo --resume)
+      done
+    done
+    for policy in "${policies[@]}"; do
+      pairs+=("saner:saner@$policy" "sgd:saner@$policy")
+      plain=${policy%-reuse}
+      if [ "$plain" != "$policy" ] && [[ " ${policies[*]} " == *" $plain "* ]]; then
+        pairs+=("saner@$plain:saner@$policy")  # with and without the mask reuse, where both ran
+      fi
+    done
+    python benchmarks/seed_statistics.py "$dir" --pairs $(printf '%s\n' "${pairs[@]}" | sort -u) | tee "$dir/statistics.md"
+    python benchmarks/plot_cheap_sam.py "$dir" --out "$dir" \
+      --title "Fashion-MNIST, 40% symmetric noise, ResNet-8, tuned settings, one machine and revision" ;;
   plot)
     for rate in 40 60; do
       python benchmarks/plot_cheap_sam.py "$out/sym$rate" --sgd_2x "$out/sym$rate/sgd_2x" \
         --title "Fashion-MNIST, $rate% symmetric noise, ResNet-8, 10 seeds"
     done ;;
-  *) echo "error: unknown stage $stage; use runs, smoke, plot or tuned" >&2; exit 2 ;;
+  *) echo "error: unknown stage $stage; use runs, smoke, plot, tuned or here" >&2; exit 2 ;;
 esac
