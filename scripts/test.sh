@@ -17,9 +17,9 @@ step ruff check .
 step ruff format --check .
 step mypy
 step bash scripts/docs.sh
-# The examples in the core's docstrings, and the registry's.
+# The examples in the core's docstrings, and the toolkit's registry, run directory and reporting.
 step python -m pytest -q -p no:xdist --doctest-modules \
-  saner_jax/{perturbations,saner,two_pass,parallel,policies,diagnostics,analysis}.py saner_jax/train/registry.py saner_jax/train/run_dir.py
+  saner_jax/{perturbations,saner,two_pass,parallel,policies,diagnostics,analysis}.py saner_jax/train/{registry,run_dir,reporting}.py
 # Everything runs, the cases marked slow included; pass -m "not slow" for
 # a quicker local run.
 # One worker per core: 2 on a 2-core machine (what CI's 10-minute budget is set

@@ -148,3 +148,14 @@ def test_tensorboard_auto_writes_only_where_installed(monkeypatch, tmp_path):
   with pytest.raises(ConfigError, match=r"--tensorboard: needs"):
     TrainConfig(tensorboard=True).validate()
   assert not (tmp_path / "off" / "tensorboard").exists() and not (tmp_path / "missing" / "tensorboard").exists()
+
+
+def test_the_cpu_isa_keeps_the_vendor_and_the_kernel_choosing_flags_only():
+  from saner_jax.train import reporting
+
+  intel = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 avx512f avx512_fp16 amx_tile sse4_2\n"
+  # The first CPU's block: a second one's flags do not leak in.
+  first = reporting.isa_from_cpuinfo(intel + "\n" + intel.replace("avx512f ", ""))
+  assert first == "GenuineIntel: avx2 avx512f avx512_fp16 amx_tile"
+  assert reporting.isa_from_cpuinfo("vendor_id : AuthenticAMD\nflags : sse2\n") == "AuthenticAMD: "
+  assert reporting.isa_from_cpuinfo("Processor : ARMv7\n") is None

@@ -425,6 +425,7 @@ def test_cpu_conv_trains_like_xla_convolutions(tmp_path, idx_dir, onednn, capsys
     lines[mode] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("convolutions:")]
     assert summary["convolutions"] == ("xla" if mode == "false" else "onednn")
     assert summary["cpu"] == reporting.cpu_model() and summary["cpu"] not in ("", "unknown")
+    assert summary["cpu_isa"] == reporting.cpu_isa()
   assert lines == {
     "false": ["convolutions: XLA's (oneDNN's switched off)"],
     "auto": ["convolutions: oneDNN's (saner_jax.cpu_conv)"],

@@ -367,6 +367,7 @@ def summarise(run: Run, progress: checkpointing.Progress) -> dict[str, Any]:
     "devices": run.mesh.size,
     "convolutions": run.convolutions.path,
     "cpu": reporting.cpu_model(),
+    "cpu_isa": reporting.cpu_isa(),
   }
   if run.primary:
     with checkpointing.refused_writes("the summary", run.out_dir):

@@ -76,6 +76,38 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine() or "unknown"
 
 
+# The /proc/cpuinfo flags by which oneDNN and XLA choose their kernels: two
+# CPUs that differ in one of them round a convolution differently.
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile")
+
+
+def isa_from_cpuinfo(text: str) -> str | None:
+  """``"<vendor_id>: <flags>"``, the kernel-choosing flags of ``KERNEL_FLAGS`` the first CPU has.
+
+  >>> isa_from_cpuinfo("vendor_id : AuthenticAMD\\nflags : fpu sse2 avx2 avx512f")
+  'AuthenticAMD: avx2 avx512f'
+  """
+  first = text.strip().split("\n\n", 1)[0]  # one block per logical CPU; a VM's are alike
+  fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+  if "flags" not in fields:
+    return None
+  flags = set(fields["flags"].split())
+  return f"{fields.get('vendor_id', 'unknown')}: " + " ".join(f for f in KERNEL_FLAGS if f in flags)
+
+
+@functools.cache
+def cpu_isa() -> str | None:
+  """The host CPU's vendor and kernel-choosing instruction sets, recorded with each run (``None`` off Linux).
+
+  A VM may name its CPU only "Intel(R) Xeon(R) Processor"; these flags tell
+  which kernels ran, and so whether two runs can agree to the last bit.
+  """
+  try:
+    return isa_from_cpuinfo(pathlib.Path("/proc/cpuinfo").read_text())
+  except OSError:
+    return None
+
+
 def _replace_text(path: pathlib.Path, text: str) -> None:
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(text)
