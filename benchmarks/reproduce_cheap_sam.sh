@@ -14,11 +14,13 @@
 #               10-14; SEEDS="10 11" for fewer), then the paired table and the cost figure; SGD, SAM and
 #               full SANER are that comparison's runs, and a rerun of its SANER seed 10 at the checkout's
 #               revision must give the identical run (reruns/), or pairing with them would not be sound
-#        here   the same question made whole on this machine at this revision, for when that rerun
-#               differs (another CPU rounds oneDNN's kernels differently): SGD, SAM and SANER at the tuned
+#        here   the question made whole on this machine at this revision, for when that rerun differs
+#               (another CPU rounds oneDNN's kernels differently): SGD, SAM and SANER at the tuned
 #               settings and SANER with each policy in POLICIES (default: every2, every4 with mask reuse,
 #               random p 0.5 and adaptive c 0 with and without it), seeds SEEDS (default 10-14), into
-#               OUT_DIR/sym40_<revision>, then the paired table and the cost figure
+#               OUT_DIR/sym40_<revision>, then the paired table and the cost figure; no SGD for twice
+#               the epochs (the tuned stage has it). Run it from a checkout that stays at one revision
+#               (a git worktree), since the directory is named after it
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 stage=${1:?give a stage: runs, smoke, plot, tuned or here}
@@ -57,7 +59,10 @@ case "$stage" in
     saner="$tuned/tune/saner.yaml"
     rerun="reruns/saner_$(git rev-parse --short HEAD)"
     train "$saner" "$rerun" 10
-    python benchmarks/same_run.py "$tuned/final/saner_seed10" "$dir/${rerun}_seed10"
+    python benchmarks/same_run.py "$tuned/final/saner_seed10" "$dir/${rerun}_seed10" || {
+      echo "error: this machine or revision does not rerun the paired SANER run; use the here stage" >&2
+      exit 1
+    }
     for seed in ${SEEDS:-$(seq 10 14)}; do
       train "$saner" saner@every2 "$seed" --sam_policy every --sam_every 2
       train "$saner" saner@every4 "$seed" --sam_policy every --sam_every 4
@@ -76,11 +81,14 @@ case "$stage" in
     dir="$out/sym40_$(git rev-parse --short HEAD)"
     policy_flags() {  # every2, p0.5 or ae0, with an optional -reuse: the trainer's flags
       local name=${1%-reuse} flags=()
+      if ! [[ $1 =~ ^(every[0-9]+|p[0-9.]+|ae[0-9.]+)(-reuse)?$ ]]; then
+        echo "error: POLICIES: $1 is not everyK, pP or aeC (with an optional -reuse)" >&2
+        exit 2
+      fi
       case "$name" in
         every*) flags=(--sam_policy every --sam_every "${name#every}") ;;
         p*) flags=(--sam_policy random --sam_prob "${name#p}") ;;
         ae*) flags=(--sam_policy adaptive --sam_c "${name#ae}") ;;
-        *) echo "error: POLICIES: $1 is not everyK, pP or aeC (with an optional -reuse)" >&2; exit 2 ;;
       esac
       if [ "$name" != "$1" ]; then flags+=(--saner_reuse_mask true); fi
       echo "${flags[@]}"

@@ -6,7 +6,8 @@ at the later revision reproduces an earlier run exactly; this is that check.
   python benchmarks/same_run.py RUN_DIR RERUN_DIR
 
 Prints "same run: N epochs" and exits 0, or prints the first difference as
-one line and exits 1.
+one line (the earliest epoch; its train loss before the other keys) and
+exits 1.
 """
 
 from __future__ import annotations
@@ -21,22 +22,29 @@ TIME_KEYS = ("epoch_time_s", "wall_time_s")
 
 
 def records(run_dir: pathlib.Path) -> list[dict]:
+  """The epochs ``run_dir`` logged, less their wall times; a run that has not finished is refused."""
+  if not (run_dir / "summary.json").is_file():
+    raise SystemExit(f"error: {run_dir}: no summary.json, so the run has not finished; give a finished run directory")
   path = run_dir / "metrics.jsonl"
   try:
     lines = path.read_text().splitlines()
   except OSError as error:
     raise SystemExit(f"error: {path}: cannot be read ({error.strerror}); give a finished run directory") from None
   try:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIME_KEYS} for line in lines]
+    epochs = [{k: v for k, v in json.loads(line).items() if k not in TIME_KEYS} for line in lines]
   except json.JSONDecodeError as error:
     raise SystemExit(f"error: {path}: line {error.lineno} is not JSON; the run's log is damaged") from None
+  if not epochs:
+    raise SystemExit(f"error: {path}: no epoch logged; give a finished run directory")
+  return epochs
 
 
 def first_difference(a: list[dict], b: list[dict]) -> str | None:
   if len(a) != len(b):
     return f"{len(a)} epochs against {len(b)}"
   for ra, rb in zip(a, b):
-    for key in sorted(set(ra) | set(rb)):
+    # The loss first: it moves before any count does.
+    for key in sorted(set(ra) | set(rb), key=lambda k: (k != "train_loss", k)):
       if ra.get(key) != rb.get(key):
         return f"epoch {ra.get('epoch')}: {key} is {ra.get(key)!r} against {rb.get(key)!r}"
   return None

@@ -22,8 +22,5 @@ step python -m pytest -q -p no:xdist --doctest-modules \
   saner_jax/{perturbations,saner,two_pass,parallel,policies,diagnostics,analysis}.py saner_jax/train/{registry,run_dir,reporting}.py
 # Everything runs, the cases marked slow included; pass -m "not slow" for
 # a quicker local run.
-# One worker per core: 2 on a 2-core machine (what CI's 10-minute budget is set
-# for), up to 8 where there are more cores and about 3 GiB of free memory each.
-workers=$(python -c 'import os; free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-print(max(2, min(len(os.sched_getaffinity(0)), 8, int(free // 3))))')
-step python -m pytest -n "$workers" "$@"
+# One worker per core, 2 to 8 as cores and memory allow (scripts/test_workers.py).
+step python -m pytest -n "$(python scripts/test_workers.py)" "$@"

@@ -137,14 +137,23 @@ def test_same_run_ignores_wall_times_and_names_the_first_difference(tmp_path, ca
   committed = REPO / "benchmarks" / "results" / "fashion_mnist" / "tuned" / "sym40" / "final" / "saner_seed10"
   lines = [json.loads(line) for line in (committed / "metrics.jsonl").read_text().splitlines()]
   rerun, changed = tmp_path / "rerun", tmp_path / "changed"
-  for run_dir, edit in ((rerun, {"epoch_time_s": 1.0, "wall_time_s": 2.0}), (changed, {"cosine": 0.5})):
+  edits = {"epoch_time_s": 1.0, "wall_time_s": 2.0}, {"cosine": 0.5, "train_loss": 9.0}
+  for run_dir, edit in zip((rerun, changed), edits):
     run_dir.mkdir()
-    edited = [{**r, **edit} if r["epoch"] == 7 else r for r in lines]
+    edited = [{**r, **edit} if r["epoch"] >= 7 else r for r in lines]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in edited))
+    (run_dir / "summary.json").write_text("{}")
   assert same_run.main([str(committed), str(rerun)]) == 0
   assert capsys.readouterr().out == f"same run: {len(lines)} epochs\n"
+  # The earliest epoch that differs, its train loss named before the keys sorted ahead of it.
   assert same_run.main([str(committed), str(changed)]) == 1
-  assert capsys.readouterr().out.startswith(f"not the same run: epoch 7: cosine is {lines[6]['cosine']!r} against 0.5")
+  assert capsys.readouterr().out.startswith(f"not the same run: epoch 7: train_loss is {lines[6]['train_loss']!r}")
   (changed / "metrics.jsonl").write_text("{")
   with pytest.raises(SystemExit, match=r"line 1 is not JSON; the run's log is damaged"):
+    same_run.main([str(committed), str(changed)])
+  (changed / "metrics.jsonl").write_text("")
+  with pytest.raises(SystemExit, match=r"no epoch logged"):
+    same_run.main([str(committed), str(changed)])
+  (changed / "summary.json").unlink()
+  with pytest.raises(SystemExit, match=r"no summary.json, so the run has not finished"):
     same_run.main([str(committed), str(changed)])

@@ -157,5 +157,5 @@ def test_the_cpu_isa_keeps_the_vendor_and_the_kernel_choosing_flags_only():
   # The first CPU's block: a second one's flags do not leak in.
   first = reporting.isa_from_cpuinfo(intel + "\n" + intel.replace("avx512f ", ""))
   assert first == "GenuineIntel: avx2 avx512f avx512_fp16 amx_tile"
-  assert reporting.isa_from_cpuinfo("vendor_id : AuthenticAMD\nflags : sse2\n") == "AuthenticAMD: "
+  assert reporting.isa_from_cpuinfo("vendor_id : AuthenticAMD\nflags : sse2\n") == "AuthenticAMD: none"
   assert reporting.isa_from_cpuinfo("Processor : ARMv7\n") is None

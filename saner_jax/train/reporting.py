@@ -76,9 +76,12 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine() or "unknown"
 
 
-# The /proc/cpuinfo flags by which oneDNN and XLA choose their kernels: two
-# CPUs that differ in one of them round a convolution differently.
-KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile")
+# The /proc/cpuinfo flags by which oneDNN and XLA choose their kernels. Runs
+# on two CPUs agree to the last bit only if these agree (and then not
+# surely: XLA also tunes to the microarchitecture).
+KERNEL_FLAGS = (
+  "avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
+)  # fmt: skip
 
 
 def isa_from_cpuinfo(text: str) -> str | None:
@@ -92,12 +95,15 @@ def isa_from_cpuinfo(text: str) -> str | None:
   if "flags" not in fields:
     return None
   flags = set(fields["flags"].split())
-  return f"{fields.get('vendor_id', 'unknown')}: " + " ".join(f for f in KERNEL_FLAGS if f in flags)
+  return f"{fields.get('vendor_id', 'unknown')}: " + (" ".join(f for f in KERNEL_FLAGS if f in flags) or "none")
 
 
 @functools.cache
 def cpu_isa() -> str | None:
-  """The host CPU's vendor and kernel-choosing instruction sets, recorded with each run (``None`` off Linux).
+  """The host CPU's vendor and kernel-choosing instruction sets, recorded with each run.
+
+  ``None`` where ``/proc/cpuinfo`` has no x86 ``flags`` line (off Linux, or
+  on another architecture).
 
   A VM may name its CPU only "Intel(R) Xeon(R) Processor"; these flags tell
   which kernels ran, and so whether two runs can agree to the last bit.
