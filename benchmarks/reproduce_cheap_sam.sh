@@ -30,6 +30,15 @@ out=${2:-benchmarks/results/fashion_mnist/cheap_sam}
 run() { python -m saner_jax.train compare --config fashion_mnist_quick --progress lines --val_examples 500 "$@"; }
 policies=()
 for policy in every2 every4 p0.5 p0.25 ae0 ae1; do policies+=("saner@$policy" "saner@$policy-reuse"); done
+# CONFIG NAME SEED FLAGS...: one run into $dir (set by the stage), resumed if interrupted, skipped if finished.
+train() {
+  local config=$1 name=$2 seed=$3; shift 3
+  local run_dir="$dir/${name}_seed$seed" resume=()
+  [ -e "$run_dir/summary.json" ] && return
+  [ -e "$run_dir/config.yaml" ] && resume=(--resume)
+  python -m saner_jax.train --config "$config" --seed "$seed" --progress none \
+    --out_dir "$run_dir" "${resume[@]}" "$@"
+}
 case "$stage" in
   runs)
     for rate in 0.4 0.6; do
@@ -48,14 +57,6 @@ case "$stage" in
   tuned)
     tuned=benchmarks/results/fashion_mnist/tuned/sym40
     dir="$out/sym40_tuned"
-    train() {  # CONFIG NAME SEED FLAGS...: one run, resumed if interrupted, skipped if finished
-      local config=$1 name=$2 seed=$3; shift 3
-      local run_dir="$dir/${name}_seed$seed" resume=()
-      [ -e "$run_dir/summary.json" ] && return
-      [ -e "$run_dir/config.yaml" ] && resume=(--resume)
-      python -m saner_jax.train --config "$config" --seed "$seed" --progress none \
-        --out_dir "$run_dir" "${resume[@]}" "$@"
-    }
     saner="$tuned/tune/saner.yaml"
     rerun="reruns/saner_$(git rev-parse --short HEAD)"
     train "$saner" "$rerun" 10
@@ -97,16 +98,9 @@ case "$stage" in
     for policy in "${policies[@]}"; do policy_flags "$policy" >/dev/null; done  # a bad name fails before any run
     pairs=(sgd:sam sam:saner sgd:saner)
     for seed in ${SEEDS:-$(seq 10 14)}; do
-      for method in saner sam sgd; do
-        run_dir="$dir/${method}_seed$seed"
-        [ -e "$run_dir/summary.json" ] || python -m saner_jax.train --config "$tuned/$method.yaml" --seed "$seed" \
-          --progress none --out_dir "$run_dir" $([ -e "$run_dir/config.yaml" ] && echo --resume)
-      done
-      for policy in "${policies[@]}"; do
-        run_dir="$dir/saner@${policy}_seed$seed"
-        [ -e "$run_dir/summary.json" ] || python -m saner_jax.train --config "$tuned/saner.yaml" --seed "$seed" \
-          --progress none --out_dir "$run_dir" $(policy_flags "$policy") $([ -e "$run_dir/config.yaml" ] && echo --resume)
-      done
+      for method in saner sam sgd; do train "$tuned/$method.yaml" "$method" "$seed"; done
+      # shellcheck disable=SC2046  # the flags split into words on purpose
+      for policy in "${policies[@]}"; do train "$tuned/saner.yaml" "saner@$policy" "$seed" $(policy_flags "$policy"); done
     done
     for policy in "${policies[@]}"; do
       pairs+=("saner:saner@$policy" "sgd:saner@$policy")

@@ -67,13 +67,21 @@ def cpu_model() -> str:
   instructions by CPU, so runs made on different CPUs differ in the last bits
   and then in their trajectories.
   """
+  return _first_cpu().get("model name") or platform.processor() or platform.machine() or "unknown"
+
+
+def _cpu_fields(text: str) -> dict[str, str]:
+  """The first logical CPU's ``key: value`` lines of a ``/proc/cpuinfo`` text (a VM's CPUs are alike)."""
+  first = text.strip().split("\n\n", 1)[0]
+  return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+
+
+@functools.cache
+def _first_cpu() -> dict[str, str]:
   try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
+    return _cpu_fields(pathlib.Path("/proc/cpuinfo").read_text())
   except OSError:
-    pass
-  return platform.processor() or platform.machine() or "unknown"
+    return {}
 
 
 # The /proc/cpuinfo flags by which oneDNN and XLA choose their kernels. Runs
@@ -90,15 +98,16 @@ def isa_from_cpuinfo(text: str) -> str | None:
   >>> isa_from_cpuinfo("vendor_id : AuthenticAMD\\nflags : fpu sse2 avx2 avx512f")
   'AuthenticAMD: avx2 avx512f'
   """
-  first = text.strip().split("\n\n", 1)[0]  # one block per logical CPU; a VM's are alike
-  fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+  return _isa(_cpu_fields(text))
+
+
+def _isa(fields: dict[str, str]) -> str | None:
   if "flags" not in fields:
     return None
   flags = set(fields["flags"].split())
   return f"{fields.get('vendor_id', 'unknown')}: " + (" ".join(f for f in KERNEL_FLAGS if f in flags) or "none")
 
 
-@functools.cache
 def cpu_isa() -> str | None:
   """The host CPU's vendor and kernel-choosing instruction sets, recorded with each run.
 
@@ -108,10 +117,7 @@ def cpu_isa() -> str | None:
   A VM may name its CPU only "Intel(R) Xeon(R) Processor"; these flags tell
   which kernels ran, and so whether two runs can agree to the last bit.
   """
-  try:
-    return isa_from_cpuinfo(pathlib.Path("/proc/cpuinfo").read_text())
-  except OSError:
-    return None
+  return _isa(_first_cpu())
 
 
 def _replace_text(path: pathlib.Path, text: str) -> None:
