@@ -15,7 +15,8 @@ Python's own SIGINT handling has two faults for a program that drives XLA:
 So the handler records the signal before raising :class:`Interrupted` (a
 KeyboardInterrupt) in the main thread; :func:`check`, called by the
 training loop at every step and epoch, raises it again if a callback
-swallowed it. Once the CLI has reported the interrupt
+swallowed it, and :func:`behind` finds it under the error of C code that
+replaced it. Once the CLI has reported the interrupt
 (:func:`acknowledge`), later signals are ignored, and the CLI ends with
 :func:`exit_now`: it flushes its output and leaves with ``os._exit``,
 skipping the teardown. That is safe there: checkpoint saves are
@@ -110,6 +111,24 @@ def check() -> None:
   """Raises :class:`Interrupted` if a signal was received and not yet reported (a no-op otherwise)."""
   if _received is not None and not _acknowledged:
     raise Interrupted(_received)
+
+
+def behind(error: BaseException) -> Interrupted | None:
+  """The :class:`Interrupted` that caused ``error``, or None.
+
+  The handler raises wherever the main thread is, and that can be inside C
+  code calling back into Python (numpy's ``np.dtype`` on a JAX scalar type,
+  for one), which replaces the exception with its own: a ``SystemError``
+  "returned a result with an exception set" whose cause is the interrupt.
+  """
+  seen: set[int] = set()
+  current: BaseException | None = error
+  while current is not None and id(current) not in seen:
+    if isinstance(current, Interrupted):
+      return current
+    seen.add(id(current))
+    current = current.__cause__ or current.__context__
+  return None
 
 
 def acknowledge() -> None:

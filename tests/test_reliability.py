@@ -22,6 +22,7 @@ import time
 import pytest
 import yaml
 
+from saner_jax import _cli_signals
 from saner_jax.train import cli, lock
 from saner_jax.train import config as config_lib
 from saner_jax.train.config import ConfigError
@@ -651,6 +652,68 @@ def test_an_interrupt_a_callback_swallowed_is_raised_at_the_next_check():
   # Swallowed, and silently: the next check raises it.
   assert proc.stdout.splitlines() == ["still running", "check raised SIGINT 130"], proc.stdout
   assert proc.stderr == "", proc.stderr
+
+
+def _replaced_by_c_code(signum: int, explicit: bool = True) -> SystemError:
+  """What C code that called back into Python makes of the handler's interrupt (numpy's ``np.dtype``
+  on a JAX scalar type, seen here under SIGINT): a SystemError whose cause is the interrupt
+  (``explicit``), or raised while it propagated."""
+  try:
+    try:
+      raise _cli_signals.Interrupted(signum)
+    except _cli_signals.Interrupted as interrupt:
+      error = SystemError("<function __numpy_dtype__> returned a result with an exception set")
+      raise error from (interrupt if explicit else None)
+  except SystemError as e:
+    return e
+
+
+def test_behind_finds_the_interrupt_under_another_error_and_nothing_else():
+  assert _cli_signals.behind(_replaced_by_c_code(signal.SIGTERM)).name == "SIGTERM"
+  # An error raised while the interrupt propagated: the implicit chain counts too.
+  assert _cli_signals.behind(_replaced_by_c_code(signal.SIGINT, explicit=False)).name == "SIGINT"
+  assert _cli_signals.behind(ValueError("a bug")) is None
+
+
+def test_an_interrupt_that_c_code_replaced_is_one_line_not_a_traceback(idx_dir, tmp_path, monkeypatch, capsys):
+  from saner_jax.train import loop
+
+  monkeypatch.setattr(_cli_signals, "_acknowledged", False)  # the handling acknowledges; restored after
+  flags = [f"--{k}={v}" for k, v in {**TINY, "epochs": 2, "data_dir": idx_dir, "out_dir": tmp_path / "run"}.items()]
+  default = loop.recipe_of
+
+  def interrupted_in_epoch_2(config):
+    def recipe(run):
+      parts = default(config)(run)
+
+      def epoch(state, number):
+        if number == 2:
+          raise _replaced_by_c_code(signal.SIGTERM)
+        return parts.epoch(state, number)
+
+      return parts._replace(epoch=epoch)
+
+    return recipe
+
+  monkeypatch.setattr(loop, "recipe_of", interrupted_in_epoch_2)
+  assert cli.main(flags) == 143
+  assert _one_error_line(capsys.readouterr().err).startswith(
+    "error: terminated by SIGTERM in epoch 2; the checkpoint of epoch 1 is kept; continue with: "
+  )
+
+  def replaced_before_training(config, resume=False):
+    raise _replaced_by_c_code(signal.SIGINT)
+
+  monkeypatch.setattr(loop, "train", replaced_before_training)
+  assert cli.main(flags) == 130
+  assert _one_error_line(capsys.readouterr().err) == "error: interrupted before training began; nothing was trained"
+
+  def a_bug(config, resume=False):
+    raise SystemError("a bug")
+
+  monkeypatch.setattr(loop, "train", a_bug)
+  with pytest.raises(SystemError, match="a bug"):  # a bug keeps its traceback
+    cli.main(flags)
 
 
 def test_the_reliability_probe_holds_every_case():

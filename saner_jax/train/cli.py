@@ -362,13 +362,26 @@ def main(argv: list[str] | None = None, *, quiet_refused_writes: bool = False, h
   except loop.RunStopped as e:
     _report(e, debug)
     return e.exit_code
-  except KeyboardInterrupt as e:  # before the first epoch began
-    _cli_signals.acknowledge()
-    signal = e.name if isinstance(e, _cli_signals.Interrupted) else "SIGINT"
-    what = "interrupted" if signal == "SIGINT" else f"terminated by {signal}"
-    _report(e, debug, f"{what} before training began; nothing was trained")
-    return getattr(e, "exit_code", 130)
+  except (KeyboardInterrupt, Exception) as e:  # an interrupt before the first epoch began, or a bug
+    return _interrupted_before_training(e, debug)
   return 0
+
+
+def _interrupted_before_training(error: BaseException, debug: bool) -> int:
+  """Reports a SIGINT or SIGTERM that came before the first epoch began; returns the exit status.
+
+  ``error`` is the interrupt, or an error that C code made of it; any other error is a bug and is raised again.
+  """
+  from saner_jax import _cli_signals
+
+  e = error if isinstance(error, KeyboardInterrupt) else _cli_signals.behind(error)
+  if e is None:
+    raise error
+  _cli_signals.acknowledge()
+  signal = e.name if isinstance(e, _cli_signals.Interrupted) else "SIGINT"
+  what = "interrupted" if signal == "SIGINT" else f"terminated by {signal}"
+  _report(e, debug, f"{what} before training began; nothing was trained")
+  return getattr(e, "exit_code", 130)
 
 
 def run() -> None:

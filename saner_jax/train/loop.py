@@ -500,6 +500,12 @@ def train(
       if isinstance(e, KeyboardInterrupt):
         _cli_signals.acknowledge()  # a second Ctrl-C must not cut the report short
       raise _stopped(run, epoch, e) from e
+    except Exception as e:
+      interrupt = _cli_signals.behind(e)  # an interrupt that C code turned into its own error
+      if interrupt is None:
+        raise
+      _cli_signals.acknowledge()
+      raise _stopped(run, epoch, interrupt) from e
     finally:
       if logs is not None:
         logs.close()
