@@ -46,11 +46,13 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from saner_jax import _validation
@@ -304,6 +306,74 @@ def _normalised(tree: Any) -> Any:
   return jax.tree.map(lambda x: (x / norm).astype(x.dtype), tree)
 
 
+def _power_step(hvp: Callable[[Any, Any], Any], params: Any, v: Any) -> tuple[jax.Array, Any]:
+  """One power iteration: the Rayleigh quotient at ``v`` and the next (unit) vector."""
+  hv = hvp(params, v)
+  lam = optax.tree.vdot(_validation.widened(v), _validation.widened(hv))
+  return lam, _normalised(hv)
+
+
+def _hutchinson_sample(hvp: Callable[[Any, Any], Any], params: Any, key: jax.Array) -> jax.Array:
+  """:math:`v^\top H v` for one Rademacher vector ``v`` drawn from ``key``."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  v = jax.tree.unflatten(treedef, [jax.random.rademacher(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+  product: jax.Array = optax.tree.vdot(_validation.widened(v), _validation.widened(hvp(params, v)))
+  return product
+
+
+_ARRAY = object()  # where an array leaf of the loss's arguments goes in their static part
+
+
+@functools.partial(jax.jit, static_argnames=("kernel", "loss_fn", "has_aux", "static"))
+def _compiled_kernel(
+  params: Any,
+  x: Any,
+  arrays: list[Any],
+  *,
+  kernel: Callable[..., Any],
+  loss_fn: Callable[..., Any],
+  has_aux: bool,
+  static: tuple[Any, tuple[Any, ...]],
+) -> Any:
+  treedef, rest = static
+  leaves = iter(arrays)
+  args, kwargs = jax.tree.unflatten(treedef, [next(leaves) if r is _ARRAY else r for r in rest])
+  return kernel(_hvp_fn(loss_fn, has_aux, args, kwargs), params, x)
+
+
+def _eager_kernel(
+  kernel: Callable[..., Any], loss_fn: Callable[..., Any], has_aux: bool, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Callable[[Any, Any], Any]:
+  """``kernel(hvp, params, x)`` compiled, as ``(params, x) -> ...``.
+
+  The loss's array arguments are arguments of the compiled function, not
+  constants in it, and the compiled function is kept for the same loss
+  (by identity) and the same non-array arguments: a later call at other
+  parameters or BatchNorm statistics (the next epoch's) runs it again
+  instead of compiling anew. A non-array argument that cannot be hashed
+  compiles for this call only.
+  """
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  rest = tuple(_ARRAY if isinstance(x, (jax.Array, np.ndarray)) else x for x in leaves)
+  try:
+    hash(rest)
+  except TypeError:
+    return jax.jit(functools.partial(kernel, _hvp_fn(loss_fn, has_aux, args, kwargs)))
+  arrays = [x for x in leaves if isinstance(x, (jax.Array, np.ndarray))]
+  options = dict(kernel=kernel, loss_fn=loss_fn, has_aux=has_aux, static=(treedef, rest))
+  return lambda params, x: _compiled_kernel(params, x, arrays, **options)
+
+
+@jax.jit
+def _random_unit_vector(key: jax.Array, params: Any) -> Any:
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return _normalised(
+    jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+  )
+
+
 def hessian_top_eigenvalue(
   loss_fn: Callable[..., Any],
   params: Any,
@@ -333,7 +403,10 @@ def hessian_top_eigenvalue(
   arithmetic: XLA's CPU backend runs the convolutions of a while loop's body
   as much slower generic kernels (a ResNet-8 product on 256 images took 75 s
   in the loop against 2.8 s compiled alone on a 2-core CPU), so call it
-  eagerly on a CPU.
+  eagerly on a CPU. The compiled step is kept for later calls with the same
+  ``loss_fn`` object: pass what changes between calls (the batch, BatchNorm
+  statistics) as arrays in ``args`` rather than closing over it, and a
+  measurement every few epochs compiles once.
 
   Args:
     loss_fn: ``loss_fn(params, *args, **kwargs)``, a scalar, or ``(scalar,
@@ -365,32 +438,24 @@ def hessian_top_eigenvalue(
   if max_iterations < 1:
     raise ValueError(f"max_iterations must be >= 1, got {max_iterations}")
   _validation.check_scalar_range("tol", tol, 0.0)
-  hvp = _hvp_fn(loss_fn, has_aux, args, kwargs)
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  start = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+  leaves = jax.tree.leaves(params)
   wide = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
-
-  def rayleigh(p: Any, v: Any) -> tuple[jax.Array, Any]:
-    hv = hvp(p, v)
-    return optax.tree.vdot(_validation.widened(v), _validation.widened(hv)), hv
 
   def changing(lam: jax.Array, previous: jax.Array) -> jax.Array:
     return jnp.abs(lam - previous) >= tol * (jnp.abs(previous) + 1e-6)
 
-  def step(p: Any, v: Any) -> tuple[jax.Array, Any]:
-    lam, hv = rayleigh(p, v)
-    return lam, _normalised(hv)
-
-  v, lam, previous = _normalised(start), jnp.zeros([], wide), jnp.zeros([], wide)
+  v, lam, previous = _random_unit_vector(key, params), jnp.zeros([], wide), jnp.zeros([], wide)
   if not _traced((params, args, kwargs)):
-    compiled = jax.jit(step)
+    if all(isinstance(x, jax.Array) for x in leaves):  # placed like the steps' outputs: one compilation
+      v = jax.device_put(v, jax.tree.map(lambda x: x.sharding, params))
+    step = _eager_kernel(_power_step, loss_fn, has_aux, args, kwargs)
     for i in range(max_iterations):
       if i >= 2 and not changing(lam, previous):
         break
       previous = lam
-      lam, v = compiled(params, v)
+      lam, v = step(params, v)
     return lam
+  hvp = _hvp_fn(loss_fn, has_aux, args, kwargs)
 
   def cond(state: tuple[Any, ...]) -> jax.Array:
     i, _, lam, previous = state
@@ -399,7 +464,7 @@ def hessian_top_eigenvalue(
 
   def body(state: tuple[Any, ...]) -> tuple[Any, ...]:
     i, v, lam, _ = state
-    new_lam, new_v = step(params, v)
+    new_lam, new_v = _power_step(hvp, params, v)
     return i + 1, new_v, new_lam, lam
 
   _, _, lam, _ = jax.lax.while_loop(cond, body, (jnp.zeros([], jnp.int32), v, lam, previous))
@@ -424,7 +489,7 @@ def hessian_trace(
   unbiased, with variance :math:`2 \sum_{i \ne j} H_{ij}^2 / m` (PyHessian's
   ``trace``). The products run one after another, holding one vector in memory: under ``jit`` as a ``lax.map``, outside it
   as a Python loop over one compiled product (much faster for convolutions
-  on a CPU; see :func:`hessian_top_eigenvalue`).
+  on a CPU, and kept for later calls; see :func:`hessian_top_eigenvalue`).
 
   Args:
     loss_fn: as for :func:`hessian_top_eigenvalue`.
@@ -456,17 +521,9 @@ def hessian_trace(
   """
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-  hvp = _hvp_fn(loss_fn, has_aux, args, kwargs)
-  leaves, treedef = jax.tree.flatten(params)
-
-  def one(p: Any, sample_key: jax.Array) -> jax.Array:
-    keys = jax.random.split(sample_key, len(leaves))
-    v = jax.tree.unflatten(treedef, [jax.random.rademacher(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
-    product: jax.Array = optax.tree.vdot(_validation.widened(v), _validation.widened(hvp(p, v)))
-    return product
-
   sample_keys = jax.random.split(key, num_samples)
   if not _traced((params, args, kwargs)):
-    compiled = jax.jit(one)
-    return jnp.mean(jnp.stack([compiled(params, k) for k in sample_keys]))
-  return jnp.mean(jax.lax.map(lambda k: one(params, k), sample_keys))
+    sample = _eager_kernel(_hutchinson_sample, loss_fn, has_aux, args, kwargs)
+    return jnp.mean(jnp.stack([sample(params, k) for k in sample_keys]))
+  hvp = _hvp_fn(loss_fn, has_aux, args, kwargs)
+  return jnp.mean(jax.lax.map(lambda k: _hutchinson_sample(hvp, params, k), sample_keys))

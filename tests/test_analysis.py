@@ -10,6 +10,7 @@ one of them with BatchNorm statistics passed through. Under jit and without.
 from __future__ import annotations
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 import optax
 import pytest
 from jax.flatten_util import ravel_pytree
+from jax.sharding import PartitionSpec as P
 
 import saner_jax
 from saner_jax import analysis
@@ -292,6 +294,33 @@ def _top(loss, p, *a, max_iterations, tol):
   return analysis.hessian_top_eigenvalue(
     loss, p, *a, key=jax.random.key(1), has_aux=True, max_iterations=max_iterations, tol=tol
   )
+
+
+def test_a_later_eager_measurement_reuses_the_compiled_products(caplog):
+  """The trainer measures sharpness every few epochs: new parameters, statistics and batches, the same loss."""
+  with jax.enable_x64(True):
+    loss, params, (batch_stats, x, y) = _bn_problem()
+    # Placed as the trainer places its state: the power iteration's first vector must match its later ones.
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+    params, batch_stats = jax.device_put((params, batch_stats), jax.sharding.NamedSharding(mesh, P()))
+
+    def measure(params, *args):
+      top = analysis.hessian_top_eigenvalue(loss, params, *args, key=jax.random.key(1), has_aux=True, max_iterations=4)
+      trace = analysis.hessian_trace(loss, params, *args, key=jax.random.key(2), has_aux=True, num_samples=3)
+      return float(top), float(trace)
+
+    def compiling(*args):
+      caplog.clear()
+      with jax.log_compiles(True), caplog.at_level("WARNING"):
+        values = measure(*args)
+      return values, re.findall(r"Compiling jit\((\w+)\)", caplog.text)
+
+    first, names = compiling(params, batch_stats, x, y)
+    assert names  # the first measurement compiles
+    later = (jax.tree.map(lambda a: 1.5 * a, params), jax.tree.map(lambda a: a + 0.1, batch_stats), -x, y[::-1])
+    second, names = compiling(*later)
+    assert names == []  # the second compiles nothing (it compiled 5 products before)
+    assert second[0] != first[0] and second[1] != first[1]  # measured at the new point, not at baked-in constants
 
 
 @pytest.mark.parametrize("problem", list(PROBLEMS))

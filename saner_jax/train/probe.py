@@ -89,10 +89,12 @@ def make_probe(
     logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"])
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch.labels)
 
-  def eval_loss(params: Any, batch_stats: Any) -> jax.Array:
+  # The batch and the statistics are arguments, not constants of the compiled products, so that
+  # the sharpness analysis reuses them at every measurement (analysis.hessian_top_eigenvalue).
+  def eval_loss(params: Any, batch_stats: Any, images: jax.Array, labels: jax.Array) -> jax.Array:
     # Without mutable, apply returns the output alone (flax types it as output or (output, variables)).
     logits = cast(jax.Array, model.apply({"params": params, "batch_stats": batch_stats}, images, train=False))
-    return label_cross_entropy(logits, batch.labels)
+    return label_cross_entropy(logits, labels)
 
   split = analysis.clean_noisy_decomposition(per_example, perturbation, alpha=config.alpha)
 
@@ -105,7 +107,7 @@ def make_probe(
   # compiled product, which XLA's CPU backend runs far faster than a while loop.
   def sharpness(state: Any, key: jax.Array) -> dict[str, jax.Array]:
     eigen_key, trace_key = jax.random.split(key)
-    args = (eval_loss, state.params, state.batch_stats)
+    args = (eval_loss, state.params, state.batch_stats, images, batch.labels)
     return {
       "lambda_max": analysis.hessian_top_eigenvalue(*args, key=eigen_key, max_iterations=config.sharpness_iterations),
       "trace": analysis.hessian_trace(*args, key=trace_key, num_samples=config.hutchinson_samples),
