@@ -20,7 +20,9 @@
 #               random p 0.5 and adaptive c 0 with and without it), seeds SEEDS (default 10-14), into
 #               OUT_DIR/sym40_<revision>, then the paired table and the cost figure; no SGD for twice
 #               the epochs (the tuned stage has it). Run it from a checkout that stays at one revision
-#               (a git worktree), since the directory is named after it
+#               (a git worktree), since the directory is named after it. SETTING=sym60 (default sym40)
+#               runs it at 60% symmetric noise, with that setting's tuned configs, into
+#               OUT_DIR/sym60_<revision>; SGD's is the extended lr grid's choice where it moved (tune_sgd_low)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 stage=${1:?give a stage: runs, smoke, plot, tuned or here}
@@ -78,8 +80,15 @@ case "$stage" in
     python benchmarks/plot_cheap_sam.py "$tuned/final" "$dir" --exclude saner_rerun --sgd_2x "$dir/sgd_2x" \
       --out "$dir" --title "Fashion-MNIST, 40% symmetric noise, ResNet-8, tuned settings" ;;
   here)
-    tuned=benchmarks/results/fashion_mnist/tuned/sym40/tune
-    dir="$out/sym40_$(git rev-parse --short HEAD)"
+    setting=${SETTING:-sym40}
+    case "$setting" in
+      sym40) sgd_config=tune/sgd.yaml ;;  # the extended grid kept lr 0.02
+      sym60) sgd_config=tune_sgd_low/sgd.yaml ;;  # the extended grid moved SGD to lr 0.01
+      *) echo "error: SETTING: $setting has no tuned configs here; use sym40 or sym60" >&2; exit 2 ;;
+    esac
+    tuned=benchmarks/results/fashion_mnist/tuned/$setting/tune
+    sgd_config=benchmarks/results/fashion_mnist/tuned/$setting/$sgd_config
+    dir="$out/${setting}_$(git rev-parse --short HEAD)"
     policy_flags() {  # every2, p0.5 or ae0, with an optional -reuse: the trainer's flags
       local name=${1%-reuse} flags=()
       if ! [[ $1 =~ ^(every[0-9]+|p[0-9.]+|ae[0-9.]+)(-reuse)?$ ]]; then
@@ -98,7 +107,8 @@ case "$stage" in
     for policy in "${policies[@]}"; do policy_flags "$policy" >/dev/null; done  # a bad name fails before any run
     pairs=(sgd:sam sam:saner sgd:saner)
     for seed in ${SEEDS:-$(seq 10 14)}; do
-      for method in saner sam sgd; do train "$tuned/$method.yaml" "$method" "$seed"; done
+      for method in saner sam; do train "$tuned/$method.yaml" "$method" "$seed"; done
+      train "$sgd_config" sgd "$seed"
       # shellcheck disable=SC2046  # the flags split into words on purpose
       for policy in "${policies[@]}"; do train "$tuned/saner.yaml" "saner@$policy" "$seed" $(policy_flags "$policy"); done
     done
@@ -111,7 +121,7 @@ case "$stage" in
     done
     python benchmarks/seed_statistics.py "$dir" --pairs $(printf '%s\n' "${pairs[@]}" | sort -u) | tee "$dir/statistics.md"
     python benchmarks/plot_cheap_sam.py "$dir" --out "$dir" \
-      --title "Fashion-MNIST, 40% symmetric noise, ResNet-8, tuned settings, one machine and revision" ;;
+      --title "Fashion-MNIST, ${setting#sym}% symmetric noise, ResNet-8, tuned settings, one machine and revision" ;;
   plot)
     for rate in 40 60; do
       python benchmarks/plot_cheap_sam.py "$out/sym$rate" --sgd_2x "$out/sym$rate/sgd_2x" \
