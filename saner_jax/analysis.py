@@ -325,21 +325,18 @@ def _hutchinson_sample(hvp: Callable[[Any, Any], Any], params: Any, key: jax.Arr
 _ARRAY = object()  # where an array leaf of the loss's arguments goes in their static part
 
 
-@functools.partial(jax.jit, static_argnames=("kernel", "loss_fn", "has_aux", "static"))
+@functools.lru_cache(maxsize=16)  # bounded: a loss made anew at each call must not keep its programs alive
 def _compiled_kernel(
-  params: Any,
-  x: Any,
-  arrays: list[Any],
-  *,
-  kernel: Callable[..., Any],
-  loss_fn: Callable[..., Any],
-  has_aux: bool,
-  static: tuple[Any, tuple[Any, ...]],
-) -> Any:
+  kernel: Callable[..., Any], loss_fn: Callable[..., Any], has_aux: bool, static: tuple[Any, tuple[Any, ...]]
+) -> Callable[[Any, Any, list[Any]], Any]:
   treedef, rest = static
-  leaves = iter(arrays)
-  args, kwargs = jax.tree.unflatten(treedef, [next(leaves) if r is _ARRAY else r for r in rest])
-  return kernel(_hvp_fn(loss_fn, has_aux, args, kwargs), params, x)
+
+  def hessian_product(params: Any, x: Any, arrays: list[Any]) -> Any:
+    leaves = iter(arrays)
+    args, kwargs = jax.tree.unflatten(treedef, [next(leaves) if r is _ARRAY else r for r in rest])
+    return kernel(_hvp_fn(loss_fn, has_aux, args, kwargs), params, x)
+
+  return jax.jit(hessian_product)
 
 
 def _eager_kernel(
@@ -351,18 +348,17 @@ def _eager_kernel(
   constants in it, and the compiled function is kept for the same loss
   (by identity) and the same non-array arguments: a later call at other
   parameters or BatchNorm statistics (the next epoch's) runs it again
-  instead of compiling anew. A non-array argument that cannot be hashed
-  compiles for this call only.
+  instead of compiling anew. A loss or non-array argument that cannot be
+  hashed compiles for this call only.
   """
   leaves, treedef = jax.tree.flatten((args, kwargs))
   rest = tuple(_ARRAY if isinstance(x, (jax.Array, np.ndarray)) else x for x in leaves)
   try:
-    hash(rest)
-  except TypeError:
+    compiled = _compiled_kernel(kernel, loss_fn, has_aux, (treedef, rest))
+  except TypeError:  # unhashable
     return jax.jit(functools.partial(kernel, _hvp_fn(loss_fn, has_aux, args, kwargs)))
   arrays = [x for x in leaves if isinstance(x, (jax.Array, np.ndarray))]
-  options = dict(kernel=kernel, loss_fn=loss_fn, has_aux=has_aux, static=(treedef, rest))
-  return lambda params, x: _compiled_kernel(params, x, arrays, **options)
+  return lambda params, x: compiled(params, x, arrays)
 
 
 @jax.jit

@@ -282,6 +282,22 @@ def test_trace_of_a_diagonal_hessian_is_exact_in_float32():
   assert float(analysis.hessian_trace(loss, jnp.ones(3), key=jax.random.key(0), num_samples=4)) == 5.0
 
 
+def test_a_loss_argument_that_cannot_be_hashed_still_works():
+  class Weights:  # defines equality, so Python gives it no hash: compiled for the call only
+    def __init__(self, w):
+      self.w = w
+
+    def __eq__(self, other):
+      return isinstance(other, Weights) and np.array_equal(self.w, other.w)
+
+  loss = lambda w, weights: jnp.sum(weights.w * w**2)  # H = diag(2 weights.w)
+  key = jax.random.key(0)
+  weights = Weights(np.array([3.0, -1.0, 0.5], np.float32))
+  assert float(analysis.hessian_trace(loss, jnp.ones(3), weights, key=key, num_samples=4)) == 5.0
+  top = analysis.hessian_top_eigenvalue(loss, jnp.ones(3), weights, key=key, max_iterations=200, tol=0.0)
+  assert float(top) == pytest.approx(6.0, rel=1e-5)
+
+
 def test_sharpness_bad_arguments():
   loss = lambda w: jnp.sum(w**2)
   with pytest.raises(ValueError, match=r"max_iterations must be >= 1, got 0"):
