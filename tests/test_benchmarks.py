@@ -43,6 +43,20 @@ def test_gpu_throughput_knows_the_peak_of_the_lent_gpus():
   assert gpu_throughput.peak_tflops("cpu") is None
 
 
+def test_gpu_check_fits_its_budget_and_reports_images_per_second(tmp_path, capsys):
+  gpu_check = _script("gpu_check")
+  # 420 s left for two runs, at 20 s per epoch plus 15%: 9 epochs each; never fewer than 1.
+  assert gpu_check.epochs_within(480, 60, 20) == 9
+  assert gpu_check.epochs_within(480, 479, 20) == 1
+  summary = {"test_acc_at_best_val": 0.9012, "last_test_acc": 0.9, "noisy_memorised_at_best_val": 0.05}
+  runs = {"sam": {"metrics": [{"epoch_time_s": t} for t in (30.0, 4.0, 5.0)], "summary": summary}}
+  table = gpu_check.report(runs, 59500, "NVIDIA H100 80GB HBM3 (gpu, 1 device(s) visible)")
+  assert "| sam | 3 | 30.0 | 4.50 | 13,222 | 90.12 | 90.00 | 5.00 |" in table  # 59,500 / 4.5 s
+  # The device machine has no TFDS: a folder without the IDX files is one line, before anything runs.
+  assert gpu_check.main(["--data_dir", str(tmp_path), "--out", str(tmp_path / "check")]) == 2
+  assert capsys.readouterr().err.startswith(f"error: --data_dir: {tmp_path} holds no train-images-idx3-ubyte.gz")
+
+
 def test_scaling_runs_at_a_tiny_size(tmp_path):
   scaling = _script("scaling")
   record = scaling.main(["--models", "resnet8", "--batch-sizes", "8", "--rounds", "2", "--out", str(tmp_path / "s")])
