@@ -113,21 +113,29 @@ def check() -> None:
     raise Interrupted(_received)
 
 
-def behind(error: BaseException) -> Interrupted | None:
-  """The :class:`Interrupted` that caused ``error``, or None.
+def behind(error: BaseException, *, stop_at: tuple[type[BaseException], ...] = ()) -> KeyboardInterrupt | None:
+  """The interrupt that ``error`` stands for, or None.
 
   The handler raises wherever the main thread is, and that can be inside C
   code calling back into Python (numpy's ``np.dtype`` on a JAX scalar type,
   for one), which replaces the exception with its own: a ``SystemError``
   "returned a result with an exception set" whose cause is the interrupt.
+  This follows ``error``'s chain (its cause, else its context unless
+  suppressed) to a KeyboardInterrupt (:class:`Interrupted` under the CLI),
+  stopping at an exception of a ``stop_at`` type: what was raised after
+  one (an error in clean-up after the interrupt was reported) is not the
+  interrupt. Where the chain holds none, a signal the CLI received and has
+  not reported counts: C code may drop the exception it replaced.
   """
   seen: set[int] = set()
   current: BaseException | None = error
-  while current is not None and id(current) not in seen:
-    if isinstance(current, Interrupted):
+  while current is not None and id(current) not in seen and not isinstance(current, stop_at):
+    if isinstance(current, KeyboardInterrupt):
       return current
     seen.add(id(current))
-    current = current.__cause__ or current.__context__
+    current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+  if _received is not None and not _acknowledged:
+    return Interrupted(_received)
   return None
 
 

@@ -47,6 +47,7 @@ References:
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -324,41 +325,59 @@ def _hutchinson_sample(hvp: Callable[[Any, Any], Any], params: Any, key: jax.Arr
 
 _ARRAY = object()  # where an array leaf of the loss's arguments goes in their static part
 
+# cache=True's compiled products, per loss function, held weakly: they go when the loss goes.
+_CACHED: weakref.WeakKeyDictionary[Callable[..., Any], dict[Any, Callable[..., Any]]] = weakref.WeakKeyDictionary()
 
-@functools.lru_cache(maxsize=16)  # bounded: a loss made anew at each call must not keep its programs alive
-def _compiled_kernel(
-  kernel: Callable[..., Any], loss_fn: Callable[..., Any], has_aux: bool, static: tuple[Any, tuple[Any, ...]]
-) -> Callable[[Any, Any, list[Any]], Any]:
-  treedef, rest = static
 
-  def hessian_product(params: Any, x: Any, arrays: list[Any]) -> Any:
-    leaves = iter(arrays)
-    args, kwargs = jax.tree.unflatten(treedef, [next(leaves) if r is _ARRAY else r for r in rest])
-    return kernel(_hvp_fn(loss_fn, has_aux, args, kwargs), params, x)
+def _cached_kernel(
+  kernel: Callable[..., Any], loss_fn: Callable[..., Any], has_aux: bool, static: Any
+) -> Callable[[Any, Any, list[Any]], Any] | None:
+  """The compiled product kept for ``loss_fn`` and ``static``, made on first use; None where it cannot be kept."""
+  try:
+    per_loss = _CACHED.setdefault(loss_fn, {})
+    compiled = per_loss.get((kernel, has_aux, static))
+  except Exception:  # a loss without weak references, or a static part that cannot be hashed or compared
+    return None
+  if compiled is None:
+    loss_ref, (treedef, rest) = weakref.ref(loss_fn), static  # no strong reference: the entry must not keep the loss
 
-  return jax.jit(hessian_product)
+    def hessian_product(params: Any, x: Any, arrays: list[Any]) -> Any:
+      leaves = iter(arrays)
+      args, kwargs = jax.tree.unflatten(treedef, [next(leaves) if r is _ARRAY else r[1] for r in rest])
+      loss = loss_ref()
+      if loss is None:  # traced only from a call that holds the loss; a bug if not
+        raise ReferenceError("the loss of a cached Hessian-vector product was collected")
+      return kernel(_hvp_fn(loss, has_aux, args, kwargs), params, x)
+
+    compiled = per_loss[(kernel, has_aux, static)] = jax.jit(hessian_product)
+  return compiled
 
 
 def _eager_kernel(
-  kernel: Callable[..., Any], loss_fn: Callable[..., Any], has_aux: bool, args: tuple[Any, ...], kwargs: dict[str, Any]
+  kernel: Callable[..., Any],
+  loss_fn: Callable[..., Any],
+  has_aux: bool,
+  args: tuple[Any, ...],
+  kwargs: dict[str, Any],
+  cache: bool,
 ) -> Callable[[Any, Any], Any]:
   """``kernel(hvp, params, x)`` compiled, as ``(params, x) -> ...``.
 
-  The loss's array arguments are arguments of the compiled function, not
-  constants in it, and the compiled function is kept for the same loss
-  (by identity) and the same non-array arguments: a later call at other
-  parameters or BatchNorm statistics (the next epoch's) runs it again
-  instead of compiling anew. A loss or non-array argument that cannot be
-  hashed compiles for this call only.
+  Without ``cache``, compiled for this call, the loss's arguments constants
+  in it. With it, the loss's array arguments (numpy scalars included) are
+  arguments of the compiled function, which is kept for the same loss object
+  and the same other arguments (compared with their types, so that ``True``
+  and ``1`` differ); where that cannot be kept, as without ``cache``.
   """
-  leaves, treedef = jax.tree.flatten((args, kwargs))
-  rest = tuple(_ARRAY if isinstance(x, (jax.Array, np.ndarray)) else x for x in leaves)
-  try:
-    compiled = _compiled_kernel(kernel, loss_fn, has_aux, (treedef, rest))
-  except TypeError:  # unhashable
-    return jax.jit(functools.partial(kernel, _hvp_fn(loss_fn, has_aux, args, kwargs)))
-  arrays = [x for x in leaves if isinstance(x, (jax.Array, np.ndarray))]
-  return lambda params, x: compiled(params, x, arrays)
+  if cache:
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    is_array = [isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in leaves]
+    rest = tuple(_ARRAY if a else (type(x), x) for x, a in zip(leaves, is_array))
+    compiled = _cached_kernel(kernel, loss_fn, has_aux, (treedef, rest))
+    if compiled is not None:
+      arrays = [jnp.asarray(x) for x, a in zip(leaves, is_array) if a]  # on the device once, not at every product
+      return lambda params, x: compiled(params, x, arrays)
+  return jax.jit(functools.partial(kernel, _hvp_fn(loss_fn, has_aux, args, kwargs)))
 
 
 @jax.jit
@@ -378,6 +397,7 @@ def hessian_top_eigenvalue(
   has_aux: bool = False,
   max_iterations: int = 100,
   tol: float = 1e-3,
+  cache: bool = False,
   **kwargs: Any,
 ) -> jax.Array:
   r"""The Hessian's eigenvalue of largest magnitude, by power iteration.
@@ -399,10 +419,8 @@ def hessian_top_eigenvalue(
   arithmetic: XLA's CPU backend runs the convolutions of a while loop's body
   as much slower generic kernels (a ResNet-8 product on 256 images took 75 s
   in the loop against 2.8 s compiled alone on a 2-core CPU), so call it
-  eagerly on a CPU. The compiled step is kept for later calls with the same
-  ``loss_fn`` object: pass what changes between calls (the batch, BatchNorm
-  statistics) as arrays in ``args`` rather than closing over it, and a
-  measurement every few epochs compiles once.
+  eagerly on a CPU. Each such call compiles its step anew, unless
+  ``cache`` keeps it (see below).
 
   Args:
     loss_fn: ``loss_fn(params, *args, **kwargs)``, a scalar, or ``(scalar,
@@ -414,6 +432,13 @@ def hessian_top_eigenvalue(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     max_iterations: the most Hessian-vector products, >= 1.
     tol: the relative change that stops the iteration, >= 0.
+    cache: outside ``jit``, keep the compiled step for later calls with
+      the same ``loss_fn`` object (held weakly) and the same non-array
+      arguments, so that a measurement every few epochs compiles once. The
+      loss must then be a pure function of its arguments (what it closes
+      over is read when it is first compiled), and its array arguments are
+      traced, so it may not use their values in Python. Pass what changes
+      between calls (the batch, BatchNorm statistics) as arrays in ``args``.
     **kwargs: the loss's keyword arguments.
 
   Returns:
@@ -444,7 +469,7 @@ def hessian_top_eigenvalue(
   if not _traced((params, args, kwargs)):
     if all(isinstance(x, jax.Array) for x in leaves):  # placed like the steps' outputs: one compilation
       v = jax.device_put(v, jax.tree.map(lambda x: x.sharding, params))
-    step = _eager_kernel(_power_step, loss_fn, has_aux, args, kwargs)
+    step = _eager_kernel(_power_step, loss_fn, has_aux, args, kwargs, cache)
     for i in range(max_iterations):
       if i >= 2 and not changing(lam, previous):
         break
@@ -474,6 +499,7 @@ def hessian_trace(
   key: jax.Array,
   has_aux: bool = False,
   num_samples: int = 100,
+  cache: bool = False,
   **kwargs: Any,
 ) -> jax.Array:
   r"""Hutchinson's estimate of the Hessian's trace.
@@ -485,7 +511,7 @@ def hessian_trace(
   unbiased, with variance :math:`2 \sum_{i \ne j} H_{ij}^2 / m` (PyHessian's
   ``trace``). The products run one after another, holding one vector in memory: under ``jit`` as a ``lax.map``, outside it
   as a Python loop over one compiled product (much faster for convolutions
-  on a CPU, and kept for later calls; see :func:`hessian_top_eigenvalue`).
+  on a CPU; see :func:`hessian_top_eigenvalue`).
 
   Args:
     loss_fn: as for :func:`hessian_top_eigenvalue`.
@@ -494,6 +520,7 @@ def hessian_trace(
     key: PRNG key of the probe vectors.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     num_samples: ``m``, >= 1.
+    cache: as for :func:`hessian_top_eigenvalue`.
     **kwargs: the loss's keyword arguments.
 
   Returns:
@@ -519,7 +546,7 @@ def hessian_trace(
     raise ValueError(f"num_samples must be >= 1, got {num_samples}")
   sample_keys = jax.random.split(key, num_samples)
   if not _traced((params, args, kwargs)):
-    sample = _eager_kernel(_hutchinson_sample, loss_fn, has_aux, args, kwargs)
+    sample = _eager_kernel(_hutchinson_sample, loss_fn, has_aux, args, kwargs, cache)
     return jnp.mean(jnp.stack([sample(params, k) for k in sample_keys]))
   hvp = _hvp_fn(loss_fn, has_aux, args, kwargs)
   return jnp.mean(jax.lax.map(lambda k: _hutchinson_sample(hvp, params, k), sample_keys))

@@ -282,7 +282,7 @@ def test_trace_of_a_diagonal_hessian_is_exact_in_float32():
   assert float(analysis.hessian_trace(loss, jnp.ones(3), key=jax.random.key(0), num_samples=4)) == 5.0
 
 
-def test_a_loss_argument_that_cannot_be_hashed_still_works():
+def test_a_loss_argument_that_cannot_be_hashed_is_compiled_for_its_call():
   class Weights:  # defines equality, so Python gives it no hash: compiled for the call only
     def __init__(self, w):
       self.w = w
@@ -293,8 +293,8 @@ def test_a_loss_argument_that_cannot_be_hashed_still_works():
   loss = lambda w, weights: jnp.sum(weights.w * w**2)  # H = diag(2 weights.w)
   key = jax.random.key(0)
   weights = Weights(np.array([3.0, -1.0, 0.5], np.float32))
-  assert float(analysis.hessian_trace(loss, jnp.ones(3), weights, key=key, num_samples=4)) == 5.0
-  top = analysis.hessian_top_eigenvalue(loss, jnp.ones(3), weights, key=key, max_iterations=200, tol=0.0)
+  assert float(analysis.hessian_trace(loss, jnp.ones(3), weights, key=key, num_samples=4, cache=True)) == 5.0
+  top = analysis.hessian_top_eigenvalue(loss, jnp.ones(3), weights, key=key, max_iterations=200, tol=0.0, cache=True)
   assert float(top) == pytest.approx(6.0, rel=1e-5)
 
 
@@ -320,9 +320,10 @@ def test_a_later_eager_measurement_reuses_the_compiled_products(caplog):
     mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
     params, batch_stats = jax.device_put((params, batch_stats), jax.sharding.NamedSharding(mesh, P()))
 
-    def measure(params, *args):
-      top = analysis.hessian_top_eigenvalue(loss, params, *args, key=jax.random.key(1), has_aux=True, max_iterations=4)
-      trace = analysis.hessian_trace(loss, params, *args, key=jax.random.key(2), has_aux=True, num_samples=3)
+    def measure(params, *args, cache=True):
+      options = dict(has_aux=True, cache=cache)
+      top = analysis.hessian_top_eigenvalue(loss, params, *args, key=jax.random.key(1), max_iterations=4, **options)
+      trace = analysis.hessian_trace(loss, params, *args, key=jax.random.key(2), num_samples=3, **options)
       return float(top), float(trace)
 
     def compiling(*args):
@@ -336,7 +337,38 @@ def test_a_later_eager_measurement_reuses_the_compiled_products(caplog):
     later = (jax.tree.map(lambda a: 1.5 * a, params), jax.tree.map(lambda a: a + 0.1, batch_stats), -x, y[::-1])
     second, names = compiling(*later)
     assert names == []  # the second compiles nothing (it compiled 5 products before)
-    assert second[0] != first[0] and second[1] != first[1]  # measured at the new point, not at baked-in constants
+    # Measured at the new point, as an uncached call measures it.
+    assert second == pytest.approx(measure(*later, cache=False), rel=1e-9) and second != first
+
+
+def test_without_cache_each_call_reads_the_loss_anew():
+  scale = {"s": 1.0}
+  loss = lambda w, y: scale["s"] * jnp.sum(jnp.asarray(np.eye(3)[y]) * w**2)  # a numpy y, used in Python
+  trace = lambda: float(analysis.hessian_trace(loss, jnp.ones(3), np.arange(3), key=jax.random.key(0), num_samples=2))
+  assert trace() == 6.0  # H = diag(2, 2, 2)
+  scale["s"] = 10.0
+  assert trace() == 60.0
+
+
+def test_cache_keys_the_other_arguments_with_their_types_and_lets_the_loss_go():
+  import gc
+  import weakref
+
+  class Net:  # stands for a model whose loss closes over it
+    pass
+
+  def make_loss():
+    net = Net()
+    return (lambda w, flag: (5.0 if flag is True else 1.0) * jnp.sum(w**2) + 0 * id(net)), weakref.ref(net)
+
+  loss, net = make_loss()
+  traces = [
+    float(analysis.hessian_trace(loss, jnp.ones(3), flag, key=jax.random.key(0), cache=True)) for flag in (True, 1)
+  ]
+  assert traces == [30.0, 6.0]  # True == 1, but not the same argument
+  del loss
+  gc.collect()
+  assert net() is None  # the cache held neither the loss nor what it closes over
 
 
 @pytest.mark.parametrize("problem", list(PROBLEMS))

@@ -654,25 +654,30 @@ def test_an_interrupt_a_callback_swallowed_is_raised_at_the_next_check():
   assert proc.stderr == "", proc.stderr
 
 
-def _replaced_by_c_code(signum: int, explicit: bool = True) -> SystemError:
+def _replaced_by_c_code(signum: int, chain: str = "cause") -> SystemError:
   """What C code that called back into Python makes of the handler's interrupt (numpy's ``np.dtype``
-  on a JAX scalar type, seen here under SIGINT): a SystemError whose cause is the interrupt
-  (``explicit``), or raised while it propagated."""
+  on a JAX scalar type, seen here under SIGINT): a SystemError whose cause is the interrupt; with
+  ``chain`` "context", raised while the interrupt propagated; "none", with the chain cut."""
   try:
     try:
       raise _cli_signals.Interrupted(signum)
     except _cli_signals.Interrupted as interrupt:
       error = SystemError("<function __numpy_dtype__> returned a result with an exception set")
-      raise error from (interrupt if explicit else None)
+      if chain == "context":
+        raise error  # noqa: B904  # the implicit chain is the case
+      raise error from (interrupt if chain == "cause" else None)
   except SystemError as e:
     return e
 
 
 def test_behind_finds_the_interrupt_under_another_error_and_nothing_else():
   assert _cli_signals.behind(_replaced_by_c_code(signal.SIGTERM)).name == "SIGTERM"
-  # An error raised while the interrupt propagated: the implicit chain counts too.
-  assert _cli_signals.behind(_replaced_by_c_code(signal.SIGINT, explicit=False)).name == "SIGINT"
+  # An error raised while the interrupt propagated: the implicit chain counts too, unless cut.
+  assert _cli_signals.behind(_replaced_by_c_code(signal.SIGINT, chain="context")).name == "SIGINT"
+  assert _cli_signals.behind(_replaced_by_c_code(signal.SIGINT, chain="none")) is None
   assert _cli_signals.behind(ValueError("a bug")) is None
+  # An error raised after a reported interrupt, in clean-up, is not the interrupt.
+  assert _cli_signals.behind(_replaced_by_c_code(signal.SIGINT), stop_at=(SystemError,)) is None
 
 
 def test_an_interrupt_that_c_code_replaced_is_one_line_not_a_traceback(idx_dir, tmp_path, monkeypatch, capsys):
@@ -713,6 +718,16 @@ def test_an_interrupt_that_c_code_replaced_is_one_line_not_a_traceback(idx_dir, 
 
   monkeypatch.setattr(loop, "train", a_bug)
   with pytest.raises(SystemError, match="a bug"):  # a bug keeps its traceback
+    cli.main(flags)
+
+  def fails_in_clean_up_after_reporting(config, resume=False):
+    try:
+      raise loop.RunStopped("interrupted in epoch 3; ...", 130) from _cli_signals.Interrupted(signal.SIGINT)
+    finally:
+      raise OSError("the logs could not be closed")  # the case: an error in clean-up
+
+  monkeypatch.setattr(loop, "train", fails_in_clean_up_after_reporting)
+  with pytest.raises(OSError, match="could not be closed"):  # not "interrupted before training began"
     cli.main(flags)
 
 

@@ -344,15 +344,7 @@ def main(argv: list[str] | None = None, *, quiet_refused_writes: bool = False, h
   try:
     if handle_signals:
       _cli_signals.install()  # raises a signal recorded while the modules imported
-    if command == "compare":
-      compare(args)
-    elif command == "tune":
-      from saner_jax.train import tune
-
-      tune.main(args)
-    else:
-      config = config_lib.from_args(args)
-      loop.train(_resume_where_pointed(args, config) if args.resume else config, resume=args.resume)
+    _run_command(command, args)
   except ConfigError as e:
     _report(e, debug)
     return 2
@@ -363,25 +355,45 @@ def main(argv: list[str] | None = None, *, quiet_refused_writes: bool = False, h
     _report(e, debug)
     return e.exit_code
   except (KeyboardInterrupt, Exception) as e:  # an interrupt before the first epoch began, or a bug
-    return _interrupted_before_training(e, debug)
+    code = _interrupted_before_training(e, debug)
+    if code is None:
+      raise
+    return code
   return 0
 
 
-def _interrupted_before_training(error: BaseException, debug: bool) -> int:
+def _run_command(command: str, args: argparse.Namespace) -> None:
+  """Runs ``compare``, ``tune`` or a training run with the parsed flags."""
+  from saner_jax.train import loop
+
+  if command == "compare":
+    compare(args)
+  elif command == "tune":
+    from saner_jax.train import tune
+
+    tune.main(args)
+  else:
+    config = config_lib.from_args(args)
+    loop.train(_resume_where_pointed(args, config) if args.resume else config, resume=args.resume)
+
+
+def _interrupted_before_training(error: BaseException, debug: bool) -> int | None:
   """Reports a SIGINT or SIGTERM that came before the first epoch began; returns the exit status.
 
-  ``error`` is the interrupt, or an error that C code made of it; any other error is a bug and is raised again.
+  ``error`` is the interrupt, or an error that C code made of it; for any
+  other error (a bug) it reports nothing and returns None.
   """
   from saner_jax import _cli_signals
+  from saner_jax.train import loop
 
-  e = error if isinstance(error, KeyboardInterrupt) else _cli_signals.behind(error)
-  if e is None:
-    raise error
+  interrupt = _cli_signals.behind(error, stop_at=(loop.RunStopped,))  # after RunStopped: reported already
+  if interrupt is None:
+    return None
   _cli_signals.acknowledge()
-  signal = e.name if isinstance(e, _cli_signals.Interrupted) else "SIGINT"
+  signal = interrupt.name if isinstance(interrupt, _cli_signals.Interrupted) else "SIGINT"
   what = "interrupted" if signal == "SIGINT" else f"terminated by {signal}"
-  _report(e, debug, f"{what} before training began; nothing was trained")
-  return getattr(e, "exit_code", 130)
+  _report(error, debug, f"{what} before training began; nothing was trained")
+  return getattr(interrupt, "exit_code", 130)
 
 
 def run() -> None:

@@ -89,8 +89,8 @@ def make_probe(
     logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"])
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch.labels)
 
-  # The batch and the statistics are arguments, not constants of the compiled products, so that
-  # the sharpness analysis reuses them at every measurement (analysis.hessian_top_eigenvalue).
+  # A pure function of its arguments, the batch and the statistics among them, so that the sharpness
+  # analysis keeps its compiled products for every measurement (cache=True).
   def eval_loss(params: Any, batch_stats: Any, images: jax.Array, labels: jax.Array) -> jax.Array:
     # Without mutable, apply returns the output alone (flax types it as output or (output, variables)).
     logits = cast(jax.Array, model.apply({"params": params, "batch_stats": batch_stats}, images, train=False))
@@ -109,8 +109,10 @@ def make_probe(
     eigen_key, trace_key = jax.random.split(key)
     args = (eval_loss, state.params, state.batch_stats, images, batch.labels)
     return {
-      "lambda_max": analysis.hessian_top_eigenvalue(*args, key=eigen_key, max_iterations=config.sharpness_iterations),
-      "trace": analysis.hessian_trace(*args, key=trace_key, num_samples=config.hutchinson_samples),
+      "lambda_max": analysis.hessian_top_eigenvalue(
+        *args, key=eigen_key, max_iterations=config.sharpness_iterations, cache=True
+      ),
+      "trace": analysis.hessian_trace(*args, key=trace_key, num_samples=config.hutchinson_samples, cache=True),
     }
 
   def measure(state: Any, epoch: int) -> dict[str, float | None]:
