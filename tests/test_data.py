@@ -4,6 +4,7 @@ import gzip
 import io
 import logging
 import os
+import tempfile
 import time
 from unittest import mock
 
@@ -263,6 +264,21 @@ def test_auto_falls_back_to_idx_when_tfds_has_no_copy(tmp_path):
   ds = data.load_dataset("fashion_mnist", "train", data_dir=tmp_path)
   assert time.monotonic() - start < FAIL_FAST_S
   np.testing.assert_array_equal(ds.labels, labels)
+
+
+def test_probing_tfds_leaves_no_temp_dirs(tmp_path, monkeypatch):
+  # TFDS makes a temp dir per probe of an unprepared dataset and never removes
+  # it: before the fix, four empty /tmp/tmp*tfds dirs per training run.
+  temp = tmp_path / "temp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))
+  images, labels = tiny_split()
+  write_idx_split(tmp_path, "train", images, labels)
+  data.load_dataset("fashion_mnist", "train", data_dir=tmp_path)
+  with pytest.raises(data.DatasetNotFoundError):
+    data.load_dataset("fashion_mnist", "test", data_dir=tmp_path)
+  assert list(temp.iterdir()) == []
+  assert tempfile.tempdir == str(temp)
 
 
 def corrupt(tmp_path, images_bytes=None, labels_bytes=None, gz=False):

@@ -20,6 +20,7 @@ import dataclasses
 import gzip
 import logging
 import os
+import tempfile
 import types
 import zlib
 from collections.abc import Mapping, Sequence
@@ -500,12 +501,25 @@ class _WithoutVariantFolderWarnings(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_tfds_probe():
+def _tfds_probe():
+  """Quiets TFDS's probing and removes the temp dirs it leaves.
+
+  For a dataset not prepared in ``data_dir``, TFDS 4.9's builder makes a temp
+  dir for metadata it would fetch (``DatasetInfo.initialize_from_bucket``) and
+  never removes it: four empty ``/tmp/tmp*tfds`` dirs per run that reads IDX
+  files. ``tempfile.tempdir`` points at one scratch dir while TFDS probes.
+  """
   absl_logger = logging.getLogger("absl")
   quiet = _WithoutVariantFolderWarnings()
   absl_logger.addFilter(quiet)
+  previous = tempfile.tempdir
   try:
-    yield
+    with tempfile.TemporaryDirectory(prefix="saner_jax_tfds_") as scratch:
+      tempfile.tempdir = scratch
+      try:
+        yield
+      finally:
+        tempfile.tempdir = previous
   finally:
     absl_logger.removeFilter(quiet)
 
@@ -543,7 +557,7 @@ def _stack_int32(values: list) -> np.ndarray:
 def _load_tfds(spec: DatasetSpec, split: str, data_dir: str | None, max_examples: int | None) -> ArrayDataset:
   import tensorflow_datasets as tfds
 
-  with _quiet_tfds_probe():
+  with _tfds_probe():
     try:
       source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
     except Exception as e:
