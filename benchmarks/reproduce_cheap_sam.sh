@@ -17,9 +17,9 @@
 #        here   the question made whole on this machine at this revision, for when that rerun differs
 #               (another CPU rounds oneDNN's kernels differently): SGD, SAM and SANER at the tuned
 #               settings and SANER with each policy in POLICIES (default: every2, every4 with mask reuse,
-#               random p 0.5 and adaptive c 0 with and without it), seeds SEEDS (default 10-14), into
-#               OUT_DIR/sym40_<revision>, then the paired table and the cost figure; no SGD for twice
-#               the epochs (the tuned stage has it). Run it from a checkout that stays at one revision
+#               random p 0.5 and adaptive c 0 with and without it), seeds SEEDS (default 10-14), and
+#               the tuned SGD for twice the epochs, into OUT_DIR/sym40_<revision>, then the paired
+#               table and the cost figure. Run it from a checkout that stays at one revision
 #               (a git worktree), since the directory is named after it. SETTING=sym60 (default sym40)
 #               runs it at 60% symmetric noise, with that setting's tuned configs, into
 #               OUT_DIR/sym60_<revision>; SGD's is the extended lr grid's choice where it moved (tune_sgd_low)
@@ -112,6 +112,9 @@ case "$stage" in
       # shellcheck disable=SC2046  # the flags split into words on purpose
       for policy in "${policies[@]}"; do train "$tuned/saner.yaml" "saner@$policy" "$seed" $(policy_flags "$policy"); done
     done
+    # SGD for twice the epochs (SAM's gradient evaluations), after the rest: a session that ends early
+    # leaves the table's main runs complete.
+    for seed in ${SEEDS:-$(seq 10 14)}; do train "$sgd_config" sgd_2x/sgd "$seed" --epochs 60; done
     for policy in "${policies[@]}"; do
       pairs+=("saner:saner@$policy" "sgd:saner@$policy")
       plain=${policy%-reuse}
@@ -119,8 +122,9 @@ case "$stage" in
         pairs+=("saner@$plain:saner@$policy")  # with and without the mask reuse, where both ran
       fi
     done
-    python benchmarks/seed_statistics.py "$dir" --pairs $(printf '%s\n' "${pairs[@]}" | sort -u) | tee "$dir/statistics.md"
-    python benchmarks/plot_cheap_sam.py "$dir" --out "$dir" \
+    python benchmarks/seed_statistics.py "$dir" sgd_2x="$dir/sgd_2x" \
+      --pairs $(printf '%s\n' "${pairs[@]}" sgd:sgd_2x/sgd saner:sgd_2x/sgd | sort -u) | tee "$dir/statistics.md"
+    python benchmarks/plot_cheap_sam.py "$dir" --sgd_2x "$dir/sgd_2x" --out "$dir" \
       --title "Fashion-MNIST, ${setting#sym}% symmetric noise, ResNet-8, tuned settings, one machine and revision" ;;
   plot)
     for rate in 40 60; do

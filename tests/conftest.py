@@ -26,6 +26,22 @@ settings.register_profile("saner_jax", deadline=None, max_examples=25, derandomi
 settings.load_profile("saner_jax")
 
 
+def pytest_configure(config):
+  """Children of the test processes start with SIGINT at its default, as from a terminal.
+
+  A job a shell starts in the background (a CI step, ``nohup``) has SIGINT
+  ignored, and an ignored signal stays ignored across ``exec``: the CLI
+  subprocesses of the signal tests would never see their SIGINT. A handled
+  signal is reset to the default at ``exec``, so the test process handles it
+  as Python does by default. (A ``preexec_fn`` that reset it in each child
+  would run Python between fork and exec in a process with JAX's threads,
+  which can deadlock.)
+  """
+  del config
+  if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _contain_tfds_temp_dirs(tmp_path_factory):
   """TFDS 4.9.10 makes an empty temp dir each time it builds the info of an

@@ -213,12 +213,6 @@ def compilation_cache(tmp_path_factory) -> dict[str, str]:
   }
 
 
-def _default_sigint() -> None:
-  # A job a shell starts in the background has SIGINT ignored, and Python keeps an ignored SIGINT
-  # (no KeyboardInterrupt): the child gets the default, as from a terminal, wherever pytest runs.
-  signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.fixture
 def cli_run(idx_dir, compilation_cache):
   """``cli_run(out_dir, *flags, code=None)``: the CLI in a subprocess, on the IDX fixture."""
@@ -234,7 +228,6 @@ def cli_run(idx_dir, compilation_cache):
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
       text=True,
-      preexec_fn=_default_sigint,
     )
     procs.append(proc)
     return proc
@@ -471,7 +464,6 @@ def _cli_command(compilation_cache, *args, cwd=REPO) -> subprocess.Popen:
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,
-    preexec_fn=_default_sigint,
   )
 
 
@@ -647,7 +639,6 @@ def test_an_interrupt_a_callback_swallowed_is_raised_at_the_next_check():
     text=True,
     timeout=120,
     cwd=REPO,
-    preexec_fn=_default_sigint,  # a CI started as a background job ignores SIGINT, and so would the child
   )
   # Swallowed, and silently: the next check raises it.
   assert proc.stdout.splitlines() == ["still running", "check raised SIGINT 130"], proc.stdout
