@@ -507,14 +507,15 @@ def _outputs(run_dir: pathlib.Path):
 
 
 def test_same_seed_same_run_and_kill_resume_loses_nothing(tmp_path, idx_dir):
-  straight, again, killed = tmp_path / "saner_seed0", tmp_path / "again", tmp_path / "killed"
-  for run_dir in (straight, again):
-    _finish(_cli(idx_dir, run_dir))
-  assert _outputs(straight) == _outputs(again)
+  straight, killed = tmp_path / "saner_seed0", tmp_path / "killed"
+  _finish(_cli(idx_dir, straight))
 
   proc = _cli(idx_dir, killed)
   kill_after_first_epoch(proc, killed)
-  assert 1 <= len(_metrics(killed)) < 4
+  logged = _without_times(_metrics(killed))
+  assert 1 <= len(logged) < 4
+  # Same revision, seed and flags, another process: the same metrics to the last bit.
+  assert logged == _without_times(_metrics(straight))[: len(logged)]
 
   output = _finish(_cli(idx_dir, killed, "--resume"))
   assert "resumed" in output
