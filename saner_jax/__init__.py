@@ -38,6 +38,7 @@ _NAMES = {
   "adaptive_steps": "policies",
   "every_k_steps": "policies",
   "random_steps": "policies",
+  "scale_one_pass_steps": "policies",
   "with_policy": "policies",
   "alpha_warmup": "saner",
   "group_mask": "saner",
@@ -55,7 +56,14 @@ if TYPE_CHECKING:
   from saner_jax import analysis, diagnostics, parallel, policies
   from saner_jax.parallel import data_mesh, sharded_sharpness_aware_grad
   from saner_jax.perturbations import asam, friendly_sam, sam, vasso
-  from saner_jax.policies import SharpnessPolicy, adaptive_steps, every_k_steps, random_steps, with_policy
+  from saner_jax.policies import (
+    SharpnessPolicy,
+    adaptive_steps,
+    every_k_steps,
+    random_steps,
+    scale_one_pass_steps,
+    with_policy,
+  )
   from saner_jax.saner import alpha_warmup, group_mask, gsam, saner, substitute_groups
   from saner_jax.two_pass import SharpnessAwareGrads, accumulated_value_and_grad, aux_layout, sharpness_aware_grad
 
@@ -80,6 +88,7 @@ __all__ = [
   "random_steps",
   "sam",
   "saner",
+  "scale_one_pass_steps",
   "sharded_sharpness_aware_grad",
   "sharpness_aware_grad",
   "substitute_groups",

@@ -56,6 +56,9 @@ right but the cost is SAM's. In the per-device mode of
 the mean clean gradient over devices (and over m-sharpness sub-batches), so
 every device takes the same branch.
 
+:func:`scale_one_pass_steps` gives the skipped steps a smaller step size
+(a factor of the learning rate).
+
 On a skipped step :func:`saner_jax.saner` sees :math:`g^{SAM} = g` (every
 coordinate in no group) and passes the clean gradient through; with
 ``reuse_mask=True`` it applies the mask of the last sharpness-aware step
@@ -294,3 +297,73 @@ def with_policy(perturbation: optax.GradientTransformation, policy: SharpnessPol
     return eps, PolicyState(inner, state.policy)
 
   return PolicyPerturbation(init_fn, update_fn, perturbation, policy)
+
+
+class ScaleOnePassState(NamedTuple):
+  """State of :func:`scale_one_pass_steps`: the step count its schedule is evaluated on."""
+
+  count: chex.Array
+
+
+def scale_one_pass_steps(factor: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
+  r"""Scales the updates of the steps a policy skipped by ``factor``; the others pass unchanged.
+
+  With :math:`s_t` the policy's choice (``sharpness_aware``, see
+  :func:`with_policy`) and :math:`f_t` the factor at step :math:`t`,
+
+  .. math::
+     u_t \mapsto \begin{cases} u_t & s_t = 1 \\ f_t\, u_t & s_t = 0. \end{cases}
+
+  Placed before the base optimizer, a one-pass step then takes
+  :math:`f_t` times the learning rate's step on its own gradient: the
+  cheap policies' one-pass steps are plain gradient steps, and under label
+  noise a plain step at the learning rate tuned for the sharpness-aware steps
+  is where wrong labels are fitted. ``factor`` 1 is the identity.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import saner_jax
+    >>> tx = saner_jax.policies.scale_one_pass_steps(0.25)
+    >>> g = {"w": jnp.array([4.0, -8.0])}
+    >>> state = tx.init(g)
+    >>> print(tx.update(g, state, sharpness_aware=jnp.array(True))[0]["w"])
+    [ 4. -8.]
+    >>> print(tx.update(g, state, sharpness_aware=jnp.array(False))[0]["w"])
+    [ 1. -2.]
+
+  Args:
+    factor: the scale of a one-pass step's update, in (0, 1]; a float or an
+      optax schedule of the step count.
+
+  Returns:
+    A transform whose ``update(updates, state, params=None, *,
+    sharpness_aware=True)`` takes the helper's
+    :attr:`saner_jax.SharpnessAwareGrads.sharpness_aware`; chain it after
+    :func:`saner_jax.saner` and before the base optimizer.
+
+  This is saner_jax's own addition to the policies, not a published method:
+  the papers cited in :mod:`saner_jax.policies` take the steps between two
+  sharpness-aware steps at the full learning rate.
+  """
+  _validation.check_scalar_range("factor", factor, 0.0, 1.0)
+  if not callable(factor) and not isinstance(factor, jax.core.Tracer) and float(factor) == 0.0:
+    raise ValueError("factor must be in (0, 1]: 0 would skip the one-pass steps altogether; take fewer steps instead")
+
+  def init_fn(params: optax.Params) -> ScaleOnePassState:
+    del params
+    return ScaleOnePassState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(
+    updates: optax.Updates,
+    state: ScaleOnePassState,
+    params: optax.Params | None = None,
+    *,
+    sharpness_aware: Any = True,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, ScaleOnePassState]:
+    del params, extra_args
+    scale = jnp.where(sharpness_aware, 1.0, _validation.resolve(factor, state.count))
+    scaled = jax.tree.map(lambda u: (scale * u).astype(u.dtype), updates)
+    return scaled, ScaleOnePassState(optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

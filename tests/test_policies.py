@@ -225,6 +225,75 @@ def test_inject_hyperparams_and_apply_if_finite():
 
 
 # ---------------------------------------------------------------------------
+# A smaller step on the one-pass steps
+
+
+def test_scaled_one_pass_steps_by_hand():
+  """Every 2 steps, factor 0.5, plain SGD at lr 0.1: steps 1 and 3 move half as far on their own gradients."""
+  perturbation = saner_jax.with_policy(saner_jax.sam(0.1), saner_jax.every_k_steps(2))
+  scaled = _train(perturbation, optax.chain(saner_jax.scale_one_pass_steps(0.5), optax.sgd(0.1)), 4)
+  assert scaled[3] == [True, False, True, False]
+  grad_fn = jax.jit(saner_jax.sharpness_aware_grad(loss_fn, perturbation))
+  params, p_state = PARAMS, perturbation.init(PARAMS)
+  for t in range(4):
+    out = grad_fn(params, p_state, _batch(t))
+    step = 0.1 if t % 2 == 0 else 0.05
+    params = jax.tree.map(lambda p, g, step=step: p - step * g, params, out.perturbed_grads)
+    p_state = out.perturbation_state
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), scaled[0], params)
+  assert int(scaled[2][0].count) == 4
+
+
+def test_scale_one_is_the_identity_and_a_schedule_is_read_at_the_step():
+  perturbation = saner_jax.with_policy(saner_jax.sam(0.1), saner_jax.every_k_steps(2))
+  unscaled = _train(perturbation, _saner_chain(reuse_mask=True), 4)
+  one = _train(perturbation, optax.chain(saner_jax.scale_one_pass_steps(1.0), _saner_chain(reuse_mask=True)), 4)
+  _assert_trees_equal(one[0], unscaled[0])
+  # A schedule of 0.5 until step 2, then 0.25: step 1 takes 0.5, step 3 takes 0.25.
+  tx = saner_jax.scale_one_pass_steps(optax.piecewise_constant_schedule(0.5, {2: 0.5}))
+  g, state, factors = {"w": jnp.ones(2)}, tx.init(None), []
+  for t in range(4):
+    out, state = tx.update(g, state, sharpness_aware=jnp.array(t % 2 == 0))
+    factors.append(float(out["w"][0]))
+  assert factors == [1.0, 0.5, 1.0, 0.25]
+
+
+def test_scaled_one_pass_steps_in_masked_multi_transform_and_inject_hyperparams():
+  perturbation = saner_jax.with_policy(saner_jax.sam(0.1), saner_jax.every_k_steps(2))
+  only_w = {"w": True, "b": False}
+  masked = _train(
+    perturbation, optax.chain(optax.masked(saner_jax.scale_one_pass_steps(0.5), only_w), optax.sgd(0.1)), 3
+  )
+  multi = _train(
+    perturbation,
+    optax.chain(
+      optax.multi_transform(
+        {"scaled": saner_jax.scale_one_pass_steps(0.5), "full": optax.identity()}, {"w": "scaled", "b": "full"}
+      ),
+      optax.sgd(0.1),
+    ),
+    3,
+  )
+  _assert_trees_equal(masked[0], multi[0])
+  # One update by hand: only w's one-pass update is scaled.
+  tx = optax.masked(saner_jax.scale_one_pass_steps(0.5), only_w)
+  g = {"w": jnp.full((3, 2), 2.0), "b": jnp.full(2, 2.0)}
+  out, _ = tx.update(g, tx.init(g), sharpness_aware=jnp.array(False))
+  _assert_trees_equal(out, {"w": jnp.ones((3, 2)), "b": g["b"]})
+  injected = _train(
+    perturbation, optax.chain(optax.inject_hyperparams(saner_jax.scale_one_pass_steps)(factor=0.5), optax.sgd(0.1)), 3
+  )
+  plain = _train(perturbation, optax.chain(saner_jax.scale_one_pass_steps(0.5), optax.sgd(0.1)), 3)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), injected[0], plain[0])
+
+
+@pytest.mark.parametrize(("factor", "error"), [(0.0, "0 would skip"), (1.5, r"\[0.0, 1.0\]"), ("half", "float")])
+def test_bad_one_pass_scale(factor, error):
+  with pytest.raises((ValueError, TypeError), match=error):
+    saner_jax.scale_one_pass_steps(factor)
+
+
+# ---------------------------------------------------------------------------
 # m-sharpness, accumulation, the sharded helper, vmap and the compiled cost
 
 
@@ -315,6 +384,8 @@ def test_compiled_step_skips_the_second_pass():
     (["--sam_every", "3"], "error: --sam_every: applies to --sam_policy every only"),
     (["--optimizer", "sgd", "--sam_policy", "every"], "error: --sam_policy: chooses the steps"),
     (["--optimizer", "sam", "--sam_policy", "every", "--saner_reuse_mask", "true"], "error: --saner_reuse_mask"),
+    (["--sam_policy", "every", "--sam_one_pass_scale", "0"], "error: --sam_one_pass_scale: must be in (0, 1], got 0"),
+    (["--sam_one_pass_scale", "0.5"], "error: --sam_one_pass_scale: scales the one-pass steps' learning rate"),
   ],
 )
 def test_bad_policy_flags_are_one_line_errors(flags, message, capsys, tmp_path):
@@ -330,13 +401,38 @@ def test_bad_policy_flags_are_one_line_errors(flags, message, capsys, tmp_path):
     ("sam@p0.25", {"optimizer": "sam", "sam_policy": "random", "sam_prob": 0.25}),
     ("saner@ae1-reuse", {"optimizer": "saner", "sam_policy": "adaptive", "sam_c": 1.0, "saner_reuse_mask": True}),
     ("asam+saner_head@every3", {"optimizer": "asam", "saner": True, "saner_params": "head", "sam_every": 3}),
-    ("saner", {"sam_policy": "always", "sam_every": 2, "saner_reuse_mask": False}),
+    ("saner", {"sam_policy": "always", "sam_every": 2, "saner_reuse_mask": False, "sam_one_pass_scale": 1.0}),
+    (
+      "saner@every2-lr0.4",
+      {"sam_policy": "every", "sam_every": 2, "saner_reuse_mask": False, "sam_one_pass_scale": 0.4},
+    ),
+    (
+      "saner@ae0-reuse-lr0.5",
+      {"sam_policy": "adaptive", "sam_c": 0.0, "saner_reuse_mask": True, "sam_one_pass_scale": 0.5},
+    ),
   ],
 )
 def test_run_names_with_policies_round_trip(name, values):
   got = config_lib.run_name_values(name)
   assert {k: got[k] for k in values} == values
   assert config_lib.from_mapping(got).validate().run_name == name
+
+
+def test_the_trainer_scales_the_one_pass_steps_after_the_decayed_weights():
+  """saner -> L2 -> the one-pass scale -> SGD: a skipped step's update by hand, and a two-pass step's unscaled."""
+  from saner_jax.train import step as step_lib
+
+  cfg = TrainConfig(
+    optimizer="saner", alpha=0.5, alpha_warmup_epochs=0, lr=0.1, weight_decay=0.01, momentum=0.0,
+    sam_policy="every", sam_one_pass_scale=0.25,
+  ).validate()  # fmt: skip
+  tx = step_lib.build_optimizer(cfg, steps_per_epoch=1).tx
+  params, clean = {"w": jnp.array([1.0, 1.0, 1.0])}, {"w": jnp.array([2.0, 2.0, -1.0])}
+  perturbed = {"w": jnp.array([1.0, 3.0, 1.0])}  # B, A, C
+  two_pass, _ = tx.update(perturbed, tx.init(params), params, clean_grads=clean, sharpness_aware=jnp.array(True))
+  np.testing.assert_allclose(two_pass["w"], -0.1 * (np.array([0.5, 3.0, 1.0]) + 0.01), rtol=1e-6)
+  one_pass, _ = tx.update(clean, tx.init(params), params, clean_grads=clean, sharpness_aware=jnp.array(False))
+  np.testing.assert_allclose(one_pass["w"], -0.1 * 0.25 * (np.array([2.0, 2.0, -1.0]) + 0.01), rtol=1e-6)
 
 
 def test_bad_policy_run_name():

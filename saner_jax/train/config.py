@@ -216,6 +216,9 @@ class TrainConfig:
   sam_every: int = _field(2, "optimizer", "--sam_policy every: the interval k, >= 1")
   sam_prob: float = _field(0.5, "optimizer", "--sam_policy random: the probability p of a two-pass step")
   sam_c: float = _field(0.0, "optimizer", "--sam_policy adaptive: the threshold c in running std, >= 0")
+  sam_one_pass_scale: float = _field(
+    1.0, "optimizer", "with a --sam_policy: the one-pass steps' learning rate, as a factor of --lr, in (0, 1]"
+  )
   saner_reuse_mask: bool = _field(
     False, "saner", "with SANER and a --sam_policy: apply the last two-pass step's mask on one-pass steps"
   )
@@ -395,7 +398,8 @@ class TrainConfig:
     if self.sam_policy == "always":
       return ""
     value = {"every": f"every{self.sam_every}", "random": f"p{self.sam_prob:g}", "adaptive": f"ae{self.sam_c:g}"}
-    return f"@{value[self.sam_policy]}" + ("-reuse" if self.saner_reuse_mask else "")
+    scale = f"-lr{self.sam_one_pass_scale:g}" if self.sam_one_pass_scale != 1 else ""
+    return f"@{value[self.sam_policy]}" + ("-reuse" if self.saner_reuse_mask else "") + scale
 
   def validate(self) -> TrainConfig:
     """Checks each field, section by section; raises ConfigError naming the flag."""
@@ -499,6 +503,10 @@ class TrainConfig:
         "sam_policy",
         f"chooses the steps that take SAM's second pass; it needs a SAM-family optimizer, not {self.optimizer}",
       )
+    if not 0 < self.sam_one_pass_scale <= 1:
+      fail("sam_one_pass_scale", f"must be in (0, 1], got {self.sam_one_pass_scale}")
+    if self.sam_one_pass_scale != 1 and self.sam_policy == "always":
+      fail("sam_one_pass_scale", "scales the one-pass steps' learning rate: it needs a --sam_policy other than always")
     if self.saner_reuse_mask and (not self.uses_saner or self.sam_policy == "always"):
       fail(
         "saner_reuse_mask", "reuses SANER's mask on one-pass steps: it needs SANER and a --sam_policy other than always"
@@ -675,12 +683,16 @@ def run_name_values(name: str) -> dict[str, Any]:
 
 def _policy_values(name: str, policy: str) -> dict[str, Any]:
   """The config values of a run name's policy suffix (after ``@``); the numbers are checked by validate()."""
-  values: dict[str, Any] = {"sam_policy": "always", "saner_reuse_mask": False}
+  values: dict[str, Any] = {"sam_policy": "always", "saner_reuse_mask": False, "sam_one_pass_scale": None}
   values.update(dict.fromkeys(SAM_POLICY_FIELDS, None))
   if not policy:
     return {k: _FIELDS[k].default if v is None else v for k, v in values.items()}
-  body = policy.removesuffix("-reuse")
-  values["saner_reuse_mask"] = body != policy
+  body, _, scale = policy.partition("-lr")
+  if scale:
+    values["sam_one_pass_scale"] = _coerce("sam_one_pass_scale", scale)
+  without_reuse = body.removesuffix("-reuse")
+  values["saner_reuse_mask"] = without_reuse != body
+  body = without_reuse
   for prefix, kind in (("every", "every"), ("p", "random"), ("ae", "adaptive")):
     field = next(f for f, owner in SAM_POLICY_FIELDS.items() if owner == kind)
     if body.startswith(prefix) and len(body) > len(prefix):
@@ -689,8 +701,8 @@ def _policy_values(name: str, policy: str) -> dict[str, Any]:
       break
   else:
     raise ConfigError(
-      f"--runs: {name}@{policy} has no policy of the forms @everyK, @pP or @aeC (optionally with -reuse), "
-      "e.g. saner@every2 or saner@p0.5-reuse"
+      f"--runs: {name}@{policy} has no policy of the forms @everyK, @pP or @aeC (optionally with -reuse, then "
+      "-lrF), e.g. saner@every2, saner@p0.5-reuse or saner@every2-lr0.4"
     )
   return {k: _FIELDS[k].default if v is None else v for k, v in values.items()}
 
