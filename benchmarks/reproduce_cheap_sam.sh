@@ -17,7 +17,8 @@
 #        here   the question made whole on this machine at this revision, for when that rerun differs
 #               (another CPU rounds oneDNN's kernels differently): SGD, SAM and SANER at the tuned
 #               settings and SANER with each policy in POLICIES (default: every2, every4 with mask reuse,
-#               random p 0.5 and adaptive c 0 with and without it), seeds SEEDS (default 10-14), and
+#               random p 0.5 and adaptive c 0 with and without it; a name may end in -scaleF for
+#               --sam_one_pass_scale F), seeds SEEDS (default 10-14), and
 #               the tuned SGD for twice the epochs, into OUT_DIR/sym40_<revision>, then the paired
 #               table and the cost figure. Run it from a checkout that stays at one revision
 #               (a git worktree), since the directory is named after it. SETTING=sym60 (default sym40)
@@ -89,18 +90,20 @@ case "$stage" in
     tuned=benchmarks/results/fashion_mnist/tuned/$setting/tune
     sgd_config=benchmarks/results/fashion_mnist/tuned/$setting/$sgd_config
     dir="$out/${setting}_$(git rev-parse --short HEAD)"
-    policy_flags() {  # every2, p0.5 or ae0, with an optional -reuse: the trainer's flags
-      local name=${1%-reuse} flags=()
-      if ! [[ $1 =~ ^(every[0-9]+|p[0-9.]+|ae[0-9.]+)(-reuse)?$ ]]; then
-        echo "error: POLICIES: $1 is not everyK, pP or aeC (with an optional -reuse)" >&2
+    policy_flags() {  # every2, p0.5 or ae0, then an optional -reuse, then an optional -scaleF: the trainer's flags
+      local name=${1%-scale*} flags=()
+      if ! [[ $1 =~ ^(every[0-9]+|p[0-9.]+|ae[0-9.]+)(-reuse)?(-scale[0-9.]+)?$ ]]; then
+        echo "error: POLICIES: $1 is not everyK, pP or aeC (then an optional -reuse, then an optional -scaleF)" >&2
         exit 2
       fi
+      if [ "$name" != "$1" ]; then flags+=(--sam_one_pass_scale "${1##*-scale}"); fi
+      name=${name%-reuse}
       case "$name" in
-        every*) flags=(--sam_policy every --sam_every "${name#every}") ;;
-        p*) flags=(--sam_policy random --sam_prob "${name#p}") ;;
-        ae*) flags=(--sam_policy adaptive --sam_c "${name#ae}") ;;
+        every*) flags+=(--sam_policy every --sam_every "${name#every}") ;;
+        p*) flags+=(--sam_policy random --sam_prob "${name#p}") ;;
+        ae*) flags+=(--sam_policy adaptive --sam_c "${name#ae}") ;;
       esac
-      if [ "$name" != "$1" ]; then flags+=(--saner_reuse_mask true); fi
+      if [[ $1 == *-reuse* ]]; then flags+=(--saner_reuse_mask true); fi
       echo "${flags[@]}"
     }
     policies=(${POLICIES:-every2 every4-reuse p0.5 p0.5-reuse ae0 ae0-reuse})

@@ -56,8 +56,8 @@ right but the cost is SAM's. In the per-device mode of
 the mean clean gradient over devices (and over m-sharpness sub-batches), so
 every device takes the same branch.
 
-:func:`scale_one_pass_steps` gives the skipped steps a smaller step size
-(a factor of the learning rate).
+:func:`scale_one_pass_steps` gives the skipped steps' gradients a smaller
+weight.
 
 On a skipped step :func:`saner_jax.saner` sees :math:`g^{SAM} = g` (every
 coordinate in no group) and passes the clean gradient through; with
@@ -314,11 +314,15 @@ def scale_one_pass_steps(factor: optax.ScalarOrSchedule) -> optax.GradientTransf
   .. math::
      u_t \mapsto \begin{cases} u_t & s_t = 1 \\ f_t\, u_t & s_t = 0. \end{cases}
 
-  Placed before the base optimizer, a one-pass step then takes
-  :math:`f_t` times the learning rate's step on its own gradient: the
-  cheap policies' one-pass steps are plain gradient steps, and under label
-  noise a plain step at the learning rate tuned for the sharpness-aware steps
-  is where wrong labels are fitted. ``factor`` 1 is the identity.
+  Placed before the base optimizer (and before weight decay), a one-pass
+  step's gradient then counts :math:`f_t` times: with plain SGD the step is
+  :math:`f_t` times the learning rate's; with momentum the gradient enters the
+  buffer at weight :math:`f_t`, so its effect over all later steps is
+  :math:`f_t` times, while the momentum carried from earlier steps is not
+  scaled. The cheap policies' one-pass steps are plain gradient steps, and
+  under label noise a plain step at the learning rate tuned for the
+  sharpness-aware steps is where wrong labels are fitted. ``factor`` 1 is
+  the identity.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -332,7 +336,7 @@ def scale_one_pass_steps(factor: optax.ScalarOrSchedule) -> optax.GradientTransf
     [ 1. -2.]
 
   Args:
-    factor: the scale of a one-pass step's update, in (0, 1]; a float or an
+    factor: the weight of a one-pass step's update, in (0, 1]; a float or an
       optax schedule of the step count.
 
   Returns:
@@ -346,8 +350,13 @@ def scale_one_pass_steps(factor: optax.ScalarOrSchedule) -> optax.GradientTransf
   sharpness-aware steps at the full learning rate.
   """
   _validation.check_scalar_range("factor", factor, 0.0, 1.0)
-  if not callable(factor) and not isinstance(factor, jax.core.Tracer) and float(factor) == 0.0:
-    raise ValueError("factor must be in (0, 1]: 0 would skip the one-pass steps altogether; take fewer steps instead")
+  first = factor(0) if callable(factor) else factor
+  if not isinstance(first, jax.core.Tracer) and float(first) == 0.0:
+    where = " (the schedule's value at step 0)" if callable(factor) else ""
+    raise ValueError(
+      f"factor must be in (0, 1], got 0{where}: the one-pass gradients would not count; use a policy that takes "
+      "fewer steps, or a factor above 0"
+    )
 
   def init_fn(params: optax.Params) -> ScaleOnePassState:
     del params

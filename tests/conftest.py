@@ -29,8 +29,8 @@ settings.load_profile("saner_jax")
 def pytest_configure(config):
   """Children of the test processes start with SIGINT at its default, as from a terminal.
 
-  A job a shell starts in the background (a CI step, ``nohup``) has SIGINT
-  ignored, and an ignored signal stays ignored across ``exec``: the CLI
+  A job a shell without job control starts in the background (``cmd &`` in
+  a script, as some CI runners do) has SIGINT ignored, and an ignored signal stays ignored across ``exec``: the CLI
   subprocesses of the signal tests would never see their SIGINT. A handled
   signal is reset to the default at ``exec``, so the test process handles it
   as Python does by default. (A ``preexec_fn`` that reset it in each child

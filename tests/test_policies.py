@@ -247,7 +247,13 @@ def test_scaled_one_pass_steps_by_hand():
 def test_scale_one_is_the_identity_and_a_schedule_is_read_at_the_step():
   perturbation = saner_jax.with_policy(saner_jax.sam(0.1), saner_jax.every_k_steps(2))
   unscaled = _train(perturbation, _saner_chain(reuse_mask=True), 4)
-  one = _train(perturbation, optax.chain(saner_jax.scale_one_pass_steps(1.0), _saner_chain(reuse_mask=True)), 4)
+  one_chain = optax.chain(
+    saner_jax.saner(0.5, reuse_mask=True),
+    saner_jax.scale_one_pass_steps(1.0),
+    optax.add_decayed_weights(5e-4),
+    optax.sgd(0.1, momentum=0.9),
+  )
+  one = _train(perturbation, one_chain, 4)
   _assert_trees_equal(one[0], unscaled[0])
   # A schedule of 0.5 until step 2, then 0.25: step 1 takes 0.5, step 3 takes 0.25.
   tx = saner_jax.scale_one_pass_steps(optax.piecewise_constant_schedule(0.5, {2: 0.5}))
@@ -287,7 +293,15 @@ def test_scaled_one_pass_steps_in_masked_multi_transform_and_inject_hyperparams(
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), injected[0], plain[0])
 
 
-@pytest.mark.parametrize(("factor", "error"), [(0.0, "0 would skip"), (1.5, r"\[0.0, 1.0\]"), ("half", "float")])
+@pytest.mark.parametrize(
+  ("factor", "error"),
+  [
+    (0.0, r"factor must be in \(0, 1\], got 0: "),
+    (optax.linear_schedule(0.0, 1.0, 10), r"got 0 \(the schedule's value at step 0\)"),
+    (1.5, r"factor must be \[0.0, 1.0\], got 1.5"),
+    ("half", "float"),
+  ],
+)
 def test_bad_one_pass_scale(factor, error):
   with pytest.raises((ValueError, TypeError), match=error):
     saner_jax.scale_one_pass_steps(factor)
@@ -385,7 +399,7 @@ def test_compiled_step_skips_the_second_pass():
     (["--optimizer", "sgd", "--sam_policy", "every"], "error: --sam_policy: chooses the steps"),
     (["--optimizer", "sam", "--sam_policy", "every", "--saner_reuse_mask", "true"], "error: --saner_reuse_mask"),
     (["--sam_policy", "every", "--sam_one_pass_scale", "0"], "error: --sam_one_pass_scale: must be in (0, 1], got 0"),
-    (["--sam_one_pass_scale", "0.5"], "error: --sam_one_pass_scale: scales the one-pass steps' learning rate"),
+    (["--sam_one_pass_scale", "0.5"], "error: --sam_one_pass_scale: weighs the one-pass steps' gradients"),
   ],
 )
 def test_bad_policy_flags_are_one_line_errors(flags, message, capsys, tmp_path):
@@ -403,11 +417,11 @@ def test_bad_policy_flags_are_one_line_errors(flags, message, capsys, tmp_path):
     ("asam+saner_head@every3", {"optimizer": "asam", "saner": True, "saner_params": "head", "sam_every": 3}),
     ("saner", {"sam_policy": "always", "sam_every": 2, "saner_reuse_mask": False, "sam_one_pass_scale": 1.0}),
     (
-      "saner@every2-lr0.4",
+      "saner@every2-scale0.4",
       {"sam_policy": "every", "sam_every": 2, "saner_reuse_mask": False, "sam_one_pass_scale": 0.4},
     ),
     (
-      "saner@ae0-reuse-lr0.5",
+      "saner@ae0-reuse-scale0.5",
       {"sam_policy": "adaptive", "sam_c": 0.0, "saner_reuse_mask": True, "sam_one_pass_scale": 0.5},
     ),
   ],
@@ -419,7 +433,8 @@ def test_run_names_with_policies_round_trip(name, values):
 
 
 def test_the_trainer_scales_the_one_pass_steps_after_the_decayed_weights():
-  """saner -> L2 -> the one-pass scale -> SGD: a skipped step's update by hand, and a two-pass step's unscaled."""
+  """saner -> the one-pass scale -> L2 -> SGD: a skipped step's update by hand (weight decay unscaled), and a
+  two-pass step's unscaled."""
   from saner_jax.train import step as step_lib
 
   cfg = TrainConfig(
@@ -432,12 +447,18 @@ def test_the_trainer_scales_the_one_pass_steps_after_the_decayed_weights():
   two_pass, _ = tx.update(perturbed, tx.init(params), params, clean_grads=clean, sharpness_aware=jnp.array(True))
   np.testing.assert_allclose(two_pass["w"], -0.1 * (np.array([0.5, 3.0, 1.0]) + 0.01), rtol=1e-6)
   one_pass, _ = tx.update(clean, tx.init(params), params, clean_grads=clean, sharpness_aware=jnp.array(False))
-  np.testing.assert_allclose(one_pass["w"], -0.1 * 0.25 * (np.array([2.0, 2.0, -1.0]) + 0.01), rtol=1e-6)
+  np.testing.assert_allclose(one_pass["w"], -0.1 * (0.25 * np.array([2.0, 2.0, -1.0]) + 0.01), rtol=1e-6)
 
 
-def test_bad_policy_run_name():
-  with pytest.raises(ConfigError, match="--runs: saner@sometimes"):
-    config_lib.run_name_values("saner@sometimes")
+@pytest.mark.parametrize(
+  "name",
+  ["saner@sometimes", "saner@every2-scale", "saner@every2-scale1", "saner@every2-scale0.4-reuse", "saner@everyx"],
+)
+def test_bad_policy_run_name(name):
+  with pytest.raises(ConfigError) as error:
+    config_lib.run_name_values(name)
+  message = str(error.value)
+  assert message.startswith(f"--runs: {name} is not a policy of the forms") and "\n" not in message
 
 
 def test_resumed_run_continues_the_policy_exactly(tmp_path, idx_dir):

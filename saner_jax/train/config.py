@@ -217,7 +217,9 @@ class TrainConfig:
   sam_prob: float = _field(0.5, "optimizer", "--sam_policy random: the probability p of a two-pass step")
   sam_c: float = _field(0.0, "optimizer", "--sam_policy adaptive: the threshold c in running std, >= 0")
   sam_one_pass_scale: float = _field(
-    1.0, "optimizer", "with a --sam_policy: the one-pass steps' learning rate, as a factor of --lr, in (0, 1]"
+    1.0,
+    "optimizer",
+    "with a --sam_policy: the weight of a one-pass step's gradient (before weight decay and momentum), in (0, 1]",
   )
   saner_reuse_mask: bool = _field(
     False, "saner", "with SANER and a --sam_policy: apply the last two-pass step's mask on one-pass steps"
@@ -394,11 +396,12 @@ class TrainConfig:
 
   @property
   def policy_suffix(self) -> str:
-    """``""``, or the run name's ``@every2``, ``@p0.5``, ``@ae1`` with ``-reuse`` for SANER's mask reuse."""
+    """``""``, or the run name's ``@every2``, ``@p0.5``, ``@ae1``, then ``-reuse`` for SANER's mask reuse, then
+    ``-scaleF`` for ``sam_one_pass_scale``."""
     if self.sam_policy == "always":
       return ""
     value = {"every": f"every{self.sam_every}", "random": f"p{self.sam_prob:g}", "adaptive": f"ae{self.sam_c:g}"}
-    scale = f"-lr{self.sam_one_pass_scale:g}" if self.sam_one_pass_scale != 1 else ""
+    scale = f"-scale{self.sam_one_pass_scale:g}" if self.sam_one_pass_scale != 1 else ""
     return f"@{value[self.sam_policy]}" + ("-reuse" if self.saner_reuse_mask else "") + scale
 
   def validate(self) -> TrainConfig:
@@ -506,7 +509,7 @@ class TrainConfig:
     if not 0 < self.sam_one_pass_scale <= 1:
       fail("sam_one_pass_scale", f"must be in (0, 1], got {self.sam_one_pass_scale}")
     if self.sam_one_pass_scale != 1 and self.sam_policy == "always":
-      fail("sam_one_pass_scale", "scales the one-pass steps' learning rate: it needs a --sam_policy other than always")
+      fail("sam_one_pass_scale", "weighs the one-pass steps' gradients: it needs a --sam_policy other than always")
     if self.saner_reuse_mask and (not self.uses_saner or self.sam_policy == "always"):
       fail(
         "saner_reuse_mask", "reuses SANER's mask on one-pass steps: it needs SANER and a --sam_policy other than always"
@@ -652,9 +655,10 @@ def run_name_values(name: str) -> dict[str, Any]:
 
   Any of them may end in a policy for the second pass: ``@everyK`` (every K
   steps), ``@pP`` (with probability P), ``@aeC`` (AE-SAM with threshold C),
-  and then ``-reuse`` for SANER's mask reuse: ``saner@every2``,
-  ``sam@p0.5``, ``saner@ae1-reuse``. Without one the run takes the second
-  pass on every step, whatever the base config says.
+  then ``-reuse`` for SANER's mask reuse, then ``-scaleF`` for
+  ``sam_one_pass_scale``: ``saner@every2``, ``sam@p0.5``,
+  ``saner@ae1-reuse``, ``saner@every2-reuse-scale0.4``. Without one the run
+  takes the second pass on every step, whatever the base config says.
   """
   name, _, policy = name.partition("@")
   policy_values = _policy_values(name, policy)
@@ -687,23 +691,29 @@ def _policy_values(name: str, policy: str) -> dict[str, Any]:
   values.update(dict.fromkeys(SAM_POLICY_FIELDS, None))
   if not policy:
     return {k: _FIELDS[k].default if v is None else v for k, v in values.items()}
-  body, _, scale = policy.partition("-lr")
-  if scale:
-    values["sam_one_pass_scale"] = _coerce("sam_one_pass_scale", scale)
+  forms = (
+    f"--runs: {name}@{policy} is not a policy of the forms @everyK, @pP or @aeC, then optionally -reuse, then "
+    "optionally -scaleF with F in (0, 1), e.g. saner@every2, saner@p0.5-reuse or saner@every2-reuse-scale0.4"
+  )
+  body, scaled, scale = policy.partition("-scale")
   without_reuse = body.removesuffix("-reuse")
   values["saner_reuse_mask"] = without_reuse != body
   body = without_reuse
-  for prefix, kind in (("every", "every"), ("p", "random"), ("ae", "adaptive")):
-    field = next(f for f, owner in SAM_POLICY_FIELDS.items() if owner == kind)
-    if body.startswith(prefix) and len(body) > len(prefix):
-      values["sam_policy"] = kind
-      values[field] = _coerce(field, body.removeprefix(prefix))
-      break
-  else:
-    raise ConfigError(
-      f"--runs: {name}@{policy} has no policy of the forms @everyK, @pP or @aeC (optionally with -reuse, then "
-      "-lrF), e.g. saner@every2, saner@p0.5-reuse or saner@every2-lr0.4"
-    )
+  try:
+    if scaled:
+      values["sam_one_pass_scale"] = _coerce("sam_one_pass_scale", scale)
+      if values["sam_one_pass_scale"] == 1:  # the default: the name has no suffix
+        raise ConfigError(forms)
+    for prefix, kind in (("every", "every"), ("p", "random"), ("ae", "adaptive")):
+      field = next(f for f, owner in SAM_POLICY_FIELDS.items() if owner == kind)
+      if body.startswith(prefix) and len(body) > len(prefix):
+        values["sam_policy"] = kind
+        values[field] = _coerce(field, body.removeprefix(prefix))
+        break
+    else:
+      raise ConfigError(forms)
+  except ConfigError as e:
+    raise ConfigError(forms) from e
   return {k: _FIELDS[k].default if v is None else v for k, v in values.items()}
 
 

@@ -507,14 +507,16 @@ def _tfds_probe():
   For a dataset not prepared in ``data_dir``, TFDS 4.9's builder makes a temp
   dir for metadata it would fetch (``DatasetInfo.initialize_from_bucket``) and
   never removes it: four empty ``/tmp/tmp*tfds`` dirs per run that reads IDX
-  files. ``tempfile.tempdir`` points at one scratch dir while TFDS probes.
+  files. ``tempfile.tempdir`` points at one scratch dir while TFDS probes;
+  it is process-wide, so a temp file another thread makes meanwhile lands
+  there too (the loaders read their splits one after the other).
   """
   absl_logger = logging.getLogger("absl")
   quiet = _WithoutVariantFolderWarnings()
   absl_logger.addFilter(quiet)
   previous = tempfile.tempdir
   try:
-    with tempfile.TemporaryDirectory(prefix="saner_jax_tfds_") as scratch:
+    with tempfile.TemporaryDirectory(prefix="saner_jax_tfds_", ignore_cleanup_errors=True) as scratch:
       tempfile.tempdir = scratch
       try:
         yield

@@ -121,9 +121,9 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
     parts.append(reweight)
   if config.substitute_groups:
     parts.append(saner_jax.substitute_groups(config.substitute_groups, outside=config.substitute_outside))
-  parts.append(optax.add_decayed_weights(config.weight_decay))
-  if config.sam_one_pass_scale != 1:  # the decayed weights included: the one-pass steps' lr, scaled
+  if config.sam_one_pass_scale != 1:  # the loss gradient's weight only: weight decay stays as it is
     parts.append(saner_jax.scale_one_pass_steps(config.sam_one_pass_scale))
+  parts.append(optax.add_decayed_weights(config.weight_decay))
   parts.append(optax.sgd(lr, momentum=config.momentum or None))
   return Optimizer(optax.chain(*parts), perturbation, lr, alpha)
 
