@@ -24,10 +24,11 @@
 #               (a git worktree), since the directory is named after it. SETTING=sym60 (default sym40)
 #               runs it at 60% symmetric noise, with that setting's tuned configs, into
 #               OUT_DIR/sym60_<revision>; SGD's is the extended lr grid's choice where it moved (tune_sgd_low)
-#        scaled SANER's cheap policies with the one-pass steps' gradients at weight 0.4
-#               (--sam_one_pass_scale), paired with the here stage's runs at 7f53528 (a rerun must
-#               reproduce them), seeds 10-14, and SANER with every 2nd step so scaled for seeds 15-19
-#               too, into OUT_DIR/sym40_scaled_<revision>, then the paired table and the figure
+#        scaled SANER's cheap policies with the one-pass steps' gradients at weight F
+#               (--sam_one_pass_scale; F is tuned SGD's lr over SANER's), paired with the here stage's
+#               runs at 7f53528 (SETTING=sym60: at 04ce4ac), which a rerun must reproduce, seeds 10-14,
+#               and at 40% SANER with every 2nd step so weighted for seeds 15-19 too, into
+#               OUT_DIR/<setting>_scaled_<revision>, then the paired table and the figure
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 stage=${1:?give a stage: runs, smoke, plot, tuned, here or scaled}
@@ -134,36 +135,45 @@ case "$stage" in
     python benchmarks/plot_cheap_sam.py "$dir" --sgd_2x "$dir/sgd_2x" --out "$dir" \
       --title "Fashion-MNIST, ${setting#sym}% symmetric noise, ResNet-8, tuned settings, one machine and revision" ;;
   scaled)
-    # The one-pass steps' gradients at weight 0.4 (--sam_one_pass_scale: their lr over SANER's is then
-    # tuned SGD's 0.02 over SANER's 0.05), paired with the here stage's runs at 7f53528 on the machine
-    # that made them, which a rerun must reproduce bit for bit; then seeds 15-19 of SANER and every 2nd
-    # step, for 10 seeds of the pair that matters.
-    tuned=benchmarks/results/fashion_mnist/tuned/sym40/tune
-    here="$out/sym40_7f53528"
-    dir="$out/sym40_scaled_$(git rev-parse --short HEAD)"
+    # SANER's cheap policies with the one-pass steps' gradients at weight F = tuned SGD's lr over
+    # SANER's, paired with the here stage's runs of the setting on the machine that made them, which a
+    # rerun must reproduce bit for bit. sym40: F 0.4 (0.02/0.05), three policies, seeds 10-14, then
+    # seeds 15-19 of SANER and every 2nd step; sym60: F 0.2 (0.01/0.05), every 2nd step, seeds 10-14.
+    setting=${SETTING:-sym40}
+    case "$setting" in
+      sym40) here="$out/sym40_7f53528" scale=0.4 ;;
+      sym60) here="$out/sym60_04ce4ac" scale=0.2 ;;
+      *) echo "error: SETTING: $setting has no here-stage runs to pair with; use sym40 or sym60" >&2; exit 2 ;;
+    esac
+    tuned=benchmarks/results/fashion_mnist/tuned/$setting/tune
+    dir="$out/${setting}_scaled_$(git rev-parse --short HEAD)"
     train "$tuned/saner.yaml" reruns/saner@every2 10 --sam_policy every --sam_every 2
     python benchmarks/same_run.py "$here/saner@every2_seed10" "$dir/reruns/saner@every2_seed10" || {
       echo "error: this machine or revision does not rerun $here; use the here stage with -scaleF policies" >&2
       exit 1
     }
-    scale=(--sam_one_pass_scale 0.4)
+    every2=(--sam_policy every --sam_every 2 --sam_one_pass_scale "$scale")
+    pairs=("saner:saner@every2-scale$scale" "saner@every2:saner@every2-scale$scale"
+      "sgd:saner@every2-scale$scale" "sam:saner@every2-scale$scale")
     for seed in $(seq 10 14); do
-      train "$tuned/saner.yaml" saner@every2-scale0.4 "$seed" --sam_policy every --sam_every 2 "${scale[@]}"
-      train "$tuned/saner.yaml" saner@ae0-reuse-scale0.4 "$seed" --sam_policy adaptive --sam_c 0 \
-        --saner_reuse_mask true "${scale[@]}"
-      train "$tuned/saner.yaml" saner@every2-reuse-scale0.4 "$seed" --sam_policy every --sam_every 2 \
-        --saner_reuse_mask true "${scale[@]}"
+      train "$tuned/saner.yaml" "saner@every2-scale$scale" "$seed" "${every2[@]}"
+      if [ "$setting" = sym40 ]; then
+        train "$tuned/saner.yaml" "saner@ae0-reuse-scale$scale" "$seed" --sam_policy adaptive --sam_c 0 \
+          --saner_reuse_mask true --sam_one_pass_scale "$scale"
+        train "$tuned/saner.yaml" "saner@every2-reuse-scale$scale" "$seed" "${every2[@]}" --saner_reuse_mask true
+      fi
     done
-    for seed in $(seq 15 19); do
-      train "$tuned/saner.yaml" saner@every2-scale0.4 "$seed" --sam_policy every --sam_every 2 "${scale[@]}"
-      train "$tuned/saner.yaml" saner "$seed"
-    done
-    python benchmarks/seed_statistics.py "$here" "$dir" --pairs saner:saner@every2-scale0.4 \
-      saner:saner@every2-reuse-scale0.4 saner:saner@ae0-reuse-scale0.4 saner@every2:saner@every2-scale0.4 \
-      saner@ae0-reuse:saner@ae0-reuse-scale0.4 sgd:saner@every2-scale0.4 sam:saner@every2-scale0.4 \
-      saner@every2-scale0.4:saner@every2-reuse-scale0.4 | tee "$dir/statistics.md"
+    if [ "$setting" = sym40 ]; then
+      for seed in $(seq 15 19); do
+        train "$tuned/saner.yaml" "saner@every2-scale$scale" "$seed" "${every2[@]}"
+        train "$tuned/saner.yaml" saner "$seed"
+      done
+      pairs+=("saner:saner@every2-reuse-scale$scale" "saner:saner@ae0-reuse-scale$scale"
+        "saner@ae0-reuse:saner@ae0-reuse-scale$scale" "saner@every2-scale$scale:saner@every2-reuse-scale$scale")
+    fi
+    python benchmarks/seed_statistics.py "$here" "$dir" --pairs "${pairs[@]}" | tee "$dir/statistics.md"
     python benchmarks/plot_cheap_sam.py "$here" "$dir" --out "$dir" \
-      --title "Fashion-MNIST, 40% symmetric noise, ResNet-8: one-pass steps at weight 0.4" ;;
+      --title "Fashion-MNIST, ${setting#sym}% symmetric noise, ResNet-8: one-pass steps at weight $scale" ;;
   plot)
     for rate in 40 60; do
       python benchmarks/plot_cheap_sam.py "$out/sym$rate" --sgd_2x "$out/sym$rate/sgd_2x" \
