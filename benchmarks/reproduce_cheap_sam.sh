@@ -164,14 +164,17 @@ case "$stage" in
       fi
     done
     if [ "$setting" = sym40 ]; then
+      # In a folder of their own: the figure is of seeds 10-14, one directory per run name.
       for seed in $(seq 15 19); do
-        train "$tuned/saner.yaml" "saner@every2-scale$scale" "$seed" "${every2[@]}"
-        train "$tuned/saner.yaml" saner "$seed"
+        train "$tuned/saner.yaml" "seeds15_19/saner@every2-scale$scale" "$seed" "${every2[@]}"
+        train "$tuned/saner.yaml" seeds15_19/saner "$seed"
       done
       pairs+=("saner:saner@every2-reuse-scale$scale" "saner:saner@ae0-reuse-scale$scale"
         "saner@ae0-reuse:saner@ae0-reuse-scale$scale" "saner@every2-scale$scale:saner@every2-reuse-scale$scale")
     fi
-    python benchmarks/seed_statistics.py "$here" "$dir" --pairs "${pairs[@]}" | tee "$dir/statistics.md"
+    extra=()
+    [ "$setting" = sym40 ] && extra=("$dir/seeds15_19")
+    python benchmarks/seed_statistics.py "$here" "$dir" "${extra[@]}" --pairs "${pairs[@]}" | tee "$dir/statistics.md"
     python benchmarks/plot_cheap_sam.py "$here" "$dir" --out "$dir" \
       --title "Fashion-MNIST, ${setting#sym}% symmetric noise, ResNet-8: one-pass steps at weight $scale" ;;
   plot)
