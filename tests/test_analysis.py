@@ -244,7 +244,8 @@ PROBLEMS = {"mlp": _mlp_problem, "batchnorm": _bn_problem}
 
 def _dense_hessian(loss, params, args):
   flat, unravel = ravel_pytree(params)
-  return np.asarray(jax.hessian(lambda f: loss(unravel(f), *args)[0])(flat))
+  # Jitted: run eagerly, each of its few hundred operations would compile alone.
+  return np.asarray(jax.jit(jax.hessian(lambda f: loss(unravel(f), *args)[0]))(flat))
 
 
 @VARIANTS

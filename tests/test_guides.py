@@ -29,12 +29,16 @@ def example(name: str) -> dict:
 
 def reference_step(loss, params, batch, *, rho=0.1, alpha=0.5, lr=0.1, weight_decay=0.0):
   """One SAM + SANER + SGD step, written out; ``alpha`` may be a tree of per-leaf factors."""
-  g = jax.grad(loss)(params, batch)
-  norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
-  g_sam = jax.grad(loss)(jax.tree.map(lambda w, x: w + rho * x / (norm + 1e-12), params, g), batch)
-  alphas = jax.tree.map(lambda _: alpha, params) if np.isscalar(alpha) else alpha
-  d = jax.tree.map(lambda s, c, a: jnp.where((s * c > 0) & (jnp.abs(s) < jnp.abs(c)), a * s, s), g_sam, g, alphas)
-  return jax.tree.map(lambda w, u: w - lr * (u + weight_decay * w), params, d)
+
+  @jax.jit  # one program: run eagerly, each operation would compile alone
+  def step(params, batch, alphas):
+    g = jax.grad(loss)(params, batch)
+    norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
+    g_sam = jax.grad(loss)(jax.tree.map(lambda w, x: w + rho * x / (norm + 1e-12), params, g), batch)
+    d = jax.tree.map(lambda s, c, a: jnp.where((s * c > 0) & (jnp.abs(s) < jnp.abs(c)), a * s, s), g_sam, g, alphas)
+    return jax.tree.map(lambda w, u: w - lr * (u + weight_decay * w), params, d)
+
+  return step(params, batch, jax.tree.map(lambda _: alpha, params) if np.isscalar(alpha) else alpha)
 
 
 def assert_trees_close(got, want, rtol=1e-5, atol=1e-6):

@@ -65,10 +65,10 @@ def test_forget_rate_schedule_and_selected_counts():
     assert rate == pytest.approx(0.2 * min(epoch, 10) / 10)
     keep = co_teaching.num_remembered(batch, rate)
     assert keep == count
-    mask = jax.jit(co_teaching.small_loss_mask)(losses, keep)  # traced count: one compile for all epochs
+    mask = np.asarray(jax.jit(co_teaching.small_loss_mask)(losses, keep))  # traced count: one compile for all epochs
     assert int(mask.sum()) == count
-    # Exactly the smallest losses are kept.
-    assert float(losses[mask].max()) < float(losses[~mask].min())
+    # Exactly the smallest losses are kept (on the host: a device array's mask compiles per count).
+    assert np.asarray(losses)[mask].max() < np.asarray(losses)[~mask].min()
   assert co_teaching.forget_rate(3, 0.2, 10, 2.0) == pytest.approx(0.2 * 0.09)
   assert co_teaching.forget_rate(1, 0.2, 0) == 0.2
   assert co_teaching.num_remembered(4, 0.99) == 1  # never an empty selection
