@@ -22,6 +22,12 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
+# The network of the trainer tests whose behaviour does not depend on it (the
+# plumbing of runs, resumes, pipelines, devices, logs): ResNet-8's first stage
+# alone, which traces and compiles in a fraction of ResNet-8's time. The
+# models themselves are tested in test_models.py.
+SMOKE_MODEL = "resnet4"
+
 settings.register_profile("saner_jax", deadline=None, max_examples=25, derandomize=True)
 settings.load_profile("saner_jax")
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_same_run_metrics, parameter_count, read_metrics
+from conftest import SMOKE_MODEL, assert_same_run_metrics, parameter_count, read_metrics
 
 import saner_jax
 from saner_jax.train import loop
@@ -155,7 +155,7 @@ def test_the_trainer_changes_only_evaluation(tmp_path, idx_dir):
   """A run with the authors' order trains like the default (m-sharpness, accumulation) and evaluates its own stats."""
   base = dict(
     optimizer="saner",
-    model="resnet8",
+    model=SMOKE_MODEL,
     epochs=1,
     batch_size=32,
     train_examples=64,
@@ -176,7 +176,7 @@ def test_the_trainer_changes_only_evaluation(tmp_path, idx_dir):
   assert_same_run_metrics(
     runs["perturbed"],
     runs["clean"],
-    parameters=parameter_count("resnet8", 10, (28, 28, 1)),
+    parameters=parameter_count(SMOKE_MODEL, 10, (28, 28, 1)),
     examples=64,
     ignore=("epoch_time_s", "wall_time_s", "test_acc", "best_test_acc"),
   )

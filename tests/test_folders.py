@@ -14,6 +14,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import SMOKE_MODEL
 
 from saner_jax.train import folders, loop, streaming
 from saner_jax.train.config import ConfigError, TrainConfig
@@ -135,7 +136,7 @@ def trees(tmp_path_factory) -> dict:
 
 def _config(dataset, root, tmp_path, **overrides) -> TrainConfig:
   values = dict(
-    dataset=dataset, data_dir=str(root), image_size=32, model="resnet8", optimizer="sgd", noise_mode="none",
+    dataset=dataset, data_dir=str(root), image_size=32, model=SMOKE_MODEL, optimizer="sgd", noise_mode="none",
     epochs=1, batch_size=8, eval_batch_size=8, progress="none", out_dir=str(tmp_path / "run"), stream_workers=0,
     compilation_cache=False,
   )  # fmt: skip

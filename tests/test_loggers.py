@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import SMOKE_MODEL
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from saner_jax.train import cli, loop, reporting
@@ -48,11 +49,11 @@ def _wandb_history(records: list[dict]) -> list[dict]:
 
 
 def test_tiny_run_logs_its_epochs_to_tensorboard_and_wandb(tmp_path, idx_dir, wandb_offline, capsys):
-  # ResNet-8 at half width (8, 16, 32 channels): the cheapest model, and
+  # ResNet-4 at half width (8 channels): the cheapest model, and
   # --model_width reaching the trainer.
   out = tmp_path / "run"
   config = TrainConfig(
-    model="resnet8",
+    model=SMOKE_MODEL,
     model_width=0.5,
     epochs=2,
     batch_size=32,
@@ -85,7 +86,7 @@ def test_tiny_run_logs_its_epochs_to_tensorboard_and_wandb(tmp_path, idx_dir, wa
   assert run["project"] == "saner_jax_tests" and run["display_name"] == "saner"
   assert run["run_id"] == (out / "wandb_run_id").read_text().strip()
   assert run["config"]["update"]["model_width"] == 0.5
-  assert run["config"]["update"]["model"] == "resnet8"
+  assert run["config"]["update"]["model"] == SMOKE_MODEL
   history = _wandb_history(wandb_records)
   assert [h["epoch"] for h in history] == [h["_step"] for h in history] == [1, 2]
   for key in logged:

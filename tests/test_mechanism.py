@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import SMOKE_MODEL
 
 import saner_jax
 from saner_jax import gsam, saner, substitute_groups
@@ -303,7 +304,7 @@ def test_cli_runs_the_mechanism_flags(flags, tmp_path, idx_dir):
 
   from saner_jax.train import cli
 
-  tiny = ["--model", "resnet8", "--epochs", "1", "--batch_size", "32", "--train_examples", "64"]
+  tiny = ["--model", SMOKE_MODEL, "--epochs", "1", "--batch_size", "32", "--train_examples", "64"]
   tiny += ["--test_examples", "32", "--eval_batch_size", "32", "--progress", "none", "--checkpoint", "false"]
   assert cli.main(flags + tiny + ["--data_dir", str(idx_dir), "--out_dir", str(tmp_path / "run")]) == 0
   (record,) = read_metrics(tmp_path / "run")
@@ -315,7 +316,7 @@ def _probe_run(tmp_path, idx_dir, epochs, flags):
 
   from saner_jax.train import cli
 
-  tiny = ["--model", "resnet8", "--epochs", str(epochs), "--batch_size", "32", "--train_examples", "64"]
+  tiny = ["--model", SMOKE_MODEL, "--epochs", str(epochs), "--batch_size", "32", "--train_examples", "64"]
   tiny += ["--test_examples", "32", "--eval_batch_size", "32", "--progress", "none", "--checkpoint", "false"]
   tiny += ["--probe_examples", "48", "--data_dir", str(idx_dir), "--out_dir", str(tmp_path / "run")]
   assert cli.main(flags + tiny) == 0

@@ -34,6 +34,7 @@ PARAMETER_COUNTS = {
   "wrn28_10": ("36.5", 36_479_194),
   "wrn40_2": ("2.2", 2_243_546),
   "resnet20": ("0.27", 269_722),
+  "resnet4": (None, 5_306),
   "resnet8": (None, 75_290),
   "densenet121": (None, 6_956_298),
   "densenet121_imagenet": (None, 6_964_106),
@@ -86,7 +87,7 @@ def _softmax_xent(logits, labels):
 
 def test_registry_is_complete():
   assert set(models.MODELS) == set(PARAMETER_COUNTS)
-  assert set(models.width_models()) == {"resnet8", "resnet20", "resnet18", "resnet34", "resnet50"}
+  assert set(models.width_models()) == {"resnet4", "resnet8", "resnet20", "resnet18", "resnet34", "resnet50"}
 
 
 @pytest.mark.parametrize("name", sorted(PARAMETER_COUNTS))
@@ -229,6 +230,7 @@ def _jitted_apply(model):
 # and stem kept) at the smallest size they take, so that compiling stays
 # cheap. The ImageNet stem and the bottleneck block are resnet50_imagenet's.
 FORWARD_BACKWARD = {
+  "resnet4": ("resnet4", {}, 32),
   "resnet8": ("resnet8", {}, 32),
   "resnet20": ("resnet20", {}, 32),
   "resnet18": ("resnet18", {}, 32),
@@ -578,7 +580,7 @@ def test_width_rounds_down_like_the_authors_int():
 @pytest.mark.parametrize(
   "name, width, message",
   [
-    ("wrn28_10", 2.0, r"'wrn28_10' has no width factor; the models that do: resnet8, resnet20, resnet18"),
+    ("wrn28_10", 2.0, r"'wrn28_10' has no width factor; the models that do: resnet4, resnet8, resnet20, resnet18"),
     ("densenet121", 0.5, r"'densenet121' has no width factor"),
     ("resnet18_imagenet", 2.0, r"'resnet18_imagenet' has no width factor"),
     ("resnet18", 0.0, r"width must be a positive number, got 0.0"),

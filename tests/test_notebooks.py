@@ -29,7 +29,7 @@ TINY = {
     dataset="fashion_mnist",
     epochs=1,
     runs=["sgd", "saner"],
-    overrides=dict(model="resnet8", train_examples=64, test_examples=64, batch_size=32, eval_batch_size=64),
+    overrides=dict(model="resnet4", train_examples=64, test_examples=64, batch_size=32, eval_batch_size=64),
   ),
   "toy_example.ipynb": dict(train_examples=64, test_examples=64, epochs=2, grid_size=20, ratio_epoch=1),
 }

@@ -6,7 +6,7 @@ TFDS mock data; the others are shown to be one of those with another model
 or setting, so their runs would repeat these. Only what must shrink for CI
 is overridden (batch sizes, example counts, epochs, and no checkpoints or
 progress output); the dataset, noise and optimizer are the preset's own, and
-the model is ResNet-8, since what the runs pin does not depend on it (see
+the model is the smoke-test ResNet-4, since what the runs pin does not depend on it (see
 TRAINED and PIPELINE_CI_MODEL); the presets' own models run in test_models.py.
 Presets with the same model and class count compile the same train step,
 so JAX's persistent compilation cache, in a temporary directory for this
@@ -19,6 +19,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import SMOKE_MODEL
 from jax.experimental.compilation_cache import compilation_cache
 
 from saner_jax.train import config as config_lib
@@ -123,14 +124,14 @@ def test_cifar100_asymmetric_preset_draws_the_authors_map(mock_tfds):
 # Every setting's ResNet-18 preset trains, which covers each dataset and
 # noise setting. What a setting pins (its data, labels and noise reaching the
 # run, the model the loop asks for) does not depend on the network, so they
-# train ResNet-8. The presets' own networks (ResNet-18, ResNet-34, WRN-28-10)
+# train the smoke-test ResNet-4. The presets' own networks (ResNet-18, ResNet-34, WRN-28-10)
 # each run a forward and backward pass in test_models.py, where a compile
 # without LLVM's optimisations costs a third of a training run's. The other
 # presets are their setting's ResNet-18 preset with another model
 # (test_preset_is_its_settings_resnet18_preset_with_another_model), so
 # training them would repeat a run above.
 TRAINED = [p for p in PRESETS if p.endswith("resnet18")]
-CI_MODEL = "resnet8"
+CI_MODEL = SMOKE_MODEL
 
 
 @pytest.mark.parametrize("preset", [p for p in PRESETS if not p.endswith("resnet18")])
@@ -174,7 +175,7 @@ PIPELINE_PRESETS = [p for p in config_lib.preset_names() if p.startswith("pipeli
 PIPELINE_NAMES = ("bootstrap", "co_teaching", "dividemix", "plc", "joint_optimization")
 # In one CI epoch: the mixture split, a label correction and both stages happen.
 # What these runs pin (the pipeline's keys and schedules at work in a run)
-# does not depend on the network, so they train ResNet-8: the presets' own
+# does not depend on the network, so they train the smoke-test ResNet-4: the presets' own
 # ResNet-18 (test_pipeline_preset_sets_its_pipeline_setting_and_out_dir)
 # runs in test_models.py, and in each pipeline's two-network step it would
 # be ten more cold compiles of a minute each.

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
-from conftest import read_metrics, write_idx
+from conftest import SMOKE_MODEL, read_metrics, write_idx
 
 from saner_jax.train import cli, loop
 from saner_jax.train.config import TrainConfig
@@ -27,7 +27,7 @@ from saner_jax.train.config import TrainConfig
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHECKS = REPO / "tests" / "_parallel_checks.py"
 TINY = dict(
-  model="resnet8",
+  model=SMOKE_MODEL,
   epochs=1,
   batch_size=32,
   train_examples=64,

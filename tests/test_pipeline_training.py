@@ -1,6 +1,6 @@
 """The noise-robust pipelines in the trainer: flags, runs, metrics, kill and resume.
 
-Runs use ResNet-8 on a few hundred IDX images (tests/conftest.py), with each
+Runs use the smoke-test ResNet-4 on a few hundred IDX images (tests/conftest.py), with each
 pipeline's schedules shortened to a 4-epoch run, and each pipeline with a
 different optimizer of the family, so every one runs past its warm-up or
 first stage.
@@ -99,10 +99,10 @@ def test_pipeline_reduces_to_the_plain_trainer(pipeline, values, tmp_path, idx_d
   # Coordinates where SAM barely changes the gradient sit on the A/B
   # boundary, and rounding decides them: under SANER with oneDNN capped at
   # AVX2, bootstrap's group A moved by 35 of ResNet-8's 75k coordinates per
-  # step, so the slack is 0.1% of them (75); the losses and cosines, at
+  # step, so the slack is 0.1% of the model's coordinates; the losses and cosines, at
   # rtol 1e-4, are what catches a real difference.
   noisy = round(plain["realised_noise_rate"] * plain["train_examples"])
-  parameters = parameter_count("resnet8", 10, (28, 28, 1))
+  parameters = parameter_count(TINY["model"], 10, (28, 28, 1))
   assert_same_run_metrics(
     {k: v for k, v in run["final"].items() if k in plain["final"]},
     plain["final"],

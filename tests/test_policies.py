@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import SMOKE_MODEL
 
 import saner_jax
 from saner_jax.train import cli, engine, loop
@@ -464,7 +465,7 @@ def test_bad_policy_run_name(name):
 def test_resumed_run_continues_the_policy_exactly(tmp_path, idx_dir):
   """An adaptive run stopped after epoch 1 and resumed logs what the straight run logs."""
   tiny = dict(
-    model="resnet8", epochs=2, batch_size=32, train_examples=96, test_examples=32, eval_batch_size=32,
+    model=SMOKE_MODEL, epochs=2, batch_size=32, train_examples=96, test_examples=32, eval_batch_size=32,
     alpha_warmup_epochs=2, progress="none", data_dir=str(idx_dir), cpu_conv="false",
     sam_policy="random", sam_prob=0.5, saner_reuse_mask=True,
   )  # fmt: skip

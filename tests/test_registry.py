@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import SMOKE_MODEL
 
 from saner_jax.train import cli, data, loop, models, noise, registry, reporting
 from saner_jax.train import config as config_lib
@@ -23,7 +24,7 @@ from saner_jax.train.config import ConfigError, TrainConfig, fail
 from saner_jax.train.engine import supervised
 
 ONE_EPOCH = dict(
-  model="resnet8",
+  model=SMOKE_MODEL,
   epochs=1,
   batch_size=32,
   train_examples=96,

@@ -21,6 +21,7 @@ import time
 
 import pytest
 import yaml
+from conftest import SMOKE_MODEL
 
 from saner_jax import _cli_signals
 from saner_jax.train import cli, lock
@@ -147,14 +148,14 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# Runs of the real CLI. SGD on ResNet-8 and 96 images; the subprocesses
+# Runs of the real CLI. SGD on the smoke-test ResNet-4 and 96 images; the subprocesses
 # share a persistent compilation cache, so only the first one compiles.
 
 TINY = dict(
   optimizer="sgd",
   cpu_conv="false",
   lr_schedule="constant",  # so that the 50-epoch run of the Ctrl-C test compiles as the 3-epoch ones
-  model="resnet8",
+  model=SMOKE_MODEL,
   epochs=3,
   batch_size=32,
   train_examples=96,

@@ -1,6 +1,6 @@
 """The training toolkit end to end: configs, flags, runs, resume, compare.
 
-Runs use ResNet-8 on a few hundred images so that each compiles and trains
+Runs use the smoke-test ResNet-4 on a few hundred images so that each compiles and trains
 in seconds; the kill-and-resume test runs the real CLI in subprocesses on
 IDX files written here.
 """
@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from conftest import kill_after_first_epoch
+from conftest import SMOKE_MODEL, kill_after_first_epoch
 from conftest import read_metrics as _metrics
 
 from saner_jax.train import cli, loop, reporting
@@ -29,7 +29,7 @@ from saner_jax.train.config import ConfigError, TrainConfig
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIME_KEYS = ("epoch_time_s", "wall_time_s")
 TINY = dict(
-  model="resnet8",
+  model=SMOKE_MODEL,
   epochs=2,
   batch_size=32,
   train_examples=96,

@@ -26,6 +26,7 @@ statistics are not):
 =====================  =========================================  ==========
 name                   architecture                               parameters
 =====================  =========================================  ==========
+resnet4                resnet8's first stage: 1 block, 16 channels     5,306
 resnet8                He et al. CIFAR ResNet, 3x1 blocks, 16-64      75,290
 resnet20               He et al. CIFAR ResNet, 3x3 blocks, 16-64     269,722
 resnet18               CIFAR ResNet-18, BasicBlock [2,2,2,2]      11,173,962
@@ -56,6 +57,8 @@ would shift stride-2 windows by a pixel), bias-free convolutions, PyTorch's
 BatchNorm (momentum 0.1, i.e. flax ``momentum=0.9``; epsilon 1e-5) and each
 file's initialisation. Deliberate differences:
 
+- ``resnet4`` is ``resnet8``'s first stage alone, a smoke-test network
+  (a run's plumbing in seconds; it learns little). It is not in the authors' code.
 - ``resnet8`` is ``resnet20`` with one block per stage (He et al.'s 6n+2
   family with n=1), for quick CPU runs; it is not in the authors' code.
   ``width=k`` widens it like the others; k times the width costs about

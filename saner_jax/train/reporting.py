@@ -287,17 +287,19 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
 
 
 def _figure(n_panels: int):
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # matplotlib's object API with the Agg canvas, not pyplot: no global figure
+  # registry to leak into, no backend switch, and pyplot's import is skipped.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
 
   cols = min(n_panels, 3)
   rows = -(-n_panels // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+  fig = Figure(figsize=(4.6 * cols, 3.6 * rows))
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(rows, cols, squeeze=False)
   for ax in axes.flat[n_panels:]:
     ax.axis("off")
-  return plt, fig, axes.flat[:n_panels]
+  return fig, axes.flat[:n_panels]
 
 
 def plot_run(history: Sequence[dict[str, Any]], path: pathlib.Path, title: str = "") -> None:
@@ -314,7 +316,7 @@ def plot_compare(runs: Mapping[str, Sequence[Sequence[dict[str, Any]]]], path: p
   # The noise-robust pipelines' own metrics (their registry entries') and the probe's, where logged.
   optional = registry.report("panels") + PROBE_PANELS
   panels = PANELS + tuple(panel for panel in optional if logged(panel[0]))
-  plt, fig, axes = _figure(len(panels))
+  fig, axes = _figure(len(panels))
   for ax, (key, panel_title) in zip(axes, panels):
     scale = 1.0 if key in _UNSCALED else 100.0
     for name, histories in runs.items():
@@ -339,7 +341,6 @@ def plot_compare(runs: Mapping[str, Sequence[Sequence[dict[str, Any]]]], path: p
     fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 TABLE_COLUMNS = (
