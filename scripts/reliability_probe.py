@@ -3,7 +3,7 @@
 Each case runs ``python -m saner_jax.train`` in a subprocess and checks its
 exit status and its last line; the script prints one line per case that does
 not hold, then "N cases, N hold" (exit 1 unless all hold). It trains one tiny
-run (ResNet-8, 96 images, 2 epochs) on a synthetic IDX dataset it writes,
+run (the smoke-test ResNet-4, 96 images, 2 epochs) on a synthetic IDX dataset it writes,
 and reuses it for the resume and compare cases.
 
   python scripts/reliability_probe.py [--work_dir DIR]
@@ -30,7 +30,7 @@ TINY = [
   "--optimizer=sgd",
   "--cpu_conv=false",
   "--lr_schedule=constant",
-  "--model=resnet8",
+  "--model=resnet4",
   "--epochs=2",
   "--batch_size=32",
   "--train_examples=96",
