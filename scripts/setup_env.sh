@@ -14,9 +14,10 @@ target=".[${SANER_JAX_EXTRAS:-train,test}]"
 # against pip's 49 s with a full one. Compiled to bytecode at install, as
 # pip does: where PYTHONDONTWRITEBYTECODE is set, as on this project's CI
 # machines, every test process would otherwise parse jax, flax and TFDS
-# from source (5.3 s to import them, against 2.4 s). pip stays the fallback
-# where uv cannot be had or fails.
-if ! { python -m pip install -q uv && uv pip install -q --compile-bytecode -e "$target"; }; then
+# from source (5.3 s to import them, against 2.4 s). uv reads PyPI, not
+# pip.conf's mirrors or constraints (none of which this project's extras
+# need). pip stays the fallback where uv cannot be had or fails.
+if ! { python -m pip install -q uv && python -m uv pip install -q --compile-bytecode -e "$target"; }; then
   echo "warning: uv could not install $target; falling back to pip" >&2
   python -m pip install -q --upgrade pip
   python -m pip install -q -e "$target"

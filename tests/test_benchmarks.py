@@ -7,6 +7,7 @@ import json
 import pathlib
 
 import pytest
+from conftest import SMOKE_MODEL
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -20,7 +21,7 @@ def _script(name: str):
 
 def test_gpu_throughput_runs_on_the_cpu_at_a_tiny_size(tmp_path):
   gpu_throughput = _script("gpu_throughput")
-  flags = "--model resnet4 --batch-size 8 --image-size 8 --dataset-size 16 --warmup 1 --windows 2 --window 2"
+  flags = f"--model {SMOKE_MODEL} --batch-size 8 --image-size 8 --dataset-size 16 --warmup 1 --windows 2 --window 2"
   record = gpu_throughput.main([*flags.split(), "--peak-tflops", "0.5", "--out", str(tmp_path / "gpu")])
   results = record["results"]
   assert list(results) == ["sgd", "sam", "saner"]
@@ -59,9 +60,9 @@ def test_gpu_check_fits_its_budget_and_reports_images_per_second(tmp_path, capsy
 
 def test_scaling_runs_at_a_tiny_size(tmp_path):
   scaling = _script("scaling")
-  record = scaling.main(["--models", "resnet4", "--batch-sizes", "8", "--rounds", "2", "--out", str(tmp_path / "s")])
+  record = scaling.main(["--models", SMOKE_MODEL, "--batch-sizes", "8", "--rounds", "2", "--out", str(tmp_path / "s")])
   [row] = record["rows"]
-  assert (row["model"], row["batch_size"]) == ("resnet4", 8)
+  assert (row["model"], row["batch_size"]) == (SMOKE_MODEL, 8)
   assert all(len(row["times_s"][m]) == 2 for m in ("sgd", "sam", "saner"))
   assert row["saner/sam"] == pytest.approx(row["median_s"]["saner"] / row["median_s"]["sam"])
   assert "largest SANER/SAM" in (tmp_path / "s.txt").read_text()
@@ -69,7 +70,7 @@ def test_scaling_runs_at_a_tiny_size(tmp_path):
 
 def test_saner_overhead_counts_the_reweighting_at_a_tiny_size(tmp_path):
   overhead = _script("saner_overhead")
-  record = overhead.main(["--models", "resnet4", "--batch-sizes", "8", "--out", str(tmp_path / "o")])
+  record = overhead.main(["--models", SMOKE_MODEL, "--batch-sizes", "8", "--out", str(tmp_path / "o")])
   [row] = record["rows"]
   sam, saner = row["cost"]["sam"], row["cost"]["saner"]
   # SANER's step holds SAM's two passes plus elementwise work on the parameters: more, but little more.
@@ -81,7 +82,14 @@ def test_saner_overhead_counts_the_reweighting_at_a_tiny_size(tmp_path):
 
 def test_pipeline_cost_times_variants_of_a_key_and_plans_a_run(tmp_path, idx_dir):
   cost = _script("pipeline_cost")
-  flags = ["--set", "model=resnet4", "train_examples=64", "test_examples=32", "eval_batch_size=32", "batch_size=32"]
+  flags = [
+    "--set",
+    f"model={SMOKE_MODEL}",
+    "train_examples=64",
+    "test_examples=32",
+    "eval_batch_size=32",
+    "batch_size=32",
+  ]
   flags += [f"data_dir={idx_dir}", "epochs=10", "--rounds", "1", "--out", str(tmp_path / "c.json")]
   record = cost.main(["--vary", "optimizer", "sgd", "sam", *flags])
   assert set(record["median_epoch_s"]) == {"sgd", "sam"}

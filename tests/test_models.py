@@ -1,7 +1,7 @@
 """Tests of saner_jax.train.models.
 
 Shapes and parameter counts come from jax.eval_shape (tracing, no compute);
-real forward and backward passes run only on resnet8 and resnet20 at batch 2.
+real forward and backward passes run at batch 2 on every family (FORWARD_BACKWARD).
 """
 
 import functools
@@ -226,7 +226,7 @@ def _jitted_apply(model):
 
 # One real forward and backward pass per family, at batch 2: the full
 # CIFAR ResNets (the paper presets' ResNet-18, ResNet-34 and WRN-28-10, whose
-# training runs in test_paper_configs.py use ResNet-8, among them), and the large models with fewer blocks (each kind of block
+# training runs in test_paper_configs.py use the smoke-test ResNet-4, among them), and the large models with fewer blocks (each kind of block
 # and stem kept) at the smallest size they take, so that compiling stays
 # cheap. The ImageNet stem and the bottleneck block are resnet50_imagenet's.
 FORWARD_BACKWARD = {

@@ -17,6 +17,7 @@ import pathlib
 
 import nbformat
 import pytest
+from conftest import SMOKE_MODEL
 from nbclient import NotebookClient
 
 from saner_jax.train import data
@@ -29,7 +30,7 @@ TINY = {
     dataset="fashion_mnist",
     epochs=1,
     runs=["sgd", "saner"],
-    overrides=dict(model="resnet4", train_examples=64, test_examples=64, batch_size=32, eval_batch_size=64),
+    overrides=dict(model=SMOKE_MODEL, train_examples=64, test_examples=64, batch_size=32, eval_batch_size=64),
   ),
   "toy_example.ipynb": dict(train_examples=64, test_examples=64, epochs=2, grid_size=20, ratio_epoch=1),
 }

@@ -26,7 +26,7 @@ statistics are not):
 =====================  =========================================  ==========
 name                   architecture                               parameters
 =====================  =========================================  ==========
-resnet4                resnet8's first stage: 1 block, 16 channels     5,306
+resnet4                resnet8's first stage, 16 channels             5,306
 resnet8                He et al. CIFAR ResNet, 3x1 blocks, 16-64      75,290
 resnet20               He et al. CIFAR ResNet, 3x3 blocks, 16-64     269,722
 resnet18               CIFAR ResNet-18, BasicBlock [2,2,2,2]      11,173,962
